@@ -117,7 +117,7 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., platform: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., agent: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.BuildMode, str]] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., media_type: _Optional[str] = ..., attempt: _Optional[int] = ..., error: _Optional[str] = ..., failed_step: _Optional[str] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requeue_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Build(_message.Message):
-    __slots__ = ("id", "state", "tags", "index_digest", "index_media_type", "jobs", "error", "context_digest", "dockerfile", "created_at", "finished_at", "emulation")
+    __slots__ = ("id", "state", "tags", "index_digest", "index_media_type", "jobs", "error", "context_digest", "dockerfile", "created_at", "finished_at", "emulation", "index_size")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class Build(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     EMULATION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_SIZE_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: _common_pb2.BuildState
     tags: _containers.RepeatedScalarFieldContainer[str]
@@ -142,7 +143,8 @@ class Build(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     emulation: _common_pb2.EmulationPolicy
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.BuildState, str]] = ..., tags: _Optional[_Iterable[str]] = ..., index_digest: _Optional[str] = ..., index_media_type: _Optional[str] = ..., jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., error: _Optional[str] = ..., context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., emulation: _Optional[_Union[_common_pb2.EmulationPolicy, str]] = ...) -> None: ...
+    index_size: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.BuildState, str]] = ..., tags: _Optional[_Iterable[str]] = ..., index_digest: _Optional[str] = ..., index_media_type: _Optional[str] = ..., jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., error: _Optional[str] = ..., context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., emulation: _Optional[_Union[_common_pb2.EmulationPolicy, str]] = ..., index_size: _Optional[int] = ...) -> None: ...
 
 class LogLine(_message.Message):
     __slots__ = ("job_id", "platform", "attempt", "line")

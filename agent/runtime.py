@@ -1,0 +1,269 @@
+"""The agent process: keeps one stream to the coordinator and runs assigned builds in slots."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from polyarch.agent.builders.base import Builder, BuildFailed, BuildRequest
+from polyarch.agent.workspace import Workspace
+from polyarch.proto.platforms import Platform, parse_platform
+from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+# Exit codes of `polyarch agent`.
+EXIT_OK = 0
+EXIT_BUILDER_UNAVAILABLE = 2
+
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 16 << 20),
+]
+
+
+@dataclass
+class AgentConfig:
+    coordinator: str
+    name: str
+    native: list[Platform]
+    emulated: list[Platform]
+    slots: int = 2
+    work_dir: Path = Path("/var/lib/polyarch-agent")
+    insecure_registries: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    heartbeat_interval: float = 3.0
+    reconnect_max_delay: float = 5.0
+
+
+def registry_is_insecure(repository: str, insecure: list[str]) -> bool:
+    """Plain HTTP for loopback registries (as Docker does) and for those listed as insecure."""
+    host = repository.split("/", 1)[0]
+    if host in insecure:
+        return True
+    name = host.rsplit(":", 1)[0].strip("[]") if host.count(":") <= 1 or "]" in host else host
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class Agent:
+    """Connects (and reconnects, with bounded backoff) and runs up to `slots` builds at once."""
+
+    def __init__(self, config: AgentConfig, builder: Builder) -> None:
+        self.config = config
+        self.builder = builder
+        self.workspace = Workspace(config.work_dir)
+        self.jobs: dict[str, tuple[int, asyncio.Task[None]]] = {}
+        # Survives reconnects: results produced while disconnected are sent on the next stream.
+        self.outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._channel: grpc.aio.Channel | None = None
+
+    async def run(self) -> None:
+        """Runs until shutdown(): connect, serve the stream, back off and reconnect."""
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                await self._serve_once()
+                attempt = 0
+            except (grpc.aio.AioRpcError, OSError) as exc:
+                log.warning("coordinator stream ended: %s", _describe(exc))
+            self.connected.clear()
+            if self._stopping.is_set():
+                break
+            attempt += 1
+            delay = min(self.config.reconnect_max_delay, 0.25 * 2**attempt)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.5, 1.0))
+
+    async def shutdown(self) -> None:
+        """Cancels running builds and closes the stream. Idempotent."""
+        self._stopping.set()
+        for _, task in list(self.jobs.values()):
+            task.cancel()
+        await asyncio.gather(*(t for _, t in self.jobs.values()), return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close(None)
+
+    def _running(self) -> list[agent_pb2.RunningJob]:
+        return [agent_pb2.RunningJob(job_id=j, attempt=a) for j, (a, _) in self.jobs.items()]
+
+    async def _serve_once(self) -> None:
+        cfg = self.config
+        self._channel = grpc.aio.insecure_channel(cfg.coordinator, options=_CHANNEL_OPTIONS)
+        async with self._channel as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            hello = agent_pb2.AgentHello(
+                name=cfg.name, version=VERSION, builder=self.builder.name,
+                native_platforms=[str(p) for p in cfg.native],
+                emulated_platforms=[str(p) for p in cfg.emulated],
+                slots=cfg.slots, labels=cfg.labels, running=self._running(),
+            )  # fmt: skip
+            call = stub.Connect(self._requests(hello))
+            heartbeat = asyncio.create_task(self._heartbeat())
+            try:
+                async for message in call:
+                    self._handle(stub, message)
+            finally:
+                heartbeat.cancel()
+                call.cancel()
+
+    async def _requests(self, hello: agent_pb2.AgentHello) -> AsyncIterator[agent_pb2.AgentMessage]:
+        yield agent_pb2.AgentMessage(hello=hello)
+        while True:
+            yield await self.outbox.get()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            self.outbox.put_nowait(
+                agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(running=self._running()))
+            )
+
+    def _handle(
+        self, stub: agent_pb2_grpc.AgentServiceStub, message: agent_pb2.CoordinatorMessage
+    ) -> None:
+        kind = message.WhichOneof("message")
+        if kind == "welcome":
+            self.connected.set()
+            log.info("connected to coordinator %s as %s", self.config.coordinator, self.config.name)
+        elif kind == "assign":
+            job = message.assign
+            if job.job_id in self.jobs:
+                return
+            task = asyncio.create_task(self._run_job(stub, job), name=f"job-{job.job_id}")
+            self.jobs[job.job_id] = (job.attempt, task)
+            task.add_done_callback(lambda _task: self._forget(job.job_id, job.attempt))
+        elif kind == "cancel":
+            entry = self.jobs.get(message.cancel.job_id)
+            if entry is not None and entry[0] == message.cancel.attempt:
+                log.info("cancelling job %s: %s", message.cancel.job_id, message.cancel.reason)
+                entry[1].cancel()
+
+    def _forget(self, job_id: str, attempt: int) -> None:
+        if job_id in self.jobs and self.jobs[job_id][0] == attempt:
+            del self.jobs[job_id]
+
+    def _send(self, message: agent_pb2.AgentMessage) -> None:
+        self.outbox.put_nowait(message)
+
+    async def _run_job(
+        self, stub: agent_pb2_grpc.AgentServiceStub, job: agent_pb2.Assignment
+    ) -> None:
+        job_id, attempt = job.job_id, job.attempt
+        self._send(
+            agent_pb2.AgentMessage(started=agent_pb2.JobStarted(job_id=job_id, attempt=attempt))
+        )
+        log.info("job %s attempt %d: building %s", job.job_id, job.attempt, job.platform)
+        job_dir = self.workspace.job_dir(job.job_id, job.attempt)
+        step = "fetch context"
+        try:
+            context_dir = await self.workspace.fetch_context(stub, job.context_digest, job_dir)
+            step = "build"
+            insecure = registry_is_insecure(job.repository, self.config.insecure_registries)
+            request = BuildRequest(
+                context_dir=context_dir, dockerfile=job.dockerfile or "Dockerfile",
+                platform=parse_platform(job.platform), image=f"{job.repository}:{job.push_tag}",
+                build_args=dict(job.build_args), target=job.target, labels=dict(job.labels),
+                insecure_registry=insecure,
+                cache_from=list(job.cache_from), cache_to=list(job.cache_to),
+            )  # fmt: skip
+
+            def on_line(line: str) -> None:
+                self._send(agent_pb2.AgentMessage(
+                    log=agent_pb2.JobLog(job_id=job_id, attempt=attempt, lines=[line])
+                ))  # fmt: skip
+
+            pushed = await self.builder.build_and_push(request, on_line)
+            self._result(job, ok=True, digest=pushed.digest, size=pushed.size,
+                         media_type=pushed.media_type)  # fmt: skip
+            log.info("job %s attempt %d: pushed %s", job.job_id, job.attempt, pushed.digest)
+        except asyncio.CancelledError:
+            log.info("job %s attempt %d: cancelled", job.job_id, job.attempt)
+            raise
+        except BuildFailed as exc:
+            self._result(job, ok=False, error=exc.message, failed_step=exc.step,
+                         infrastructure_error=exc.infrastructure)  # fmt: skip
+        except Exception as exc:  # the agent's own fault: report it, retryable elsewhere
+            log.exception("job %s failed in step %s", job.job_id, step)
+            self._result(job, ok=False, error=f"{type(exc).__name__}: {exc}", failed_step=step,
+                         infrastructure_error=True)  # fmt: skip
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
+
+    def _result(self, job: agent_pb2.Assignment, **fields: Any) -> None:
+        result = agent_pb2.JobResult(job_id=job.job_id, attempt=job.attempt, **fields)
+        self._send(agent_pb2.AgentMessage(result=result))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)
+
+
+def make_builder(args: argparse.Namespace) -> Builder:
+    if args.builder == "docker":
+        from polyarch.agent.builders.docker import DockerBuilder
+
+        return DockerBuilder(getattr(args, "docker_binary", None) or "docker")
+    from polyarch.agent.builders.buildah import BuildahBuilder
+
+    return BuildahBuilder()
+
+
+async def serve(config: AgentConfig, builder: Builder) -> int:
+    from polyarch.agent.builders.base import BuilderUnavailable
+
+    try:
+        await builder.check()
+    except BuilderUnavailable as exc:
+        log.error("%s", exc)
+        return EXIT_BUILDER_UNAVAILABLE
+    agent = Agent(config, builder)
+    loop = asyncio.get_running_loop()
+    runner = asyncio.create_task(agent.run())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.shutdown()))
+    await runner
+    return EXIT_OK
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    """Entry point of `polyarch agent`."""
+    from polyarch.agent.detect import emulated_platforms, native_platform
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    native = list(args.native) if args.native else [native_platform()]
+    emulated = list(args.emulated) if args.emulated is not None else emulated_platforms()
+    config = AgentConfig(
+        coordinator=args.coordinator, name=args.name,
+        native=[parse_platform(str(p)) for p in native],
+        emulated=[parse_platform(str(p)) for p in emulated if parse_platform(str(p)) not in native],
+        slots=args.slots, work_dir=Path(args.work_dir or f"/var/lib/polyarch-agent/{args.name}"),
+        insecure_registries=list(getattr(args, "insecure_registry", None) or []),
+    )  # fmt: skip
+    return asyncio.run(serve(config, make_builder(args)))

@@ -1,0 +1,299 @@
+"""An async client for the coordinator's build and fleet APIs, with errors a CLI can print."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from polyarch.client.context import PackedContext
+from polyarch.proto.v1 import (
+    build_pb2,
+    build_pb2_grpc,
+    common_pb2,
+    fleet_pb2,
+    fleet_pb2_grpc,
+)
+
+DEFAULT_COORDINATOR = "127.0.0.1:7600"
+COORDINATOR_ENV = "POLYARCH_COORDINATOR"
+CHUNK_SIZE = 1 << 20
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_RPC_TIMEOUT = 60.0
+# How long `follow` keeps trying to get back to a coordinator that went away, and how often.
+RECONNECT_WINDOW = 60.0
+RECONNECT_DELAY = 2.0
+_TERMINAL = frozenset(
+    {
+        common_pb2.BUILD_STATE_SUCCEEDED,
+        common_pb2.BUILD_STATE_FAILED,
+        common_pb2.BUILD_STATE_CANCELLED,
+    }
+)
+
+_T = TypeVar("_T")
+
+
+class PolyarchError(Exception):
+    """An error the coordinator reported (or the client detected), with the gRPC code if any."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CoordinatorUnreachable(PolyarchError):
+    """No polyarch coordinator answers at the configured address."""
+
+
+def _reason(details: str) -> str:
+    """The useful tail of a gRPC connection error: 'connection refused', 'domain name not found'."""
+    tail = details.rsplit(": ", 1)[-1].strip(" []")
+    return tail.lower() if tail else details
+
+
+class BuildClient:
+    """Talks to one coordinator; use as `async with BuildClient(addr) as client:`.
+
+    Entering the context waits at most `connect_timeout` seconds for the
+    connection, so a wrong address fails fast with CoordinatorUnreachable.
+    Unary calls are bounded by `rpc_timeout`; uploads and watches are not.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
+    ) -> None:
+        self.address = address
+        self.connect_timeout = connect_timeout
+        self.rpc_timeout = rpc_timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._build: Any = None
+        self._fleet: Any = None
+
+    async def __aenter__(self) -> BuildClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _unreachable(self, reason: str) -> CoordinatorUnreachable:
+        return CoordinatorUnreachable(
+            f"cannot reach the polyarch coordinator at {self.address}: {reason}; "
+            "is `polyarch coordinator` running? "
+            f"set --coordinator or {COORDINATOR_ENV}",
+            grpc.StatusCode.UNAVAILABLE,
+        )
+
+    async def connect(self) -> None:
+        """Opens the channel and waits (bounded) until the coordinator answers."""
+        if self._channel is not None:
+            return
+        channel = grpc.aio.insecure_channel(self.address)
+        self._channel = channel
+        self._build = build_pb2_grpc.BuildServiceStub(channel)
+        self._fleet = fleet_pb2_grpc.FleetServiceStub(channel)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
+        except TimeoutError:
+            reason = await self._probe()
+            await self.close()
+            raise self._unreachable(reason) from None
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _probe(self) -> str:
+        """Why the channel is not ready: one fail-fast call reveals gRPC's last error."""
+        try:
+            await self._build.StatContext(build_pb2.StatContextRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                return _reason(exc.details() or "")
+        return f"no answer within {self.connect_timeout:g} s"
+
+    async def close(self) -> None:
+        """Closes the channel (idempotent)."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close(None)
+
+    def _error(self, exc: grpc.aio.AioRpcError) -> PolyarchError:
+        code = exc.code()
+        details = exc.details() or code.name
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return self._unreachable(_reason(details))
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return CoordinatorUnreachable(
+                f"the service at {self.address} does not speak the polyarch API ({details}); "
+                f"is --coordinator (or {COORDINATOR_ENV}) right?",
+                code,
+            )
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return PolyarchError(f"the coordinator at {self.address} did not answer in time", code)
+        return PolyarchError(details, code)
+
+    async def _call(self, call: Callable[..., Awaitable[_T]], request: Any) -> _T:
+        try:
+            return await call(request, timeout=self.rpc_timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+
+    # -- build API -------------------------------------------------------------------------
+
+    async def upload_context(self, packed: PackedContext) -> bool:
+        """Uploads a packed context unless the coordinator has it; True when bytes were sent."""
+        stat = await self._call(
+            self._stub().StatContext, build_pb2.StatContextRequest(digest=packed.digest)
+        )
+        if stat.present:
+            return False
+
+        async def chunks() -> AsyncIterator[common_pb2.ContextChunk]:
+            with packed.path.open("rb") as source:
+                data = await asyncio.to_thread(source.read, CHUNK_SIZE)
+                yield common_pb2.ContextChunk(digest=packed.digest, size=packed.size, data=data)
+                while data := await asyncio.to_thread(source.read, CHUNK_SIZE):
+                    yield common_pb2.ContextChunk(data=data)
+
+        try:
+            response = await self._stub().UploadContext(chunks())
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return not response.already_present
+
+    async def submit(
+        self,
+        *,
+        context_digest: str,
+        platforms: Iterable[str],
+        tags: Iterable[str],
+        dockerfile: str = "Dockerfile",
+        build_args: Mapping[str, str] | None = None,
+        target: str = "",
+        labels: Mapping[str, str] | None = None,
+        emulation: common_pb2.EmulationPolicy = common_pb2.EMULATION_POLICY_FALLBACK,
+        idempotency_key: str = "",
+        cache_from: Iterable[str] = (),
+        cache_to: Iterable[str] = (),
+    ) -> build_pb2.SubmitBuildResponse:
+        """Submits a build; the response's `existing` says the idempotency key matched one."""
+        request = build_pb2.SubmitBuildRequest(
+            context_digest=context_digest,
+            dockerfile=dockerfile,
+            platforms=list(platforms),
+            tags=list(tags),
+            build_args=dict(build_args or {}),
+            target=target,
+            labels=dict(labels or {}),
+            emulation=emulation,
+            idempotency_key=idempotency_key,
+            cache_from=list(cache_from),
+            cache_to=list(cache_to),
+        )
+        return await self._call(self._stub().SubmitBuild, request)
+
+    async def watch(self, build_id: str, log_tail: int = 0) -> AsyncIterator[build_pb2.BuildEvent]:
+        """The build's snapshot, then every change and log line until the server ends the stream."""
+        call = self._stub().WatchBuild(
+            build_pb2.WatchBuildRequest(build_id=build_id, log_tail=log_tail)
+        )
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            call.cancel()
+
+    async def follow(
+        self,
+        build_id: str,
+        on_event: Callable[[build_pb2.BuildEvent], None],
+        on_lost: Callable[[str], None] | None = None,
+        reconnect_window: float | None = None,
+    ) -> build_pb2.Build:
+        """Watches until the build ends and returns it, re-attaching if the coordinator drops.
+
+        A coordinator gone for longer than `reconnect_window` seconds raises
+        CoordinatorUnreachable (default RECONNECT_WINDOW); the build lives on in the coordinator.
+        """
+        window = RECONNECT_WINDOW if reconnect_window is None else reconnect_window
+        loop = asyncio.get_running_loop()
+        lost_since: float | None = None
+        while True:
+            try:
+                async for event in self.watch(build_id):
+                    lost_since = None
+                    on_event(event)
+                    if event.WhichOneof("event") == "build" and event.build.state in _TERMINAL:
+                        return event.build
+                build = await self.get_build(build_id)
+                if build.state in _TERMINAL:
+                    on_event(build_pb2.BuildEvent(build=build))
+                    return build
+            except CoordinatorUnreachable as exc:
+                now = loop.time()
+                lost_since = now if lost_since is None else lost_since
+                if now - lost_since > window:
+                    raise
+                if on_lost is not None:
+                    on_lost(f"lost the coordinator ({exc}); re-attaching to build {build_id}")
+                await self.close()
+                await asyncio.sleep(RECONNECT_DELAY)
+                with contextlib.suppress(CoordinatorUnreachable):
+                    await self.connect()
+
+    async def get_build(self, build_id: str) -> build_pb2.Build:
+        return await self._call(self._stub().GetBuild, build_pb2.GetBuildRequest(build_id=build_id))
+
+    async def cancel_build(self, build_id: str, reason: str = "") -> build_pb2.Build:
+        return await self._call(
+            self._stub().CancelBuild,
+            build_pb2.CancelBuildRequest(build_id=build_id, reason=reason),
+        )
+
+    async def list_builds(self, limit: int = 0) -> list[build_pb2.Build]:
+        response = await self._call(
+            self._stub().ListBuilds, build_pb2.ListBuildsRequest(limit=limit)
+        )
+        return list(response.builds)
+
+    # -- fleet API -------------------------------------------------------------------------
+
+    async def list_agents(self) -> list[fleet_pb2.Agent]:
+        response = await self._call(self._fleet_stub().ListAgents, fleet_pb2.ListAgentsRequest())
+        return list(response.agents)
+
+    async def drain_agent(self, name: str) -> fleet_pb2.Agent:
+        return await self._call(
+            self._fleet_stub().DrainAgent, fleet_pb2.DrainAgentRequest(name=name)
+        )
+
+    async def undrain_agent(self, name: str) -> fleet_pb2.Agent:
+        return await self._call(
+            self._fleet_stub().UndrainAgent, fleet_pb2.DrainAgentRequest(name=name)
+        )
+
+    def _stub(self) -> Any:
+        if self._build is None:
+            raise PolyarchError("BuildClient used outside `async with` (call connect() first)")
+        return self._build
+
+    def _fleet_stub(self) -> Any:
+        if self._fleet is None:
+            raise PolyarchError("BuildClient used outside `async with` (call connect() first)")
+        return self._fleet

@@ -1,0 +1,393 @@
+"""The `polyarch` command: run a coordinator or an agent, build multi-arch images, inspect the farm.
+
+Exit codes: 0 success; 1 the build failed or was cancelled, or the coordinator
+refused a request; 2 usage or input errors (flags, platforms, tags, context,
+Dockerfile); 3 the coordinator is unreachable; 130 interrupted (a submitted
+build keeps running on the coordinator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import re
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from polyarch.client import render
+from polyarch.client.api import (
+    COORDINATOR_ENV,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_COORDINATOR,
+    BuildClient,
+    CoordinatorUnreachable,
+    PolyarchError,
+)
+from polyarch.client.context import ContextError, pack_context
+from polyarch.client.dockerignore import DockerignoreError
+from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
+from polyarch.proto.v1 import build_pb2, common_pb2
+
+_T = TypeVar("_T")
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+EMULATION = {
+    "fallback": common_pb2.EMULATION_POLICY_FALLBACK,
+    "never": common_pb2.EMULATION_POLICY_NEVER,
+    "allow": common_pb2.EMULATION_POLICY_ALLOW,
+}
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"  # noqa: E501
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+_REFERENCE = re.compile(rf"^(?P<domain>{_DOMAIN})/(?P<path>{_PATH}):(?P<tag>[\w][\w.-]{{0,127}})$")
+BUILD_HELP = """\
+Progress (context upload, per-platform state, build logs) goes to stderr; on
+success the image index digest is the only line on stdout, so
+`digest=$(polyarch build ...)` captures it. Exit 0 only when the build
+succeeded; 1 when it failed (a summary names each platform's step and agent);
+2 for input errors; 3 when the coordinator is unreachable. Reuse
+--idempotency-key on CI retries to re-attach to the same build."""
+
+
+class UsageError(Exception):
+    """Bad flags or input; printed as `polyarch: error: ...` with exit code 2."""
+
+
+@dataclass
+class _Session:
+    """What an interrupted command needs to say where it left off."""
+
+    build_id: str | None = None
+
+
+def _err(*lines: str) -> None:
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def _optional_address(text: str) -> str | None:
+    return None if text in ("", "off", "none") else _address(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _platforms(values: list[str] | None, flag: str) -> list[Platform]:
+    if not values:
+        return []
+    try:
+        return parse_platforms(values)
+    except PlatformError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def validate_tags(tags: Sequence[str]) -> list[str]:
+    """Checks every tag is registry/repository:tag and all share one repository."""
+    result: list[str] = []
+    repository = None
+    for tag in tags:
+        if "@" in tag:
+            raise UsageError(f"tag {tag!r}: give a tag, not a digest (registry/repository:tag)")
+        match = _REFERENCE.match(tag)
+        first = tag.split("/", 1)[0]
+        if match is None or not ("." in first or ":" in first or first == "localhost"):
+            raise UsageError(
+                f"invalid tag {tag!r}: expected registry/repository:tag with the registry "
+                "named, e.g. ghcr.io/acme/app:1.2 or localhost:5000/app:latest"
+            )
+        repo = f"{match['domain']}/{match['path']}"
+        if repository is not None and repo != repository:
+            raise UsageError(
+                f"all tags must be in one repository: {repository} and {repo} differ "
+                "(one image index is pushed to one repository)"
+            )
+        repository = repo
+        if tag not in result:
+            result.append(tag)
+    if not result:
+        raise UsageError("at least one -t registry/repository:tag is required")
+    return result
+
+
+def _pairs(values: list[str] | None, flag: str, from_env: bool) -> dict[str, str]:
+    """K=V flags; a bare K takes $K (build args, dropped when unset) or '' (labels)."""
+    pairs: dict[str, str] = {}
+    for value in values or []:
+        key, sep, val = value.partition("=")
+        if not key:
+            raise UsageError(f"{flag} {value!r}: expected KEY=VALUE")
+        if sep:
+            pairs[key] = val
+        elif not from_env:
+            pairs[key] = ""
+        elif key in os.environ:
+            pairs[key] = os.environ[key]
+    return pairs
+
+
+def _client(args: argparse.Namespace) -> BuildClient:
+    return BuildClient(args.coordinator, connect_timeout=args.connect_timeout)
+
+
+# -- build -------------------------------------------------------------------------------------
+
+
+def cmd_build(args: argparse.Namespace, session: _Session) -> int:
+    platforms = [str(p) for p in _platforms(args.platform, "--platform")]
+    tags = validate_tags(args.tag)
+    build_args = _pairs(args.build_arg, "--build-arg", from_env=True)
+    labels = _pairs(args.label, "--label", from_env=False)
+    quiet = args.progress == "quiet"
+    packed = pack_context(args.context, args.file)
+
+    async def run() -> build_pb2.Build:
+        async with _client(args) as client:
+            uploaded = await client.upload_context(packed)
+            if not quiet:
+                where = "uploaded" if uploaded else "already on coordinator"
+                _err(f"context {packed.digest} ({packed.size} bytes) {where}")
+            response = await client.submit(
+                context_digest=packed.digest,
+                dockerfile=packed.dockerfile,
+                platforms=platforms,
+                tags=tags,
+                build_args=build_args,
+                target=args.target or "",
+                labels=labels,
+                emulation=EMULATION[args.emulation],
+                idempotency_key=args.idempotency_key or str(uuid.uuid4()),
+                cache_from=args.cache_from or [],
+                cache_to=args.cache_to or [],
+            )
+            session.build_id = response.build.id
+            if not quiet:
+                how = "attached to existing build" if response.existing else "submitted build"
+                _err(f"{how} {response.build.id}: {', '.join(platforms)} -> {', '.join(tags)}")
+            progress = render.ProgressRenderer(sys.stderr, quiet=quiet)
+            return await client.follow(response.build.id, progress.handle, on_lost=_err)
+
+    try:
+        build = asyncio.run(run())
+    finally:
+        packed.discard()
+    if build.state != common_pb2.BUILD_STATE_SUCCEEDED:
+        _err(*render.failure_summary(build))
+        return EXIT_FAILED
+    code = 0
+    if args.metadata_file:
+        try:
+            Path(args.metadata_file).write_text(
+                json.dumps(render.build_metadata(build), indent=2) + "\n", encoding="utf-8"
+            )
+        except OSError as exc:
+            _err(f"polyarch: error: cannot write {args.metadata_file}: {exc.strerror}")
+            code = EXIT_FAILED
+    print(build.index_digest, flush=True)  # the last (and only) line on stdout
+    return code
+
+
+# -- fleet and build inspection ----------------------------------------------------------------
+
+
+def _ask(args: argparse.Namespace, call: Callable[[BuildClient], Awaitable[_T]]) -> _T:
+    """Runs one request against the coordinator named by --coordinator."""
+
+    async def run() -> _T:
+        async with _client(args) as client:
+            return await call(client)
+
+    return asyncio.run(run())
+
+
+def cmd_agents(args: argparse.Namespace, session: _Session) -> int:
+    agents = _ask(args, lambda client: client.list_agents())
+    if args.json:
+        print(json.dumps([render.agent_to_dict(a) for a in agents], indent=2))
+    else:
+        print("\n".join(render.agents_table(agents)))
+    return 0
+
+
+def cmd_builds(args: argparse.Namespace, session: _Session) -> int:
+    builds = _ask(args, lambda client: client.list_builds(args.limit))
+    if args.json:
+        print(json.dumps([render.build_to_dict(b) for b in builds], indent=2))
+    else:
+        print("\n".join(render.builds_table(builds)))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, session: _Session) -> int:
+    reason = "cancelled with polyarch cancel"
+    build = _ask(args, lambda client: client.cancel_build(args.build_id, reason))
+    print(f"build {build.id}: {render.build_state(build.state)}")
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace, session: _Session) -> int:
+    drain = args.command == "drain"
+    agent = _ask(
+        args,
+        lambda client: (
+            client.drain_agent(args.agent) if drain else client.undrain_agent(args.agent)
+        ),
+    )
+    print(f"agent {agent.name}: {render.agent_state(agent.state)}")
+    return 0
+
+
+# -- servers (implemented by the coordinator and agent packages) --------------------------------
+
+
+def _entry_point(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    try:
+        entry: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise PolyarchError(f"{module}.{name} is not installed here: {exc}") from exc
+    return entry
+
+
+def cmd_coordinator(args: argparse.Namespace, session: _Session) -> int:
+    return _entry_point("polyarch.coordinator.server", "run_coordinator")(args)
+
+
+def cmd_agent(args: argparse.Namespace, session: _Session) -> int:
+    """--native/--emulated become list[Platform], or None when absent (the agent detects them)."""
+    args.native = _platforms(args.native, "--native") if args.native else None
+    args.emulated = _platforms(args.emulated, "--emulated") if args.emulated else None
+    both = sorted(str(p) for p in set(args.native or ()) & set(args.emulated or ()))
+    if both:
+        raise UsageError(f"{', '.join(both)} given as both --native and --emulated")
+    return _entry_point("polyarch.agent.runtime", "run_agent")(args)
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polyarch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--coordinator",
+        type=_address,
+        default=os.environ.get(COORDINATOR_ENV) or DEFAULT_COORDINATOR,
+        help=f"coordinator HOST:PORT (default ${COORDINATOR_ENV} or {DEFAULT_COORDINATOR})",
+    )
+    client.add_argument(
+        "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS"
+    )
+    registries = argparse.ArgumentParser(add_help=False)
+    registries.add_argument(
+        "--insecure-registry", action="append", default=[], metavar="HOST",
+        help="registry reached over plain HTTP (repeatable)",
+    )  # fmt: skip
+
+    p = commands.add_parser("coordinator", parents=[registries], help="run the coordinator")
+    p.add_argument("--listen", type=_address, default=DEFAULT_COORDINATOR, metavar="ADDR")
+    p.add_argument("--data-dir", type=Path, required=True, metavar="DIR")
+    p.add_argument(
+        "--metrics-listen", type=_optional_address, default="127.0.0.1:9600", metavar="ADDR",
+        help="Prometheus endpoint (default 127.0.0.1:9600; 'off' disables)",
+    )  # fmt: skip
+    p.add_argument("--docker-config", type=Path, metavar="PATH", help="registry credentials")
+    p.set_defaults(handler=cmd_coordinator)
+
+    p = commands.add_parser("agent", parents=[client, registries], help="run a build agent")
+    p.add_argument("--name", required=True)
+    p.add_argument("--builder", required=True, choices=["docker", "buildah"])
+    p.add_argument("--native", action="append", metavar="PLATFORMS", help="default: detected")
+    p.add_argument("--emulated", action="append", metavar="PLATFORMS",
+                   help="built under QEMU (default: detected from binfmt_misc)")  # fmt: skip
+    p.add_argument("--slots", type=_positive, default=2, help="concurrent jobs (default 2)")
+    p.add_argument("--docker-binary", default="docker", metavar="PATH")
+    p.add_argument("--work-dir", type=Path, metavar="DIR")
+    p.add_argument("--metrics-listen", type=_optional_address, default=None, metavar="ADDR")
+    p.set_defaults(handler=cmd_agent)
+
+    p = commands.add_parser(
+        "build", parents=[client], help="build and push a multi-platform image",
+        description="Build CONTEXT_DIR for every --platform on the farm and push one image index.",
+        epilog=BUILD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--platform", action="append", required=True, metavar="PLATFORMS",
+                   help="comma-separated, repeatable: linux/amd64,linux/arm64")  # fmt: skip
+    p.add_argument("-t", "--tag", action="append", required=True, metavar="REG/REPO:TAG",
+                   help="repeatable; all tags in one repository")  # fmt: skip
+    p.add_argument("-f", "--file", metavar="DOCKERFILE", help="default: CONTEXT_DIR/Dockerfile")
+    p.add_argument("--build-arg", action="append", metavar="KEY=VALUE")
+    p.add_argument("--target")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+    p.add_argument("--emulation", choices=list(EMULATION), default="fallback")
+    p.add_argument("--cache-from", action="append", metavar="SPEC")
+    p.add_argument("--cache-to", action="append", metavar="SPEC")
+    p.add_argument("--metadata-file", metavar="FILE", help="buildx-style JSON, on success")
+    p.add_argument("--idempotency-key", metavar="KEY", help="default: a new UUID per run")
+    p.add_argument("--progress", choices=["plain", "quiet"], default="plain")
+    p.add_argument("context", metavar="CONTEXT_DIR")
+    p.set_defaults(handler=cmd_build)
+
+    p = commands.add_parser("agents", parents=[client], help="list agents")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_agents)
+    p = commands.add_parser("builds", parents=[client], help="list recent builds")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=_positive, default=20)
+    p.set_defaults(handler=cmd_builds)
+    p = commands.add_parser("cancel", parents=[client], help="cancel a build")
+    p.add_argument("build_id", metavar="BUILD_ID")
+    p.set_defaults(handler=cmd_cancel)
+    for name in ("drain", "undrain"):
+        p = commands.add_parser(name, parents=[client], help=f"{name} an agent")
+        p.add_argument("agent", metavar="AGENT")
+        p.set_defaults(handler=cmd_drain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns the process exit code (see the module docstring)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    session = _Session()
+    try:
+        code: int = args.handler(args, session)
+        return code
+    except (UsageError, ContextError, DockerignoreError, PlatformError) as exc:
+        _err(f"polyarch: error: {exc}")
+        return EXIT_USAGE
+    except CoordinatorUnreachable as exc:
+        _err(f"polyarch: error: {exc}")
+        return EXIT_UNREACHABLE
+    except PolyarchError as exc:
+        _err(f"polyarch: error: {exc}")
+        return EXIT_USAGE if exc.code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED
+    except KeyboardInterrupt:
+        if session.build_id:
+            _err(
+                f"interrupted: build {session.build_id} continues on the coordinator; "
+                f"cancel with polyarch cancel {session.build_id}"
+            )
+        else:
+            _err("interrupted")
+        return EXIT_INTERRUPTED

@@ -1,0 +1,107 @@
+"""AgentService: the long-lived agent channel and context downloads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from polyarch.coordinator.builds import AgentEvent, BuildManager
+from polyarch.coordinator.errors import status_code
+from polyarch.coordinator.fleet import AgentSession
+from polyarch.coordinator.model import PolyarchError
+from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+log = logging.getLogger(__name__)
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, manager: BuildManager) -> None:
+        self.manager = manager
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("hello"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
+            return
+        try:
+            session = self.manager.attach_agent(first.hello, context.peer())
+        except PolyarchError as exc:
+            await context.abort(status_code(exc), str(exc))
+            return
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        reason = "closed its stream"
+        try:
+            while True:
+                outgoing = asyncio.ensure_future(session.outbox.get())
+                done, _ = await asyncio.wait(
+                    {outgoing, reader}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if outgoing not in done:
+                    outgoing.cancel()
+                    if not reader.cancelled() and reader.exception() is not None:
+                        reason = f"stream failed: {reader.exception()}"
+                    break
+                message = outgoing.result()
+                if message is None:
+                    reason = "was disconnected by the coordinator"
+                    break
+                yield message
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            self.manager.detach_agent(session, reason)
+
+    async def _read(
+        self, session: AgentSession, messages: AsyncIterator[agent_pb2.AgentMessage]
+    ) -> None:
+        manager = self.manager
+        async for message in messages:
+            manager.heartbeat(session)
+            kind = message.WhichOneof("message")
+            if kind == "started":
+                m = message.started
+                manager.job_started(AgentEvent(session.name, m.job_id, m.attempt))
+            elif kind == "log":
+                m2 = message.log
+                manager.job_log(AgentEvent(session.name, m2.job_id, m2.attempt), list(m2.lines))
+            elif kind == "result":
+                m3 = message.result
+                manager.job_result(AgentEvent(session.name, m3.job_id, m3.attempt), m3)
+            elif kind == "heartbeat":
+                pass  # liveness is recorded for every message above
+            else:
+                log.warning("agent %s sent an unexpected %s message", session.name, kind)
+
+    async def FetchContext(
+        self, request: agent_pb2.FetchContextRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[common_pb2.ContextChunk]:
+        contexts = self.manager.contexts
+        try:
+            size = contexts.size_of(request.digest)
+            if size is None:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"context {request.digest} is not stored"
+                )
+                return
+            first = True
+            async for data in contexts.read(request.digest):
+                self.manager.metrics.context_bytes_served.inc(len(data))
+                if first:
+                    yield common_pb2.ContextChunk(digest=request.digest, size=size, data=data)
+                    first = False
+                else:
+                    yield common_pb2.ContextChunk(data=data)
+            if first:  # an empty context still announces itself
+                yield common_pb2.ContextChunk(digest=request.digest, size=0)
+        except PolyarchError as exc:
+            await context.abort(status_code(exc), str(exc))

@@ -1,0 +1,105 @@
+"""BuildService: the API CI clients call; protobuf in, domain calls, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from polyarch.coordinator import convert
+from polyarch.coordinator.builds import BuildManager
+from polyarch.coordinator.contexts import check_digest
+from polyarch.coordinator.errors import domain_errors, status_code
+from polyarch.coordinator.model import BuildSpec, InvalidRequest, PolyarchError
+from polyarch.proto.v1 import build_pb2, build_pb2_grpc, common_pb2
+
+DEFAULT_LIST_LIMIT = 50
+
+
+class BuildServicer(build_pb2_grpc.BuildServiceServicer):
+    def __init__(self, manager: BuildManager) -> None:
+        self.manager = manager
+
+    @domain_errors
+    async def StatContext(
+        self, request: build_pb2.StatContextRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> build_pb2.StatContextResponse:
+        size = self.manager.contexts.size_of(check_digest(request.digest))
+        return build_pb2.StatContextResponse(present=size is not None, size=size or 0)
+
+    @domain_errors
+    async def UploadContext(
+        self,
+        request_iterator: AsyncIterator[common_pb2.ContextChunk],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> build_pb2.UploadContextResponse:
+        first = await anext(request_iterator, None)
+        if first is None or not first.digest or first.size < 0:
+            raise InvalidRequest("the first upload chunk must carry the context digest and size")
+        metrics = self.manager.metrics
+
+        async def chunks() -> AsyncIterator[bytes]:
+            metrics.context_bytes_received.inc(len(first.data))
+            yield first.data
+            async for chunk in request_iterator:
+                metrics.context_bytes_received.inc(len(chunk.data))
+                yield chunk.data
+
+        stored = await self.manager.contexts.write(first.digest, first.size, chunks())
+        return build_pb2.UploadContextResponse(
+            digest=first.digest, size=first.size, already_present=not stored
+        )
+
+    @domain_errors
+    async def SubmitBuild(
+        self, request: build_pb2.SubmitBuildRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> build_pb2.SubmitBuildResponse:
+        spec = BuildSpec(
+            context_digest=request.context_digest,
+            dockerfile=request.dockerfile,
+            platforms=list(request.platforms),
+            tags=list(request.tags),
+            build_args=dict(request.build_args),
+            target=request.target,
+            labels=dict(request.labels),
+            emulation=convert.POLICIES[request.emulation],
+            cache_from=list(request.cache_from),
+            cache_to=list(request.cache_to),
+        )
+        build, existing = self.manager.submit(spec, request.idempotency_key)
+        _, jobs = self.manager.get(build.id)
+        return build_pb2.SubmitBuildResponse(
+            build=convert.build_message(build, jobs), existing=existing
+        )
+
+    async def WatchBuild(
+        self, request: build_pb2.WatchBuildRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[build_pb2.BuildEvent]:
+        try:
+            async for event in self.manager.watch(request.build_id, request.log_tail):
+                yield event
+        except PolyarchError as exc:
+            await context.abort(status_code(exc), str(exc))
+
+    @domain_errors
+    async def GetBuild(
+        self, request: build_pb2.GetBuildRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> build_pb2.Build:
+        return convert.build_message(*self.manager.get(request.build_id))
+
+    @domain_errors
+    async def CancelBuild(
+        self, request: build_pb2.CancelBuildRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> build_pb2.Build:
+        self.manager.cancel(request.build_id, request.reason or "cancelled by request")
+        return convert.build_message(*self.manager.get(request.build_id))
+
+    @domain_errors
+    async def ListBuilds(
+        self, request: build_pb2.ListBuildsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> build_pb2.ListBuildsResponse:
+        limit = request.limit if request.limit > 0 else DEFAULT_LIST_LIMIT
+        return build_pb2.ListBuildsResponse(
+            builds=[convert.build_message(b, j) for b, j in self.manager.list_builds(limit)]
+        )

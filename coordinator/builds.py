@@ -1,0 +1,484 @@
+"""The build manager: turns submissions and agent events into persisted state and decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+
+from polyarch.coordinator import convert
+from polyarch.coordinator.assembly import IndexPublisher
+from polyarch.coordinator.contexts import ContextStore
+from polyarch.coordinator.events import EventHub
+from polyarch.coordinator.fleet import AgentSession, DrainedAgents
+from polyarch.coordinator.metrics import CoordinatorMetrics, FleetSnapshot
+from polyarch.coordinator.model import (
+    BuildRecord,
+    BuildSpec,
+    BuildState,
+    InvalidRequest,
+    JobRecord,
+    JobState,
+    Mode,
+    NotFound,
+    Unschedulable,
+)
+from polyarch.coordinator.scheduler import AgentView, QueuedJob, Scheduler
+from polyarch.coordinator.store import DuplicateIdempotencyKey, StateStore
+from polyarch.coordinator.validation import describe_unschedulable, validate_spec
+from polyarch.proto.platforms import Platform, PlatformError, parse_platform
+from polyarch.proto.v1 import agent_pb2, build_pb2
+
+log = logging.getLogger(__name__)
+
+# A job whose agent vanished is tried this many times in all before it fails.
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    """Who sent a message: fencing compares it with the job's current assignment."""
+
+    agent: str
+    job_id: str
+    attempt: int
+
+
+class BuildManager:
+    """Owns builds, jobs and agent sessions; every change is stored before it is announced."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        contexts: ContextStore,
+        publisher: IndexPublisher,
+        metrics: CoordinatorMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.contexts = contexts
+        self.publisher = publisher
+        self.metrics = metrics
+        self.clock = clock
+        self.scheduler = Scheduler()
+        self.sessions: dict[str, AgentSession] = {}
+        self.drained = DrainedAgents()
+        self.hub = EventHub()
+        self._active: dict[str, tuple[BuildRecord, dict[str, JobRecord]]] = {}
+        self._assemblies: dict[str, asyncio.Task[None]] = {}
+        metrics.watch_fleet(self.fleet_snapshot)
+
+    # ---- lifecycle ----------------------------------------------------------
+    def recover(self) -> None:
+        """Re-queues the unfinished work found in the store (after a coordinator restart)."""
+        for build in self.store.unfinished_builds():
+            jobs = {j.id: j for j in self.store.jobs_of(build.id)}
+            self._active[build.id] = (build, jobs)
+            for job in jobs.values():
+                if job.state in (JobState.ASSIGNED, JobState.RUNNING):
+                    self._requeue(build, job, "coordinator restarted")
+                elif job.state is JobState.QUEUED:
+                    self._enqueue(build, job)
+            self._maybe_finish(build)
+        self.dispatch()
+
+    async def close(self) -> None:
+        for task in list(self._assemblies.values()):
+            task.cancel()
+        await asyncio.gather(*self._assemblies.values(), return_exceptions=True)
+        for session in list(self.sessions.values()):
+            session.close()
+
+    # ---- client API ---------------------------------------------------------
+    def submit(self, spec: BuildSpec, idempotency_key: str) -> tuple[BuildRecord, bool]:
+        """Validates and records a build; returns it and whether it already existed."""
+        if idempotency_key:
+            existing = self.store.find_by_idempotency_key(idempotency_key)
+            if existing is not None:
+                return existing, True
+        platforms = self._validate(spec)
+        now = self.clock()
+        build = BuildRecord(
+            id=uuid.uuid4().hex[:16], spec=spec, created_at=now, idempotency_key=idempotency_key
+        )
+        jobs = {
+            job.id: job
+            for job in (
+                JobRecord(
+                    id=f"{build.id}-{p.slug}", build_id=build.id, platform=str(p), queued_at=now
+                )
+                for p in platforms
+            )
+        }
+        try:
+            self.store.create_build(build, list(jobs.values()))
+        except DuplicateIdempotencyKey as dup:
+            first = self.store.get_build(dup.build_id)
+            assert first is not None
+            return first, True
+        self.metrics.builds_submitted.inc()
+        self._active[build.id] = (build, jobs)
+        for job in jobs.values():
+            self.metrics.job_transitions.labels(state=JobState.QUEUED.value).inc()
+            self._enqueue(build, job)
+        self.dispatch()
+        return build, False
+
+    def get(self, build_id: str) -> tuple[BuildRecord, list[JobRecord]]:
+        if build_id in self._active:
+            build, jobs = self._active[build_id]
+            return build, list(jobs.values())
+        stored = self.store.get_build(build_id)
+        if stored is None:
+            raise NotFound(f"no build with id {build_id!r}")
+        return stored, self.store.jobs_of(build_id)
+
+    def list_builds(self, limit: int) -> list[tuple[BuildRecord, list[JobRecord]]]:
+        return [self.get(b.id) for b in self.store.list_builds(limit)]
+
+    def cancel(self, build_id: str, reason: str) -> None:
+        build, jobs = self.get(build_id)
+        if build.state.terminal or build_id not in self._active:
+            return
+        task = self._assemblies.pop(build_id, None)
+        if task is not None:
+            task.cancel()
+        for job in jobs:
+            if job.state.terminal:
+                continue
+            agent = self.scheduler.agent_of(job.id)
+            if agent in self.sessions:
+                self.sessions[agent].send(
+                    agent_pb2.CoordinatorMessage(
+                        cancel=agent_pb2.CancelJob(
+                            job_id=job.id, attempt=job.attempt, reason=reason
+                        )
+                    )
+                )
+            self.scheduler.release(job.id)
+            job.error = reason
+            self._set_job(build, job, JobState.CANCELLED, reason)
+        self._finish(build, BuildState.CANCELLED, reason or "cancelled")
+
+    async def watch(self, build_id: str, log_tail: int) -> AsyncIterator[build_pb2.BuildEvent]:
+        """The build's snapshot, replayed log lines, then live events until the build ends."""
+        queue = self.hub.subscribe(build_id)
+        try:
+            build, jobs = self.get(build_id)
+            yield build_pb2.BuildEvent(build=convert.build_message(build, jobs))
+            for job in jobs:
+                for line in self.hub.log_tail(job.id, log_tail):
+                    yield build_pb2.BuildEvent(log=line)
+            if build.state.terminal:
+                return
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            self.hub.unsubscribe(build_id, queue)
+
+    # ---- agent API ----------------------------------------------------------
+    def attach_agent(self, hello: agent_pb2.AgentHello, peer: str) -> AgentSession:
+        """Registers a connected agent (replacing a stale stream of the same name)."""
+        if not hello.name:
+            raise InvalidRequest("agent hello has no name")
+        try:
+            native = frozenset(parse_platform(p) for p in hello.native_platforms)
+            emulated = frozenset(parse_platform(p) for p in hello.emulated_platforms) - native
+        except PlatformError as exc:
+            raise InvalidRequest(f"agent {hello.name}: {exc}") from None
+        if hello.slots < 1:
+            raise InvalidRequest(f"agent {hello.name}: slots must be at least 1")
+        old = self.sessions.get(hello.name)
+        if old is not None:
+            self.detach_agent(old, "replaced by a new connection")
+        now = self.clock()
+        session = AgentSession(
+            name=hello.name, builder=hello.builder, version=hello.version, native=native,
+            emulated=emulated, slots=hello.slots, peer=peer, connected_at=now, last_seen=now,
+            labels=dict(hello.labels), draining=hello.name in self.drained,
+        )  # fmt: skip
+        self.sessions[hello.name] = session
+        self.scheduler.add_agent(
+            AgentView(hello.name, native, emulated, hello.slots, draining=session.draining)
+        )
+        self._adopt(session, hello.running)
+        session.send(
+            agent_pb2.CoordinatorMessage(welcome=agent_pb2.Welcome(coordinator_version="0.1.0"))
+        )
+        log.info("agent %s connected from %s (native %s, emulated %s)", hello.name, peer,
+                 sorted(map(str, native)), sorted(map(str, emulated)))  # fmt: skip
+        self.dispatch()
+        return session
+
+    def detach_agent(self, session: AgentSession, reason: str) -> None:
+        """The agent's stream ended: its running jobs go back to the queue."""
+        session.close()
+        if self.sessions.get(session.name) is not session:
+            return
+        del self.sessions[session.name]
+        for job_id in self.scheduler.remove_agent(session.name):
+            found = self._find_job(job_id)
+            if found is not None:
+                self._requeue(found[0], found[1], f"agent {session.name} {reason}")
+        log.info("agent %s disconnected: %s", session.name, reason)
+        self.dispatch()
+
+    def running_jobs(self, agent: str) -> list[JobRecord]:
+        """The non-terminal jobs currently assigned to an agent."""
+        found = (self._find_job(job_id) for job_id in self.scheduler.running_on(agent))
+        return [f[1] for f in found if f is not None]
+
+    def heartbeat(self, session: AgentSession) -> None:
+        session.last_seen = self.clock()
+
+    def set_draining(self, name: str, draining: bool) -> AgentSession:
+        session = self.sessions.get(name)
+        if session is None:
+            raise NotFound(f"no connected agent named {name!r}")
+        self.drained.set(name, draining)
+        session.draining = draining
+        self.scheduler.set_draining(name, draining)
+        if not draining:
+            self.dispatch()
+        return session
+
+    def job_started(self, event: AgentEvent) -> None:
+        found = self._current(event, "started")
+        if found is not None:
+            build, job = found
+            job.started_at = self.clock()
+            self._set_job(build, job, JobState.RUNNING, f"started on {event.agent}")
+
+    def job_log(self, event: AgentEvent, lines: list[str]) -> None:
+        found = self._current(event, "log")
+        if found is None:
+            return
+        build, job = found
+        for line in lines:
+            self.hub.publish(
+                build.id,
+                build_pb2.BuildEvent(
+                    log=build_pb2.LogLine(
+                        job_id=job.id, platform=job.platform, attempt=job.attempt, line=line
+                    )
+                ),
+            )
+
+    def job_result(self, event: AgentEvent, result: agent_pb2.JobResult) -> None:
+        found = self._current(event, "result")
+        if found is None:
+            return
+        build, job = found
+        self.scheduler.release(job.id)
+        job.finished_at = self.clock()
+        mode = job.mode.value if job.mode else "unknown"
+        if job.started_at is not None:
+            self.metrics.job_duration.labels(platform=job.platform, mode=mode).observe(
+                job.finished_at - job.started_at
+            )
+        if result.ok:
+            job.digest, job.size, job.media_type = result.digest, result.size, result.media_type
+            self._set_job(build, job, JobState.PUSHED, f"pushed {result.digest}")
+        elif result.infrastructure_error and job.attempt < MAX_ATTEMPTS:
+            self._requeue(build, job, f"{result.failed_step or 'build'} on {event.agent}: "
+                                      f"{result.error}", avoid=event.agent)  # fmt: skip
+        else:
+            job.error, job.failed_step = result.error, result.failed_step
+            self._set_job(build, job, JobState.FAILED, result.error)
+        self.metrics.jobs_finished.labels(
+            platform=job.platform, mode=mode, result="pushed" if result.ok else "failed"
+        ).inc()
+        self._maybe_finish(build)
+        self.dispatch()
+
+    # ---- scheduling ---------------------------------------------------------
+    def dispatch(self) -> None:
+        """Asks the scheduler for placements and sends them to the agents."""
+        for placement in self.scheduler.schedule():
+            found = self._find_job(placement.job_id)
+            session = self.sessions.get(placement.agent)
+            if found is None or session is None:
+                self.scheduler.release(placement.job_id)
+                continue
+            build, job = found
+            now = self.clock()
+            self.metrics.queue_wait.labels(platform=job.platform).observe(now - job.queued_at)
+            job.attempt += 1
+            job.agent, job.mode = placement.agent, placement.mode
+            job.started_at = job.finished_at = None
+            job.error = job.failed_step = ""
+            self._set_job(build, job, JobState.ASSIGNED,
+                          f"assigned to {placement.agent} ({placement.mode.value})")  # fmt: skip
+            if build.state is BuildState.QUEUED:
+                self._set_build(build, BuildState.RUNNING)
+            session.send(agent_pb2.CoordinatorMessage(assign=self._assignment(build, job)))
+
+    def _assignment(self, build: BuildRecord, job: JobRecord) -> agent_pb2.Assignment:
+        spec = build.spec
+        return agent_pb2.Assignment(
+            job_id=job.id, attempt=job.attempt, build_id=build.id, platform=job.platform,
+            mode=convert.MODES[job.mode or Mode.NATIVE], context_digest=spec.context_digest,
+            dockerfile=spec.dockerfile, build_args=spec.build_args, target=spec.target,
+            labels=spec.labels, repository=f"{spec.registry}/{spec.repository}",
+            push_tag=f"polyarch-{build.id}-{parse_platform(job.platform).slug}-{job.attempt}",
+            cache_from=spec.cache_from, cache_to=spec.cache_to,
+        )  # fmt: skip
+
+    def _enqueue(self, build: BuildRecord, job: JobRecord, avoid: str = "") -> None:
+        self.scheduler.enqueue(
+            QueuedJob(
+                job_id=job.id, build_id=build.id, platform=parse_platform(job.platform),
+                policy=build.spec.emulation, repository=build.spec.repository,
+                avoid=frozenset({avoid}) if avoid else frozenset(),
+            )
+        )  # fmt: skip
+
+    def _requeue(self, build: BuildRecord, job: JobRecord, reason: str, avoid: str = "") -> None:
+        self.scheduler.release(job.id)
+        job.requeue_reasons.append(reason)
+        self.metrics.requeues.labels(reason="agent_lost" if not avoid else "infrastructure").inc()
+        if job.attempt >= MAX_ATTEMPTS:
+            job.error = f"gave up after {job.attempt} attempts; last: {reason}"
+            job.finished_at = self.clock()
+            self._set_job(build, job, JobState.FAILED, reason)
+            self._maybe_finish(build)
+            return
+        job.queued_at = self.clock()
+        job.agent, job.mode = "", None
+        self._set_job(build, job, JobState.QUEUED, reason)
+        self._enqueue(build, job, avoid)
+
+    def _adopt(self, session: AgentSession, running: Iterable[agent_pb2.RunningJob]) -> None:
+        """Re-attaches jobs an agent says it still runs, if they are still its to run."""
+        for item in running:
+            found = self._find_job(item.job_id)
+            if found is None:
+                continue
+            build, job = found
+            current = job.agent == session.name and job.attempt == item.attempt
+            if current and job.state in (JobState.ASSIGNED, JobState.RUNNING, JobState.QUEUED):
+                if job.state is JobState.QUEUED:
+                    self._set_job(build, job, JobState.RUNNING, f"re-attached to {session.name}")
+                self.scheduler.adopt_running(job.id, build.id, session.name)
+            else:
+                session.send(agent_pb2.CoordinatorMessage(
+                    cancel=agent_pb2.CancelJob(job_id=item.job_id, attempt=item.attempt,
+                                               reason="attempt is no longer current")))  # fmt: skip
+
+    # ---- completion ---------------------------------------------------------
+    def _maybe_finish(self, build: BuildRecord) -> None:
+        _, jobs = self._active[build.id]
+        if build.state.terminal or not all(j.state.terminal for j in jobs.values()):
+            return
+        failed = [j for j in jobs.values() if j.state is JobState.FAILED]
+        if failed:
+            summary = "; ".join(
+                f"{j.platform} failed"
+                + (f" at step {j.failed_step!r}" if j.failed_step else "")
+                + (f" on agent {j.agent}" if j.agent else "")
+                + f": {j.error}"
+                for j in failed
+            )
+            self._finish(build, BuildState.FAILED, summary + " (no tag was published)")
+            return
+        if build.state is not BuildState.ASSEMBLING:
+            self._set_build(build, BuildState.ASSEMBLING)
+        if build.id not in self._assemblies:
+            self._assemblies[build.id] = asyncio.get_running_loop().create_task(
+                self._assemble(build), name=f"assemble-{build.id}"
+            )
+
+    async def _assemble(self, build: BuildRecord) -> None:
+        _, jobs = self._active[build.id]
+        started = time.monotonic()
+        try:
+            result = await self.publisher.publish(build.spec, list(jobs.values()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure ends the build with its reason
+            log.warning("build %s: index assembly failed: %s", build.id, exc)
+            self._finish(build, BuildState.FAILED, f"index assembly failed: {exc}")
+            return
+        finally:
+            self._assemblies.pop(build.id, None)
+            self.metrics.assembly_duration.observe(time.monotonic() - started)
+        build.index_digest, build.index_media_type = result.digest, result.media_type
+        build.index_size = result.size
+        for job in jobs.values():
+            self.store.save_job(job, "verified in the registry", self.clock())
+        self._finish(build, BuildState.SUCCEEDED, "")
+
+    def _finish(self, build: BuildRecord, state: BuildState, error: str) -> None:
+        build.error = error
+        build.finished_at = self.clock()
+        self._set_build(build, state)
+        self.metrics.builds_finished.labels(result=state.value).inc()
+        self.hub.finish(build.id)
+        _, jobs = self._active.pop(build.id)
+        for job_id in jobs:
+            self.hub.forget_job(job_id)
+
+    # ---- state --------------------------------------------------------------
+    def _set_job(self, build: BuildRecord, job: JobRecord, state: JobState, reason: str) -> None:
+        job.state = state
+        self.store.save_job(job, reason, self.clock())
+        self.metrics.job_transitions.labels(state=state.value).inc()
+        self.hub.publish(build.id, build_pb2.BuildEvent(job=convert.job_message(job)))
+
+    def _set_build(self, build: BuildRecord, state: BuildState) -> None:
+        build.state = state
+        self.store.save_build(build)
+        _, jobs = self._active[build.id]
+        self.hub.publish(
+            build.id, build_pb2.BuildEvent(build=convert.build_message(build, list(jobs.values())))
+        )
+
+    def _find_job(self, job_id: str) -> tuple[BuildRecord, JobRecord] | None:
+        for build, jobs in self._active.values():
+            if job_id in jobs:
+                return build, jobs[job_id]
+        return None
+
+    def _current(self, event: AgentEvent, kind: str) -> tuple[BuildRecord, JobRecord] | None:
+        """The job a message is about, or None (counted) if the message is from a stale attempt."""
+        found = self._find_job(event.job_id)
+        if found is None or found[1].state.terminal or found[1].state is JobState.QUEUED:
+            self.metrics.stale_messages.labels(kind=kind).inc()
+            return None
+        if (found[1].agent, found[1].attempt) != (event.agent, event.attempt):
+            self.metrics.stale_messages.labels(kind=kind).inc()
+            return None
+        return found
+
+    def _validate(self, spec: BuildSpec) -> list[Platform]:
+        """Checks a submission; fills in the registry and repository its tags share."""
+        platforms = validate_spec(spec, self.contexts)
+        unschedulable = [
+            p for p in platforms if not self.scheduler.eligible_modes(p, spec.emulation)
+        ]
+        if unschedulable:
+            raise Unschedulable(
+                describe_unschedulable(unschedulable, spec.emulation, self.sessions)
+            )
+        return platforms
+
+    def fleet_snapshot(self) -> FleetSnapshot:
+        agents: dict[tuple[str, str], int] = {}
+        for session in self.sessions.values():
+            key = ("draining" if session.draining else "ready", session.architecture)
+            agents[key] = agents.get(key, 0) + 1
+        builds: dict[str, int] = {}
+        for build, _ in self._active.values():
+            builds[build.state.value] = builds.get(build.state.value, 0) + 1
+        return FleetSnapshot(
+            queued_by_platform={str(p): n for p, n in self.scheduler.queued_by_platform().items()},
+            agents_by_state=agents,
+            slots={
+                name: (view.slots, len(view.running))
+                for name, view in self.scheduler.agents.items()
+            },
+            builds_by_state=builds,
+        )

@@ -1,0 +1,61 @@
+"""Connected agents: one session per agent stream, with its outbox and liveness."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from polyarch.proto.platforms import Platform
+from polyarch.proto.v1 import agent_pb2
+
+
+@dataclass(eq=False)
+class AgentSession:
+    """One live Connect stream. The servicer drains `outbox` into the stream."""
+
+    name: str
+    builder: str
+    version: str
+    native: frozenset[Platform]
+    emulated: frozenset[Platform]
+    slots: int
+    peer: str
+    connected_at: float
+    last_seen: float
+    labels: dict[str, str] = field(default_factory=dict)
+    draining: bool = False
+    outbox: asyncio.Queue[agent_pb2.CoordinatorMessage | None] = field(
+        default_factory=asyncio.Queue
+    )
+    closed: bool = False
+
+    def send(self, message: agent_pb2.CoordinatorMessage) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        """Ends the stream: the servicer returns when it reads the sentinel."""
+        if not self.closed:
+            self.closed = True
+            self.outbox.put_nowait(None)
+
+    @property
+    def architecture(self) -> str:
+        natives = sorted(str(p.architecture) for p in self.native)
+        return natives[0] if natives else "unknown"
+
+
+class DrainedAgents:
+    """Names of agents an operator drained; survives the agent reconnecting."""
+
+    def __init__(self) -> None:
+        self._names: set[str] = set()
+
+    def set(self, name: str, draining: bool) -> None:
+        if draining:
+            self._names.add(name)
+        else:
+            self._names.discard(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names

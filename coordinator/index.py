@@ -1,0 +1,232 @@
+"""Image index assembly: verify each platform's manifest, render the index, push and read back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from polyarch.coordinator.registry import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    TAG_PATTERN,
+    RegistryClient,
+    compute_digest,
+    is_digest,
+)
+from polyarch.proto.platforms import Platform, PlatformError, parse_platform
+
+IMAGE_MANIFEST_TYPES = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
+INDEX_TYPES = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
+ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
+ATTESTATION_TYPE = "attestation-manifest"
+
+
+class VerificationError(Exception):
+    """The registry does not hold what an agent reported, or the pushed index reads back wrong."""
+
+
+class PlatformMismatch(VerificationError):
+    """A child image whose config names a different platform than the job built for."""
+
+
+class DuplicatePlatform(ValueError):
+    """Two children of one index claim the same platform."""
+
+
+@dataclass(frozen=True)
+class ChildManifest:
+    """One per-platform image manifest as it will appear in the index."""
+
+    platform: Platform
+    digest: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    """The pushed index: its digest, media type, size in bytes and its children."""
+
+    digest: str
+    media_type: str
+    size: int
+    children: tuple[ChildManifest, ...]
+
+
+def index_media_type(children: Sequence[ChildManifest]) -> str:
+    """A Docker manifest list when every child is a Docker manifest, an OCI index otherwise."""
+    if children and all(child.media_type == DOCKER_MANIFEST for child in children):
+        return DOCKER_MANIFEST_LIST
+    return OCI_INDEX
+
+
+def platform_json(platform: Platform) -> dict[str, str]:
+    """The `platform` object of an index entry (arm always carries its variant)."""
+    variant = platform.oci_variant if platform.architecture == "arm" else platform.variant
+    entry = {"architecture": platform.architecture, "os": platform.os}
+    if variant:
+        entry["variant"] = variant
+    return entry
+
+
+def render_index(children: Sequence[ChildManifest]) -> bytes:
+    """Canonical index JSON (sorted keys, no whitespace, entries sorted by platform)."""
+    if not children:
+        raise ValueError("an image index needs at least one child manifest")
+    seen: set[Platform] = set()
+    for child in children:
+        if child.platform in seen:
+            raise DuplicatePlatform(f"two child manifests for platform {child.platform}")
+        seen.add(child.platform)
+    manifests = [
+        {
+            "mediaType": child.media_type,
+            "digest": child.digest,
+            "size": child.size,
+            "platform": platform_json(child.platform),
+        }
+        for child in sorted(children, key=lambda c: str(c.platform))
+    ]
+    document = {
+        "schemaVersion": 2,
+        "mediaType": index_media_type(children),
+        "manifests": manifests,
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def config_platform(config: Mapping[str, Any]) -> Platform:
+    """The normalised platform an image config declares (arm without a variant is v7)."""
+    os_name = str(config.get("os") or "")
+    arch = str(config.get("architecture") or "")
+    variant = str(config.get("variant") or "")
+    text = "/".join(part for part in (os_name, arch, variant) if part)
+    return parse_platform(text)
+
+
+def is_attestation(entry: Mapping[str, Any]) -> bool:
+    """True for BuildKit attestation manifests (annotation, or platform unknown/unknown)."""
+    annotations = entry.get("annotations") or {}
+    if annotations.get(ATTESTATION_ANNOTATION) == ATTESTATION_TYPE:
+        return True
+    platform = entry.get("platform") or {}
+    return platform.get("os") == "unknown" or platform.get("architecture") == "unknown"
+
+
+def pick_platform_entry(
+    index: Mapping[str, Any], expected: Platform, where: str
+) -> Mapping[str, Any]:
+    """The single non-attestation entry of an index whose platform is `expected`."""
+    matches = []
+    for entry in index.get("manifests") or []:
+        if not isinstance(entry, dict) or is_attestation(entry):
+            continue
+        try:
+            platform = config_platform(entry.get("platform") or {})
+        except PlatformError:
+            continue
+        if platform == expected:
+            matches.append(entry)
+    if len(matches) != 1:
+        problem = "no entry" if not matches else f"{len(matches)} entries"
+        raise PlatformMismatch(f"{where}: child index has {problem} for platform {expected}")
+    return matches[0]
+
+
+def _load_json(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise VerificationError(f"{what} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise VerificationError(f"{what} is not a JSON object")
+    return data
+
+
+async def resolve_child(
+    client: RegistryClient,
+    registry: str,
+    repository: str,
+    digest: str,
+    expected: Platform,
+    *,
+    _depth: int = 0,
+) -> ChildManifest:
+    """Fetches a child by digest from the target repository and checks its platform.
+
+    An image manifest's config must declare `expected`; a child index (BuildKit with
+    attestations) is flattened to its single non-attestation entry for `expected`.
+    """
+    if not is_digest(digest):
+        raise VerificationError(f"child for {expected} has malformed digest {digest!r}")
+    expected = parse_platform(str(expected))
+    where = f"{registry}/{repository}@{digest}"
+    body, descriptor = await client.get_manifest(registry, repository, digest)
+    manifest = _load_json(body, f"manifest {where}")
+    media_type = str(manifest.get("mediaType") or descriptor.media_type)
+    if media_type in INDEX_TYPES:
+        if _depth > 0:
+            raise VerificationError(f"{where}: nested image index inside a child index")
+        entry = pick_platform_entry(manifest, expected, where)
+        return await resolve_child(
+            client, registry, repository, str(entry.get("digest")), expected, _depth=1
+        )
+    if media_type not in IMAGE_MANIFEST_TYPES:
+        raise VerificationError(f"{where}: unsupported manifest media type {media_type!r}")
+    config_digest = str((manifest.get("config") or {}).get("digest") or "")
+    if not is_digest(config_digest):
+        raise VerificationError(f"{where}: manifest has no valid config digest")
+    config = _load_json(
+        await client.get_blob(registry, repository, config_digest), f"config of {where}"
+    )
+    try:
+        actual = config_platform(config)
+    except PlatformError as exc:
+        raise PlatformMismatch(
+            f"{where}: expected platform {expected}, config says {exc}"
+        ) from None
+    if actual != expected:
+        raise PlatformMismatch(
+            f"{where}: expected platform {expected} but the image config says {actual}"
+        )
+    return ChildManifest(expected, descriptor.digest, media_type, descriptor.size)
+
+
+async def assemble_index(
+    client: RegistryClient,
+    registry: str,
+    repository: str,
+    children: Mapping[Platform, str],
+    tags: Sequence[str],
+) -> IndexResult:
+    """Verifies every child, pushes the index under every tag and reads each tag back."""
+    if not tags:
+        raise ValueError("assemble_index needs at least one tag")
+    for tag in tags:
+        if not TAG_PATTERN.match(tag):
+            raise ValueError(f"invalid tag {tag!r}")
+    resolved = await asyncio.gather(
+        *(
+            resolve_child(client, registry, repository, digest, platform)
+            for platform, digest in children.items()
+        )
+    )
+    body = render_index(resolved)
+    media_type = index_media_type(resolved)
+    digest = compute_digest(body)
+    for tag in tags:
+        await client.put_manifest(registry, repository, tag, body, media_type)
+    for tag in tags:
+        _, descriptor = await client.get_manifest(registry, repository, tag)
+        if descriptor.digest != digest:
+            raise VerificationError(
+                f"{registry}/{repository}:{tag} reads back as {descriptor.digest}, "
+                f"but we pushed {digest}"
+            )
+    ordered = tuple(sorted(resolved, key=lambda c: str(c.platform)))
+    return IndexResult(digest, media_type, len(body), ordered)

@@ -1,0 +1,114 @@
+"""Prometheus metrics of the coordinator, on a registry of its own (never the global one)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Builds run from seconds (tiny images) to an hour (emulated compiles).
+_BUILD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 2400, 3600)
+_WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """The live numbers the gauges report, taken at scrape time."""
+
+    queued_by_platform: dict[str, int]
+    # (state, architecture) -> agents
+    agents_by_state: dict[tuple[str, str], int]
+    # agent name -> (slots, in use)
+    slots: dict[str, tuple[int, int]]
+    builds_by_state: dict[str, int]
+
+
+class _FleetCollector(Collector):
+    def __init__(self, snapshot: Callable[[], FleetSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        snap = self._snapshot()
+        depth = GaugeMetricFamily(
+            "polyarch_queue_depth", "Jobs waiting for an agent.", labels=["platform"]
+        )
+        for platform, count in sorted(snap.queued_by_platform.items()):
+            depth.add_metric([platform], count)
+        agents = GaugeMetricFamily(
+            "polyarch_agents", "Known agents by state and architecture.", labels=["state", "arch"]
+        )
+        for (state, arch), count in sorted(snap.agents_by_state.items()):
+            agents.add_metric([state, arch], count)
+        slots = GaugeMetricFamily(
+            "polyarch_agent_slots", "Build slots per agent.", labels=["agent"]
+        )
+        in_use = GaugeMetricFamily(
+            "polyarch_agent_slots_in_use", "Build slots running a job.", labels=["agent"]
+        )
+        for name, (total, used) in sorted(snap.slots.items()):
+            slots.add_metric([name], total)
+            in_use.add_metric([name], used)
+        builds = GaugeMetricFamily("polyarch_builds", "Builds by current state.", labels=["state"])
+        for state, count in sorted(snap.builds_by_state.items()):
+            builds.add_metric([state], count)
+        yield from (depth, agents, slots, in_use, builds)
+
+
+class CoordinatorMetrics:
+    """Counters and histograms the coordinator updates as things happen."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.builds_submitted = Counter(
+            "polyarch_builds_submitted", "Builds accepted by SubmitBuild.", registry=r
+        )
+        self.builds_finished = Counter(
+            "polyarch_builds_finished", "Builds that ended, by result.", ["result"], registry=r
+        )
+        self.job_transitions = Counter(
+            "polyarch_job_transitions", "Job state transitions, by new state.", ["state"],
+            registry=r,
+        )  # fmt: skip
+        self.jobs_finished = Counter(
+            "polyarch_jobs_finished", "Jobs that ended, by platform, mode and result.",
+            ["platform", "mode", "result"], registry=r,
+        )  # fmt: skip
+        self.job_duration = Histogram(
+            "polyarch_job_duration_seconds", "Time from a job starting on an agent to its end.",
+            ["platform", "mode"], buckets=_BUILD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "polyarch_queue_wait_seconds", "Time from a job being queued to being assigned.",
+            ["platform"], buckets=_WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.assembly_duration = Histogram(
+            "polyarch_index_assembly_seconds", "Time to verify children and push the index.",
+            buckets=_WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.registry_errors = Counter(
+            "polyarch_registry_request_errors", "Failed registry requests, by kind.", ["kind"],
+            registry=r,
+        )  # fmt: skip
+        self.context_bytes_received = Counter(
+            "polyarch_context_bytes_received", "Build context bytes uploaded by clients.",
+            registry=r,
+        )  # fmt: skip
+        self.context_bytes_served = Counter(
+            "polyarch_context_bytes_served", "Build context bytes sent to agents.", registry=r
+        )
+        self.stale_messages = Counter(
+            "polyarch_stale_agent_messages", "Agent messages ignored because their attempt is old.",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.requeues = Counter(
+            "polyarch_job_requeues", "Jobs put back in the queue, by reason.", ["reason"],
+            registry=r,
+        )  # fmt: skip
+
+    def watch_fleet(self, snapshot: Callable[[], FleetSnapshot]) -> None:
+        """Registers the gauges that read live state at scrape time."""
+        self.registry.register(_FleetCollector(snapshot))

@@ -1,0 +1,122 @@
+"""Domain records of builds and jobs, their states, and the errors the coordinator raises."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from polyarch.proto.platforms import Platform, parse_platform
+
+
+class BuildState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    ASSEMBLING = "assembling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (BuildState.SUCCEEDED, BuildState.FAILED, BuildState.CANCELLED)
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    PUSHED = "pushed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.PUSHED, JobState.FAILED, JobState.CANCELLED)
+
+
+class Mode(enum.StrEnum):
+    NATIVE = "native"
+    EMULATED = "emulated"
+
+
+class EmulationPolicy(enum.StrEnum):
+    FALLBACK = "fallback"
+    NEVER = "never"
+    ALLOW = "allow"
+
+
+class PolyarchError(Exception):
+    """Base of the coordinator's domain errors; servicers map them to status codes."""
+
+
+class InvalidRequest(PolyarchError):
+    """The request itself is wrong (malformed platform, tag, missing field)."""
+
+
+class NotFound(PolyarchError):
+    """A build, agent or context that does not exist."""
+
+
+class Unschedulable(PolyarchError):
+    """No connected agent can build a requested platform under the emulation policy."""
+
+
+@dataclass
+class BuildSpec:
+    """What the client asked for; stored with the build so jobs can be re-dispatched."""
+
+    context_digest: str
+    dockerfile: str
+    platforms: list[str]
+    tags: list[str]
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    emulation: EmulationPolicy = EmulationPolicy.FALLBACK
+    cache_from: list[str] = field(default_factory=list)
+    cache_to: list[str] = field(default_factory=list)
+    # registry host and repository the tags share, e.g. ("127.0.0.1:5000", "team/app")
+    registry: str = ""
+    repository: str = ""
+
+
+@dataclass
+class JobRecord:
+    """One platform of a build, with the outcome of its latest attempt."""
+
+    id: str
+    build_id: str
+    platform: str
+    state: JobState = JobState.QUEUED
+    agent: str = ""
+    mode: Mode | None = None
+    attempt: int = 0
+    digest: str = ""
+    size: int = 0
+    media_type: str = ""
+    error: str = ""
+    failed_step: str = ""
+    queued_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    requeue_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def parsed_platform(self) -> Platform:
+        return parse_platform(self.platform)
+
+
+@dataclass
+class BuildRecord:
+    """A build: its request, its state and, once published, its index."""
+
+    id: str
+    spec: BuildSpec
+    state: BuildState = BuildState.QUEUED
+    created_at: float = 0.0
+    finished_at: float | None = None
+    idempotency_key: str = ""
+    index_digest: str = ""
+    index_media_type: str = ""
+    index_size: int = 0
+    error: str = ""

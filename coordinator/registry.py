@@ -1,0 +1,444 @@
+"""Async OCI distribution client: references, auth, retries and verified manifest/blob I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import json
+import random
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from polyarch.coordinator.credentials import (
+    DOCKER_HUB,
+    Authenticator,
+    AuthFailure,
+    CredentialStore,
+)
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MANIFEST_ACCEPT = (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX)
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_BLOB_BYTES = 16 * 1024 * 1024
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+_NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"^{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*$")
+_DOMAIN = re.compile(
+    r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"|\[[0-9a-fA-F:.]+\])(?::[0-9]{1,5})?$"
+)
+TAG_PATTERN = re.compile(r"^[\w][\w.-]{0,127}$")
+DIGEST_PATTERN = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+
+
+class ReferenceError(ValueError):
+    """A malformed image reference; the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """A normalised image reference: registry/repository[:tag][@digest]."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def repository_ref(self) -> str:
+        """`registry/repository`, the form used as a push target."""
+        return f"{self.registry}/{self.repository}"
+
+    @property
+    def reference(self) -> str:
+        """What goes in /v2/<name>/manifests/<reference>: the digest if any, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    def __str__(self) -> str:
+        text = self.repository_ref
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+
+def is_digest(reference: str) -> bool:
+    """True when a manifest reference is a (well-formed) digest rather than a tag."""
+    return DIGEST_PATTERN.match(reference) is not None
+
+
+def parse_reference(text: str) -> ImageReference:
+    """Parses an image reference with Docker's normalisation (docker.io, library/, latest)."""
+    raw = text.strip()
+    if not raw:
+        raise ReferenceError("empty image reference")
+    name, _, digest = raw.partition("@")
+    if "@" in raw and not DIGEST_PATTERN.match(digest):
+        raise ReferenceError(
+            f"invalid digest {digest!r} in {text!r}: expected sha256:<64 lowercase hex>"
+        )
+    tag: str | None = None
+    last_slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > last_slash:
+        name, tag = name[:colon], name[colon + 1 :]
+        if not TAG_PATTERN.match(tag):
+            raise ReferenceError(
+                f"invalid tag {tag!r} in {text!r}: up to 128 of [A-Za-z0-9_.-], "
+                "not starting with '.' or '-'"
+            )
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        registry, repository = first, rest
+        if not _DOMAIN.match(registry):
+            raise ReferenceError(f"invalid registry {registry!r} in {text!r}")
+        if registry in ("index.docker.io", "registry-1.docker.io"):
+            registry = DOCKER_HUB
+    else:
+        registry, repository = DOCKER_HUB, name
+    if not repository:
+        raise ReferenceError(f"missing repository name in {text!r}")
+    if repository != repository.lower():
+        raise ReferenceError(f"repository name {repository!r} in {text!r} must be lowercase")
+    if not _REPOSITORY.match(repository):
+        raise ReferenceError(
+            f"invalid repository name {repository!r} in {text!r}: path components are "
+            "lowercase letters and digits separated by '.', '_', '__' or '-'"
+        )
+    if registry == DOCKER_HUB and "/" not in repository:
+        repository = f"library/{repository}"
+    if len(f"{registry}/{repository}") > 255:
+        raise ReferenceError(f"repository name in {text!r} is longer than 255 characters")
+    if tag is None and not digest:
+        tag = "latest"
+    return ImageReference(registry, repository, tag, digest or None)
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """What a registry holds under a reference: media type, digest and size in bytes."""
+
+    media_type: str
+    digest: str
+    size: int
+
+
+class RegistryError(Exception):
+    """A registry request that failed; the message never carries credentials or tokens."""
+
+    def __init__(self, message: str, registry: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.registry = registry
+        self.status = status
+
+
+class RegistryUnreachable(RegistryError):
+    """The registry could not be reached (refused, DNS, TLS, timeouts) after retries."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused our credentials, or we had none where some were needed."""
+
+
+class ManifestNotFound(RegistryError):
+    """The repository holds no manifest under that tag or digest."""
+
+
+class BlobNotFound(RegistryError):
+    """The repository holds no blob with that digest."""
+
+
+class DigestMismatch(RegistryError):
+    """Content whose digest differs from the one requested or announced."""
+
+
+def compute_digest(body: bytes, algorithm: str = "sha256") -> str:
+    """`algorithm:hex` of the bytes."""
+    return f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+
+
+def registry_errors_text(body: bytes) -> str:
+    """`CODE: message; ...` from a registry's JSON error body, or '' when there is none."""
+    try:
+        data: Any = json.loads(body)
+        errors = data.get("errors") if isinstance(data, dict) else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return ""
+    if not isinstance(errors, list):
+        return ""
+    parts = [
+        f"{e.get('code', '?')}: {e.get('message', '')}".strip().rstrip(":")
+        for e in errors
+        if isinstance(e, dict)
+    ]
+    return "; ".join(parts)[:500]
+
+
+def registry_scheme(registry: str, insecure: Iterable[str] = ()) -> str:
+    """`http` for loopback registries and ones listed insecure, `https` otherwise."""
+    host = registry
+    if host.startswith("["):
+        host = host[1 : host.index("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    insecure_set = set(insecure)
+    if registry in insecure_set or host in insecure_set or host == "localhost":
+        return "http"
+    try:
+        return "http" if ipaddress.ip_address(host).is_loopback else "https"
+    except ValueError:
+        return "https"
+
+
+def backoff_delay(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
+    """Full-jitter exponential backoff for retry number `attempt` (0-based)."""
+    return random.uniform(base / 2, min(cap, base * (2**attempt)))
+
+
+def _label_for_status(status: int) -> str:
+    if status in (401, 403):
+        return "auth"
+    if status == 404:
+        return "not_found"
+    return "http_5xx" if status >= 500 else "http_4xx"
+
+
+class RegistryClient:
+    """Talks the OCI distribution API to any number of registries, with auth and retries."""
+
+    def __init__(
+        self,
+        credentials: CredentialStore | None = None,
+        insecure_registries: Iterable[str] = (),
+        timeout: float = 30.0,
+        retries: int = 4,
+        on_request_error: Callable[[str], None] | None = None,
+        *,
+        backoff_base: float = 0.2,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._insecure = frozenset(insecure_registries)
+        self._retries = max(0, retries)
+        self._on_error = on_request_error
+        self._backoff_base = backoff_base
+        self._sleep = sleep
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout), follow_redirects=True, transport=transport
+        )
+        self._auth = Authenticator(credentials, self._http)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def base_url(self, registry: str) -> str:
+        host = "registry-1.docker.io" if registry == DOCKER_HUB else registry
+        return f"{registry_scheme(registry, self._insecure)}://{host}"
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def head_manifest(self, registry: str, repository: str, reference: str) -> Descriptor:
+        """The descriptor of a manifest; falls back to GET when the registry gives no digest."""
+        resp = await self._request(
+            "HEAD",
+            registry,
+            repository,
+            f"manifests/{reference}",
+            headers={"Accept": ", ".join(MANIFEST_ACCEPT)},
+        )
+        digest = resp.headers.get("docker-content-digest")
+        if not digest:
+            return (await self.get_manifest(registry, repository, reference))[1]
+        if is_digest(reference) and digest != reference:
+            raise DigestMismatch(
+                f"{registry}/{repository}: HEAD {reference} answered digest {digest}", registry
+            )
+        media_type = resp.headers.get("content-type", "").split(";")[0].strip()
+        return Descriptor(media_type, digest, int(resp.headers.get("content-length", "0")))
+
+    async def get_manifest(
+        self,
+        registry: str,
+        repository: str,
+        reference: str,
+        accept: Iterable[str] = MANIFEST_ACCEPT,
+    ) -> tuple[bytes, Descriptor]:
+        """The manifest bytes and descriptor; the digest is computed from the bytes we got."""
+        resp = await self._request(
+            "GET",
+            registry,
+            repository,
+            f"manifests/{reference}",
+            headers={"Accept": ", ".join(accept)},
+        )
+        body = resp.content
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise RegistryError(
+                f"{registry}/{repository}: manifest {reference} too large", registry
+            )
+        expected = reference if is_digest(reference) else resp.headers.get("docker-content-digest")
+        digest = self._verify(registry, repository, body, expected, f"manifest {reference}")
+        media_type = resp.headers.get("content-type", "").split(";")[0].strip()
+        return body, Descriptor(media_type, digest, len(body))
+
+    async def get_blob(self, registry: str, repository: str, digest: str) -> bytes:
+        """A small blob (an image config), verified against its digest."""
+        if not is_digest(digest):
+            raise ValueError(f"not a digest: {digest!r}")
+        resp = await self._request("GET", registry, repository, f"blobs/{digest}", blob=True)
+        if len(resp.content) > MAX_BLOB_BYTES:
+            raise RegistryError(f"{registry}/{repository}: blob {digest} too large", registry)
+        self._verify(registry, repository, resp.content, digest, f"blob {digest}")
+        return resp.content
+
+    async def put_manifest(
+        self, registry: str, repository: str, reference: str, body: bytes, media_type: str
+    ) -> str:
+        """Pushes a manifest under a tag or digest; returns its verified digest."""
+        digest = compute_digest(body)
+        if is_digest(reference) and reference != digest:
+            raise ValueError(f"manifest body has digest {digest}, not {reference}")
+        resp = await self._request(
+            "PUT",
+            registry,
+            repository,
+            f"manifests/{reference}",
+            headers={"Content-Type": media_type},
+            content=body,
+        )
+        announced = resp.headers.get("docker-content-digest")
+        if announced and announced != digest:
+            raise DigestMismatch(
+                f"{registry}/{repository}: pushed manifest {digest} but the registry "
+                f"reports {announced}",
+                registry,
+            )
+        return digest
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _verify(
+        self, registry: str, repository: str, body: bytes, expected: str | None, what: str
+    ) -> str:
+        algorithm = expected.split(":", 1)[0] if expected and is_digest(expected) else "sha256"
+        actual = compute_digest(body, algorithm)
+        if expected and actual != expected:
+            raise DigestMismatch(
+                f"{registry}/{repository}: {what} content has digest {actual}, expected {expected}",
+                registry,
+            )
+        return actual if algorithm == "sha256" else compute_digest(body)
+
+    def _record(self, kind: str) -> None:
+        if self._on_error is not None:
+            self._on_error(kind)
+
+    async def _request(
+        self,
+        method: str,
+        registry: str,
+        repository: str,
+        path: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        blob: bool = False,
+    ) -> httpx.Response:
+        url = f"{self.base_url(registry)}/v2/{repository}/{path}"
+        actions = "pull,push" if method in ("PUT", "POST", "PATCH", "DELETE") else "pull"
+        scope = f"repository:{repository}:{actions}"
+        where = f"{registry}/{repository}"
+        tried_auth = False
+        while True:
+            req_headers = dict(headers or {})
+            auth = await self._auth.header(registry, scope)
+            if auth:
+                req_headers["Authorization"] = auth
+            resp = await self._send(method, url, registry, req_headers, content)
+            if resp.status_code == 401 and not tried_auth:
+                tried_auth = True
+                challenge = resp.headers.get("www-authenticate", "")
+                try:
+                    if await self._auth.answer(challenge, registry, scope, auth):
+                        continue
+                except AuthFailure as exc:
+                    self._record(exc.kind)
+                    error = RegistryUnreachable if exc.kind == "unreachable" else RegistryAuthError
+                    raise error(f"{where}: {exc}", registry, exc.status) from None
+            if resp.is_success:
+                return resp
+            self._record(_label_for_status(resp.status_code))
+            detail = registry_errors_text(resp.content)
+            suffix = f" ({detail})" if detail else ""
+            if resp.status_code in (401, 403):
+                how = "with the configured credentials"
+                if not await self._auth.has_credentials(registry):
+                    how = "anonymously"
+                raise RegistryAuthError(
+                    f"{where}: access denied {how} (HTTP {resp.status_code}){suffix}",
+                    registry,
+                    resp.status_code,
+                )
+            if resp.status_code == 404:
+                kind = BlobNotFound if blob else ManifestNotFound
+                noun = "blob" if blob else "manifest"
+                ref = path.split("/", 1)[1]
+                raise kind(f"{where}: {noun} {ref} not found{suffix}", registry, 404)
+            raise RegistryError(
+                f"{where}: {method} {path} failed with HTTP {resp.status_code}{suffix}",
+                registry,
+                resp.status_code,
+            )
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        registry: str,
+        headers: Mapping[str, str],
+        content: bytes | None,
+    ) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                resp = await self._http.request(method, url, headers=headers, content=content)
+            except httpx.TimeoutException as exc:
+                self._record("timeout")
+                failure = f"timed out ({type(exc).__name__})"
+            except httpx.TransportError as exc:
+                self._record("unreachable")
+                failure = f"{type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code not in RETRY_STATUSES or attempt >= self._retries:
+                    return resp
+                self._record(_label_for_status(resp.status_code))
+                failure = ""
+            if attempt >= self._retries:
+                raise RegistryUnreachable(
+                    f"registry {registry} unreachable after {attempt + 1} attempts: {failure}",
+                    registry,
+                )
+            await self._sleep(backoff_delay(attempt, self._backoff_base))
+            attempt += 1

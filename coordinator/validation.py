@@ -1,0 +1,77 @@
+"""Checks of a build submission, with errors that name exactly what is wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import PurePosixPath
+
+from polyarch.coordinator.contexts import ContextStore, check_digest
+from polyarch.coordinator.fleet import AgentSession
+from polyarch.coordinator.model import BuildSpec, EmulationPolicy, InvalidRequest, NotFound
+from polyarch.coordinator.registry import ReferenceError, parse_reference
+from polyarch.proto.platforms import Platform, PlatformError, parse_platform
+
+
+def validate_spec(spec: BuildSpec, contexts: ContextStore) -> list[Platform]:
+    """Validates a spec in place (normalising platforms, dockerfile, registry/repository)."""
+    check_digest(spec.context_digest)
+    if contexts.size_of(spec.context_digest) is None:
+        raise NotFound(f"context {spec.context_digest} is not on the coordinator; upload it first")
+    spec.dockerfile = _check_dockerfile(spec.dockerfile or "Dockerfile")
+    if not spec.platforms:
+        raise InvalidRequest("no platform given: name at least one, e.g. linux/amd64")
+    platforms: list[Platform] = []
+    for text in spec.platforms:
+        try:
+            platform = parse_platform(text)
+        except PlatformError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if platform not in platforms:
+            platforms.append(platform)
+    spec.platforms = [str(p) for p in platforms]
+    spec.registry, spec.repository = _check_tags(spec.tags)
+    for key in spec.build_args:
+        if not key or "=" in key:
+            raise InvalidRequest(f"malformed build arg name {key!r}")
+    return platforms
+
+
+def _check_dockerfile(path: str) -> str:
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise InvalidRequest(f"dockerfile path {path!r} must be relative and inside the context")
+    return str(pure)
+
+
+def _check_tags(tags: list[str]) -> tuple[str, str]:
+    if not tags:
+        raise InvalidRequest("no tag given: name at least one, e.g. -t registry/repo:tag")
+    repositories: set[tuple[str, str]] = set()
+    for tag in tags:
+        try:
+            ref = parse_reference(tag)
+        except ReferenceError as exc:
+            raise InvalidRequest(f"invalid tag {tag!r}: {exc}") from None
+        if ref.digest or not ref.tag:
+            raise InvalidRequest(f"tag {tag!r} must name a tag, not a digest")
+        repositories.add((ref.registry, ref.repository))
+    if len(repositories) > 1:
+        names = ", ".join(sorted(f"{r}/{n}" for r, n in repositories))
+        raise InvalidRequest(f"all tags of one build must be in one repository; got {names}")
+    return repositories.pop()
+
+
+def describe_unschedulable(
+    platforms: list[Platform], policy: EmulationPolicy, sessions: Mapping[str, AgentSession]
+) -> str:
+    """Why no agent can take these platforms, and what the fleet does offer."""
+    native = sorted({str(p) for s in sessions.values() for p in s.native})
+    emulated = sorted({str(p) for s in sessions.values() for p in s.emulated})
+    names = ", ".join(str(p) for p in platforms)
+    hint = ""
+    if policy is EmulationPolicy.NEVER and any(str(p) in emulated for p in platforms):
+        hint = " (an emulating agent could build it: use --emulation fallback or allow)"
+    return (
+        f"no connected agent can build {names} with emulation={policy.value}{hint}; "
+        f"native: {', '.join(native) or 'none'}; emulated: {', '.join(emulated) or 'none'}"
+    )

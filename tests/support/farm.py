@@ -1,0 +1,100 @@
+"""An in-process farm for tests: a real coordinator on port 0 and agents with real builders."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from polyarch.agent.builders.base import Builder
+from polyarch.agent.runtime import Agent, AgentConfig
+from polyarch.coordinator.server import Coordinator, CoordinatorConfig
+from polyarch.proto.platforms import parse_platform
+
+POLYARCH = str(Path(sys.executable).parent / "polyarch")
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def metadata(self, path: Path) -> dict[str, object]:
+        data: dict[str, object] = json.loads(path.read_text())
+        return data
+
+
+@dataclass
+class Farm:
+    coordinator: Coordinator
+    work_dir: Path
+    agents: dict[str, tuple[Agent, asyncio.Task[None]]] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return self.coordinator.address
+
+    async def add_agent(
+        self,
+        name: str,
+        builder: Builder,
+        native: list[str],
+        emulated: list[str] = [],  # noqa: B006 - never mutated
+        slots: int = 2,
+    ) -> Agent:
+        config = AgentConfig(
+            coordinator=self.address, name=name,
+            native=[parse_platform(p) for p in native],
+            emulated=[parse_platform(p) for p in emulated],
+            slots=slots, work_dir=self.work_dir / "agents" / name, heartbeat_interval=1.0,
+        )  # fmt: skip
+        agent = Agent(config, builder)
+        task = asyncio.create_task(agent.run(), name=f"agent-{name}")
+        self.agents[name] = (agent, task)
+        await asyncio.wait_for(agent.connected.wait(), 15)
+        return agent
+
+    async def stop_agent(self, name: str) -> None:
+        agent, task = self.agents.pop(name)
+        await agent.shutdown()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+
+    async def cli(self, *args: str, timeout: float = 600) -> CliResult:
+        """Runs the real `polyarch` console script against this farm."""
+        env = dict(os.environ, POLYARCH_COORDINATOR=self.address)
+        proc = await asyncio.create_subprocess_exec(
+            POLYARCH, *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode is not None
+        return CliResult(proc.returncode, out.decode(), err.decode())
+
+
+@contextlib.asynccontextmanager
+async def running_farm(work_dir: Path) -> AsyncIterator[Farm]:
+    coordinator = Coordinator(
+        CoordinatorConfig(
+            listen="127.0.0.1:0", data_dir=work_dir / "coordinator", metrics_listen="127.0.0.1:0"
+        )
+    )
+    await coordinator.start()
+    farm = Farm(coordinator, work_dir)
+    try:
+        yield farm
+    finally:
+        for name in list(farm.agents):
+            await farm.stop_agent(name)
+        await coordinator.stop(grace=1)

@@ -1,0 +1,50 @@
+"""Independent checks of what the farm pushed: skopeo and docker, never our own client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+from polyarch.proto.platforms import parse_platform
+
+
+def skopeo_raw(reference: str) -> dict[str, Any]:
+    """The manifest or index at a reference, as skopeo reads it from the registry."""
+    out = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{reference}"],
+        check=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    data: dict[str, Any] = json.loads(out.stdout)
+    return data
+
+
+def skopeo_missing(reference: str) -> bool:
+    """True when the registry holds nothing at the reference."""
+    out = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{reference}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return out.returncode != 0 and "manifest unknown" in out.stderr.lower()
+
+
+def index_platforms(index: dict[str, Any]) -> dict[str, str]:
+    """platform string -> child digest, as listed in an image index."""
+    listed: dict[str, str] = {}
+    for entry in index["manifests"]:
+        p = entry["platform"]
+        raw = f"{p['os']}/{p['architecture']}" + (f"/{p['variant']}" if p.get("variant") else "")
+        name = str(parse_platform(raw))
+        assert name not in listed, f"{name} listed twice in the index"
+        listed[name] = entry["digest"]
+    return listed
+
+
+def docker_run_uname(docker: str, reference: str, platform: str) -> str:
+    """`docker run --platform P REF uname -m`, pulling fresh so the platform is honoured."""
+    out = subprocess.run(
+        [docker, "run", "--rm", "--pull", "always", "--platform", platform, reference]
+        + ["uname", "-m"],
+        check=True, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    return out.stdout.strip()
