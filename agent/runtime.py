@@ -49,6 +49,7 @@ class AgentConfig:
     insecure_registries: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     heartbeat_interval: float = 3.0
+    shutdown_grace: float = 60.0
     reconnect_max_delay: float = 5.0
 
 
@@ -78,6 +79,8 @@ class Agent:
         self.outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
         self.connected = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._handing_back = False
+        self._shutdown_started = False
         self._channel: grpc.aio.Channel | None = None
 
     async def run(self) -> None:
@@ -97,12 +100,29 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.5, 1.0))
 
-    async def shutdown(self) -> None:
-        """Cancels running builds and closes the stream. Idempotent."""
-        self._stopping.set()
-        for _, task in list(self.jobs.values()):
+    async def shutdown(self, grace: float = 0.0) -> None:
+        """Drains: tells the coordinator, lets running builds finish for up to `grace`
+        seconds, then hands the rest back (cancelled, reported as retryable). Idempotent."""
+        if self._shutdown_started:
+            await self._stopping.wait()
+            return
+        self._shutdown_started = True
+        tasks = [task for _, task in self.jobs.values()]
+        if tasks and grace > 0:
+            self._send(agent_pb2.AgentMessage(draining=agent_pb2.AgentDraining(reason="shutdown")))
+            log.info("draining: waiting up to %.0f s for %d job(s)", grace, len(tasks))
+            await asyncio.wait(tasks, timeout=grace)
+        self._handing_back = True
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*(t for _, t in self.jobs.values()), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # give the stream a moment to carry the hand-back results before it closes
+        deadline = asyncio.get_running_loop().time() + 3.0
+        while not self.outbox.empty() and self.connected.is_set():
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        self._stopping.set()
         if self._channel is not None:
             await self._channel.close(None)
 
@@ -201,6 +221,10 @@ class Agent:
             log.info("job %s attempt %d: pushed %s", job.job_id, job.attempt, pushed.digest)
         except asyncio.CancelledError:
             log.info("job %s attempt %d: cancelled", job.job_id, job.attempt)
+            if self._handing_back:
+                reason = f"agent {self.config.name} shut down before the job finished"
+                self._result(job, ok=False, failed_step=step, infrastructure_error=True,
+                             error=reason)  # fmt: skip
             raise
         except BuildFailed as exc:
             self._result(job, ok=False, error=exc.message, failed_step=exc.step,
@@ -244,9 +268,16 @@ async def serve(config: AgentConfig, builder: Builder) -> int:
     agent = Agent(config, builder)
     loop = asyncio.get_running_loop()
     runner = asyncio.create_task(agent.run())
+    stopping: set[asyncio.Task[None]] = set()
+
+    def on_signal() -> None:
+        # SIGTERM/SIGINT drain gracefully; the task is kept so it is not collected early
+        stopping.add(asyncio.ensure_future(agent.shutdown(config.shutdown_grace)))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.shutdown()))
+        loop.add_signal_handler(sig, on_signal)
     await runner
+    await asyncio.gather(*stopping)
     return EXIT_OK
 
 
@@ -265,5 +296,6 @@ def run_agent(args: argparse.Namespace) -> int:
         emulated=[parse_platform(str(p)) for p in emulated if parse_platform(str(p)) not in native],
         slots=args.slots, work_dir=Path(args.work_dir or f"/var/lib/polyarch-agent/{args.name}"),
         insecure_registries=list(getattr(args, "insecure_registry", None) or []),
+        shutdown_grace=float(getattr(args, "shutdown_grace", 60.0)),
     )  # fmt: skip
     return asyncio.run(serve(config, make_builder(args)))

@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prometheus endpoint (default 127.0.0.1:9600; 'off' disables)",
     )  # fmt: skip
     p.add_argument("--docker-config", type=Path, metavar="PATH", help="registry credentials")
+    p.add_argument("--agent-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="re-queue the jobs of an agent silent this long (default 10)")  # fmt: skip
     p.set_defaults(handler=cmd_coordinator)
 
     p = commands.add_parser("agent", parents=[client, registries], help="run a build agent")
@@ -321,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=_positive, default=2, help="concurrent jobs (default 2)")
     p.add_argument("--docker-binary", default="docker", metavar="PATH")
     p.add_argument("--work-dir", type=Path, metavar="DIR")
+    p.add_argument("--shutdown-grace", type=float, default=60.0, metavar="SECONDS",
+                   help="on SIGTERM, wait this long for jobs, then hand them back")  # fmt: skip
     p.add_argument("--metrics-listen", type=_optional_address, default=None, metavar="ADDR")
     p.set_defaults(handler=cmd_agent)
 
@@ -343,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata-file", metavar="FILE", help="buildx-style JSON, on success")
     p.add_argument("--idempotency-key", metavar="KEY", help="default: a new UUID per run")
     p.add_argument("--progress", choices=["plain", "quiet"], default="plain")
+    p.add_argument("--cancel-on-interrupt", action="store_true",
+                   help="on Ctrl-C cancel the build without asking")  # fmt: skip
     p.add_argument("context", metavar="CONTEXT_DIR")
     p.set_defaults(handler=cmd_build)
 
@@ -384,10 +390,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if exc.code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED
     except KeyboardInterrupt:
         if session.build_id:
-            _err(
-                f"interrupted: build {session.build_id} continues on the coordinator; "
-                f"cancel with polyarch cancel {session.build_id}"
-            )
+            _interrupted(args, session.build_id)
         else:
             _err("interrupted")
         return EXIT_INTERRUPTED
+
+
+def _interrupted(args: argparse.Namespace, build_id: str) -> None:
+    """Ctrl-C during a build: cancel it if asked to (flag or prompt), else say how to."""
+    cancel = bool(getattr(args, "cancel_on_interrupt", False))
+    if not cancel and sys.stdin.isatty():
+        try:
+            answer = input(f"\ninterrupted: cancel build {build_id} on the coordinator? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        cancel = answer.strip().lower() in ("y", "yes")
+    if not cancel:
+        _err(
+            f"interrupted: build {build_id} continues on the coordinator; "
+            f"cancel with polyarch cancel {build_id}"
+        )
+        return
+    try:
+        _ask(args, lambda client: client.cancel_build(build_id, "interrupted by the client"))
+        _err(f"interrupted: build {build_id} cancelled")
+    except PolyarchError as exc:
+        _err(f"interrupted: could not cancel build {build_id}: {exc}")

@@ -77,6 +77,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             elif kind == "result":
                 m3 = message.result
                 manager.job_result(AgentEvent(session.name, m3.job_id, m3.attempt), m3)
+            elif kind == "draining":
+                log.info("agent %s is draining: %s", session.name, message.draining.reason)
+                manager.set_draining(session.name, True, remember=False)
             elif kind == "heartbeat":
                 pass  # liveness is recorded for every message above
             else:

@@ -69,20 +69,41 @@ class BuildManager:
         self.hub = EventHub()
         self._active: dict[str, tuple[BuildRecord, dict[str, JobRecord]]] = {}
         self._assemblies: dict[str, asyncio.Task[None]] = {}
+        # recovered jobs that were on an agent -> when to stop waiting for it to reconnect
+        self._orphans: dict[str, float] = {}
         metrics.watch_fleet(self.fleet_snapshot)
 
     # ---- lifecycle ----------------------------------------------------------
-    def recover(self) -> None:
-        """Re-queues the unfinished work found in the store (after a coordinator restart)."""
+    def recover(self, reattach_grace: float) -> None:
+        """Reloads unfinished work after a restart.
+
+        Queued jobs go back in the queue. Jobs that were on an agent wait up to
+        `reattach_grace` seconds for that agent to reconnect and report them
+        (see expire_orphans); builds whose jobs were all pushed are assembled again.
+        """
+        deadline = self.clock() + reattach_grace
         for build in self.store.unfinished_builds():
             jobs = {j.id: j for j in self.store.jobs_of(build.id)}
             self._active[build.id] = (build, jobs)
             for job in jobs.values():
                 if job.state in (JobState.ASSIGNED, JobState.RUNNING):
-                    self._requeue(build, job, "coordinator restarted")
+                    self._orphans[job.id] = deadline
                 elif job.state is JobState.QUEUED:
                     self._enqueue(build, job)
             self._maybe_finish(build)
+        self.dispatch()
+
+    def expire_orphans(self) -> None:
+        """Re-queues recovered jobs whose agent did not come back to claim them in time."""
+        now = self.clock()
+        for job_id, deadline in list(self._orphans.items()):
+            found = self._find_job(job_id)
+            if found is None or found[1].state not in (JobState.ASSIGNED, JobState.RUNNING):
+                del self._orphans[job_id]
+            elif now >= deadline:
+                del self._orphans[job_id]
+                build, job = found
+                self._requeue(build, job, f"agent {job.agent} did not return after a restart")
         self.dispatch()
 
     async def close(self) -> None:
@@ -234,11 +255,13 @@ class BuildManager:
     def heartbeat(self, session: AgentSession) -> None:
         session.last_seen = self.clock()
 
-    def set_draining(self, name: str, draining: bool) -> AgentSession:
+    def set_draining(self, name: str, draining: bool, remember: bool = True) -> AgentSession:
+        """Stops (or resumes) assigning to an agent; `remember` keeps it across reconnects."""
         session = self.sessions.get(name)
         if session is None:
             raise NotFound(f"no connected agent named {name!r}")
-        self.drained.set(name, draining)
+        if remember:
+            self.drained.set(name, draining)
         session.draining = draining
         self.scheduler.set_draining(name, draining)
         if not draining:
@@ -359,10 +382,10 @@ class BuildManager:
                 continue
             build, job = found
             current = job.agent == session.name and job.attempt == item.attempt
-            if current and job.state in (JobState.ASSIGNED, JobState.RUNNING, JobState.QUEUED):
-                if job.state is JobState.QUEUED:
-                    self._set_job(build, job, JobState.RUNNING, f"re-attached to {session.name}")
+            if current and job.state in (JobState.ASSIGNED, JobState.RUNNING):
+                self._orphans.pop(job.id, None)
                 self.scheduler.adopt_running(job.id, build.id, session.name)
+                log.info("job %s attempt %d re-attached to %s", job.id, job.attempt, session.name)
             else:
                 session.send(agent_pb2.CoordinatorMessage(
                     cancel=agent_pb2.CancelJob(job_id=item.job_id, attempt=item.attempt,

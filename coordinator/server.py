@@ -59,8 +59,8 @@ class CoordinatorConfig:
     metrics_listen: str = ""
     insecure_registries: list[str] = field(default_factory=list)
     docker_config: Path | None = None
-    # An agent silent for this long loses its jobs to the queue.
-    agent_timeout: float = 15.0
+    # An agent silent for this long loses its jobs to the queue (agents heartbeat every 3 s).
+    agent_timeout: float = 10.0
     registry_timeout: float = 30.0
 
 
@@ -107,7 +107,7 @@ class Coordinator:
             self._store, ContextStore(cfg.data_dir / "contexts"),
             IndexPublisher(self._registry), self.metrics,
         )  # fmt: skip
-        self.manager.recover()
+        self.manager.recover(reattach_grace=cfg.agent_timeout)
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         build_pb2_grpc.add_BuildServiceServicer_to_server(BuildServicer(self.manager), server)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.manager), server)
@@ -135,6 +135,7 @@ class Coordinator:
             for session in list(self.manager.sessions.values()):
                 if session.last_seen < deadline:
                     self.manager.detach_agent(session, "went silent (lease expired)")
+            self.manager.expire_orphans()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stops in a fixed order: watchdog, listeners, builds, clients, store. Idempotent."""
@@ -198,5 +199,6 @@ def run_coordinator(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen or "",
         insecure_registries=list(getattr(args, "insecure_registry", None) or []),
         docker_config=Path(args.docker_config) if getattr(args, "docker_config", None) else None,
+        agent_timeout=float(getattr(args, "agent_timeout", 10.0)),
     )
     return asyncio.run(serve(config))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from polyarch.proto.v1 import common_pb2 as polyarch_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpolyarch/proto/v1/agent.proto\x12\x0bpolyarch.v1\x1a\x1epolyarch/proto/v1/common.proto\"-\n\nRunningJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\x8f\x02\n\nAgentHello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62uilder\x18\x03 \x01(\t\x12\x18\n\x10native_platforms\x18\x04 \x03(\t\x12\x1a\n\x12\x65mulated_platforms\x18\x05 \x03(\t\x12\r\n\x05slots\x18\x06 \x01(\x05\x12\x33\n\x06labels\x18\x07 \x03(\x0b\x32#.polyarch.v1.AgentHello.LabelsEntry\x12(\n\x07running\x18\x08 \x03(\x0b\x32\x17.polyarch.v1.RunningJob\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\tHeartbeat\x12(\n\x07running\x18\x01 \x03(\x0b\x32\x17.polyarch.v1.RunningJob\"-\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"8\n\x06JobLog\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05lines\x18\x03 \x03(\t\"\xac\x01\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x12\n\nmedia_type\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x13\n\x0b\x66\x61iled_step\x18\x08 \x01(\t\x12\x1c\n\x14infrastructure_error\x18\t \x01(\x08\"\xea\x01\n\x0c\x41gentMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.polyarch.v1.AgentHelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.polyarch.v1.HeartbeatH\x00\x12*\n\x07started\x18\x03 \x01(\x0b\x32\x17.polyarch.v1.JobStartedH\x00\x12\"\n\x03log\x18\x04 \x01(\x0b\x32\x13.polyarch.v1.JobLogH\x00\x12(\n\x06result\x18\x05 \x01(\x0b\x32\x16.polyarch.v1.JobResultH\x00\x42\t\n\x07message\"E\n\x07Welcome\x12\x1b\n\x13\x63oordinator_version\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"\xd1\x03\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x10\n\x08\x62uild_id\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\x12$\n\x04mode\x18\x05 \x01(\x0e\x32\x16.polyarch.v1.BuildMode\x12\x16\n\x0e\x63ontext_digest\x18\x06 \x01(\t\x12\x12\n\ndockerfile\x18\x07 \x01(\t\x12:\n\nbuild_args\x18\x08 \x03(\x0b\x32&.polyarch.v1.Assignment.BuildArgsEntry\x12\x0e\n\x06target\x18\t \x01(\t\x12\x33\n\x06labels\x18\n \x03(\x0b\x32#.polyarch.v1.Assignment.LabelsEntry\x12\x12\n\nrepository\x18\x0b \x01(\t\x12\x10\n\x08push_tag\x18\x0c \x01(\t\x12\x12\n\ncache_from\x18\r \x03(\t\x12\x10\n\x08\x63\x61\x63he_to\x18\x0e \x03(\t\x1a\x30\n\x0e\x42uildArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x9d\x01\n\x12\x43oordinatorMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.polyarch.v1.WelcomeH\x00\x12)\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x17.polyarch.v1.AssignmentH\x00\x12(\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x16.polyarch.v1.CancelJobH\x00\x42\t\n\x07message\"%\n\x13\x46\x65tchContextRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t2\xa8\x01\n\x0c\x41gentService\x12I\n\x07\x43onnect\x12\x19.polyarch.v1.AgentMessage\x1a\x1f.polyarch.v1.CoordinatorMessage(\x01\x30\x01\x12M\n\x0c\x46\x65tchContext\x12 .polyarch.v1.FetchContextRequest\x1a\x19.polyarch.v1.ContextChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpolyarch/proto/v1/agent.proto\x12\x0bpolyarch.v1\x1a\x1epolyarch/proto/v1/common.proto\"-\n\nRunningJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\x8f\x02\n\nAgentHello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62uilder\x18\x03 \x01(\t\x12\x18\n\x10native_platforms\x18\x04 \x03(\t\x12\x1a\n\x12\x65mulated_platforms\x18\x05 \x03(\t\x12\r\n\x05slots\x18\x06 \x01(\x05\x12\x33\n\x06labels\x18\x07 \x03(\x0b\x32#.polyarch.v1.AgentHello.LabelsEntry\x12(\n\x07running\x18\x08 \x03(\x0b\x32\x17.polyarch.v1.RunningJob\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\tHeartbeat\x12(\n\x07running\x18\x01 \x03(\x0b\x32\x17.polyarch.v1.RunningJob\"-\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"8\n\x06JobLog\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05lines\x18\x03 \x03(\t\"\xac\x01\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x12\n\nmedia_type\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x13\n\x0b\x66\x61iled_step\x18\x08 \x01(\t\x12\x1c\n\x14infrastructure_error\x18\t \x01(\x08\"\x1f\n\rAgentDraining\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x9a\x02\n\x0c\x41gentMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.polyarch.v1.AgentHelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.polyarch.v1.HeartbeatH\x00\x12*\n\x07started\x18\x03 \x01(\x0b\x32\x17.polyarch.v1.JobStartedH\x00\x12\"\n\x03log\x18\x04 \x01(\x0b\x32\x13.polyarch.v1.JobLogH\x00\x12(\n\x06result\x18\x05 \x01(\x0b\x32\x16.polyarch.v1.JobResultH\x00\x12.\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x1a.polyarch.v1.AgentDrainingH\x00\x42\t\n\x07message\"E\n\x07Welcome\x12\x1b\n\x13\x63oordinator_version\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"\xd1\x03\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x10\n\x08\x62uild_id\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\x12$\n\x04mode\x18\x05 \x01(\x0e\x32\x16.polyarch.v1.BuildMode\x12\x16\n\x0e\x63ontext_digest\x18\x06 \x01(\t\x12\x12\n\ndockerfile\x18\x07 \x01(\t\x12:\n\nbuild_args\x18\x08 \x03(\x0b\x32&.polyarch.v1.Assignment.BuildArgsEntry\x12\x0e\n\x06target\x18\t \x01(\t\x12\x33\n\x06labels\x18\n \x03(\x0b\x32#.polyarch.v1.Assignment.LabelsEntry\x12\x12\n\nrepository\x18\x0b \x01(\t\x12\x10\n\x08push_tag\x18\x0c \x01(\t\x12\x12\n\ncache_from\x18\r \x03(\t\x12\x10\n\x08\x63\x61\x63he_to\x18\x0e \x03(\t\x1a\x30\n\x0e\x42uildArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x9d\x01\n\x12\x43oordinatorMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.polyarch.v1.WelcomeH\x00\x12)\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x17.polyarch.v1.AssignmentH\x00\x12(\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x16.polyarch.v1.CancelJobH\x00\x42\t\n\x07message\"%\n\x13\x46\x65tchContextRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t2\xa8\x01\n\x0c\x41gentService\x12I\n\x07\x43onnect\x12\x19.polyarch.v1.AgentMessage\x1a\x1f.polyarch.v1.CoordinatorMessage(\x01\x30\x01\x12M\n\x0c\x46\x65tchContext\x12 .polyarch.v1.FetchContextRequest\x1a\x19.polyarch.v1.ContextChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,22 +52,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBLOG']._serialized_end=557
   _globals['_JOBRESULT']._serialized_start=560
   _globals['_JOBRESULT']._serialized_end=732
-  _globals['_AGENTMESSAGE']._serialized_start=735
-  _globals['_AGENTMESSAGE']._serialized_end=969
-  _globals['_WELCOME']._serialized_start=971
-  _globals['_WELCOME']._serialized_end=1040
-  _globals['_ASSIGNMENT']._serialized_start=1043
-  _globals['_ASSIGNMENT']._serialized_end=1508
-  _globals['_ASSIGNMENT_BUILDARGSENTRY']._serialized_start=1413
-  _globals['_ASSIGNMENT_BUILDARGSENTRY']._serialized_end=1461
+  _globals['_AGENTDRAINING']._serialized_start=734
+  _globals['_AGENTDRAINING']._serialized_end=765
+  _globals['_AGENTMESSAGE']._serialized_start=768
+  _globals['_AGENTMESSAGE']._serialized_end=1050
+  _globals['_WELCOME']._serialized_start=1052
+  _globals['_WELCOME']._serialized_end=1121
+  _globals['_ASSIGNMENT']._serialized_start=1124
+  _globals['_ASSIGNMENT']._serialized_end=1589
+  _globals['_ASSIGNMENT_BUILDARGSENTRY']._serialized_start=1494
+  _globals['_ASSIGNMENT_BUILDARGSENTRY']._serialized_end=1542
   _globals['_ASSIGNMENT_LABELSENTRY']._serialized_start=352
   _globals['_ASSIGNMENT_LABELSENTRY']._serialized_end=397
-  _globals['_CANCELJOB']._serialized_start=1510
-  _globals['_CANCELJOB']._serialized_end=1570
-  _globals['_COORDINATORMESSAGE']._serialized_start=1573
-  _globals['_COORDINATORMESSAGE']._serialized_end=1730
-  _globals['_FETCHCONTEXTREQUEST']._serialized_start=1732
-  _globals['_FETCHCONTEXTREQUEST']._serialized_end=1769
-  _globals['_AGENTSERVICE']._serialized_start=1772
-  _globals['_AGENTSERVICE']._serialized_end=1940
+  _globals['_CANCELJOB']._serialized_start=1591
+  _globals['_CANCELJOB']._serialized_end=1651
+  _globals['_COORDINATORMESSAGE']._serialized_start=1654
+  _globals['_COORDINATORMESSAGE']._serialized_end=1811
+  _globals['_FETCHCONTEXTREQUEST']._serialized_start=1813
+  _globals['_FETCHCONTEXTREQUEST']._serialized_end=1850
+  _globals['_AGENTSERVICE']._serialized_start=1853
+  _globals['_AGENTSERVICE']._serialized_end=2021
 # @@protoc_insertion_point(module_scope)

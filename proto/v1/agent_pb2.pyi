@@ -88,19 +88,27 @@ class JobResult(_message.Message):
     infrastructure_error: bool
     def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., ok: _Optional[bool] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., media_type: _Optional[str] = ..., error: _Optional[str] = ..., failed_step: _Optional[str] = ..., infrastructure_error: _Optional[bool] = ...) -> None: ...
 
+class AgentDraining(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "started", "log", "result")
+    __slots__ = ("hello", "heartbeat", "started", "log", "result", "draining")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     LOG_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: Heartbeat
     started: JobStarted
     log: JobLog
     result: JobResult
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., log: _Optional[_Union[JobLog, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ...) -> None: ...
+    draining: AgentDraining
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., log: _Optional[_Union[JobLog, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., draining: _Optional[_Union[AgentDraining, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("coordinator_version", "heartbeat_interval_ms")

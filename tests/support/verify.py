@@ -42,9 +42,9 @@ def index_platforms(index: dict[str, Any]) -> dict[str, str]:
 
 def docker_run_uname(docker: str, reference: str, platform: str) -> str:
     """`docker run --platform P REF uname -m`, pulling fresh so the platform is honoured."""
+    command = [docker, "run", "--rm", "--pull", "always", "--platform", platform, reference]
     out = subprocess.run(
-        [docker, "run", "--rm", "--pull", "always", "--platform", platform, reference]
-        + ["uname", "-m"],
+        [*command, "uname", "-m"],
         check=True, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     return out.stdout.strip()

@@ -1,0 +1,284 @@
+"""The build manager's rules with simulated agents: requeue, fencing, idempotency, failure."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from polyarch.coordinator.builds import MAX_ATTEMPTS, AgentEvent, BuildManager
+from polyarch.coordinator.contexts import ContextStore
+from polyarch.coordinator.fleet import AgentSession
+from polyarch.coordinator.index import ChildManifest, IndexResult
+from polyarch.coordinator.metrics import CoordinatorMetrics
+from polyarch.coordinator.model import (
+    BuildSpec,
+    BuildState,
+    EmulationPolicy,
+    InvalidRequest,
+    JobRecord,
+    JobState,
+    NotFound,
+    Unschedulable,
+)
+from polyarch.coordinator.store import MemoryStore
+from polyarch.proto.platforms import parse_platform
+from polyarch.proto.v1 import agent_pb2
+from tests.support.poll import poll_until
+
+CONTEXT = b"not really a tar, the manager never opens it"
+DIGEST = "sha256:" + hashlib.sha256(CONTEXT).hexdigest()
+
+
+class RecordingPublisher:
+    """Stands in for the registry: records what would be published."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[list[str], dict[str, str]]] = []
+
+    async def publish(self, spec: BuildSpec, jobs: list[JobRecord]) -> IndexResult:
+        children = {j.platform: j.digest for j in jobs}
+        self.published.append((list(spec.tags), children))
+        return IndexResult(
+            digest="sha256:" + "f" * 64,
+            media_type="application/vnd.oci.image.index.v1+json",
+            size=123,
+            children=tuple(
+                ChildManifest(parse_platform(p), d, "application/vnd.oci.image.manifest.v1+json", 9)
+                for p, d in children.items()
+            ),
+        )
+
+
+@pytest.fixture
+def publisher() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+@pytest.fixture
+def manager(tmp_path: Path, publisher: RecordingPublisher) -> Iterator[BuildManager]:
+    contexts = ContextStore(tmp_path)
+    contexts.path_for(DIGEST).write_bytes(CONTEXT)
+    yield BuildManager(MemoryStore(), contexts, publisher, CoordinatorMetrics())  # type: ignore[arg-type]
+
+
+def connect(manager: BuildManager, name: str, native: list[str], emulated: list[str] = [],  # noqa: B006
+            slots: int = 2) -> AgentSession:  # fmt: skip
+    hello = agent_pb2.AgentHello(
+        name=name, builder="sim", native_platforms=native, emulated_platforms=emulated, slots=slots
+    )
+    return manager.attach_agent(hello, "sim")
+
+
+def assignments(session: AgentSession) -> list[agent_pb2.Assignment]:
+    found = []
+    while not session.outbox.empty():
+        message = session.outbox.get_nowait()
+        if message is not None and message.HasField("assign"):
+            found.append(message.assign)
+    return found
+
+
+def spec(platforms: list[str], policy: EmulationPolicy = EmulationPolicy.FALLBACK) -> BuildSpec:
+    return BuildSpec(
+        DIGEST, "Dockerfile", platforms, ["127.0.0.1:5000/team/app:1"], emulation=policy
+    )
+
+
+def pushed(job: agent_pb2.Assignment, digest: str) -> agent_pb2.JobResult:
+    return agent_pb2.JobResult(job_id=job.job_id, attempt=job.attempt, ok=True, digest=digest)
+
+
+async def test_a_build_runs_on_agents_and_publishes_once_every_job_is_pushed(
+    manager: BuildManager, publisher: RecordingPublisher
+) -> None:
+    amd = connect(manager, "amd", ["linux/amd64"], ["linux/arm64"])
+    build, existing = manager.submit(spec(["linux/amd64", "linux/arm64"]), "key-1")
+    assert not existing
+    jobs = assignments(amd)
+    assert {j.platform for j in jobs} == {"linux/amd64", "linux/arm64"}
+    assert {j.repository for j in jobs} == {"127.0.0.1:5000/team/app"}
+    assert all(j.attempt == 1 for j in jobs)
+    for i, job in enumerate(jobs):
+        manager.job_started(AgentEvent("amd", job.job_id, job.attempt))
+        manager.job_result(AgentEvent("amd", job.job_id, job.attempt), pushed(job, f"sha256:{i}"))
+    await poll_until(lambda: manager.get(build.id)[0].state is BuildState.SUCCEEDED, timeout=5,
+                     message="build did not succeed")  # fmt: skip
+    assert publisher.published == [
+        (["127.0.0.1:5000/team/app:1"], {j.platform: f"sha256:{i}" for i, j in enumerate(jobs)})
+    ]
+    final, final_jobs = manager.get(build.id)
+    assert final.index_digest == "sha256:" + "f" * 64
+    assert {j.mode.value for j in final_jobs if j.mode} == {"native", "emulated"}
+    again, existing = manager.submit(spec(["linux/amd64", "linux/arm64"]), "key-1")
+    assert existing and again.id == build.id
+
+
+async def test_a_lost_agent_requeues_its_job_and_a_late_result_is_ignored(
+    manager: BuildManager, publisher: RecordingPublisher
+) -> None:
+    first = connect(manager, "first", ["linux/amd64"])
+    build, _ = manager.submit(spec(["linux/amd64"]), "")
+    (job,) = assignments(first)
+    second = connect(manager, "second", ["linux/amd64"])
+    manager.detach_agent(first, "went silent (lease expired)")
+    (retry,) = assignments(second)
+    assert (retry.job_id, retry.attempt) == (job.job_id, 2)
+    _, jobs = manager.get(build.id)
+    assert jobs[0].requeue_reasons == ["agent first went silent (lease expired)"]
+    # the old attempt's result arrives late: ignored, counted
+    manager.job_result(AgentEvent("first", job.job_id, 1), pushed(job, "sha256:stale"))
+    assert manager.get(build.id)[1][0].state is JobState.ASSIGNED
+    stale = manager.metrics.registry.get_sample_value(
+        "polyarch_stale_agent_messages_total", {"kind": "result"}
+    )
+    assert stale == 1
+    manager.job_result(AgentEvent("second", job.job_id, 2), pushed(retry, "sha256:fresh"))
+    await poll_until(lambda: bool(publisher.published), timeout=5, message="not published")
+    assert publisher.published[0][1] == {"linux/amd64": "sha256:fresh"}
+
+
+async def test_a_failed_platform_publishes_nothing_and_keeps_the_other_digest(
+    manager: BuildManager, publisher: RecordingPublisher
+) -> None:
+    agent = connect(manager, "a", ["linux/amd64", "linux/arm64"])
+    build, _ = manager.submit(spec(["linux/amd64", "linux/arm64"]), "")
+    jobs = {j.platform: j for j in assignments(agent)}
+    amd, arm = jobs["linux/amd64"], jobs["linux/arm64"]
+    manager.job_result(AgentEvent("a", amd.job_id, 1), pushed(amd, "sha256:amd"))
+    failure = agent_pb2.JobResult(job_id=arm.job_id, attempt=1, ok=False,
+                                  error="exit code: 3", failed_step="[2/2] RUN false")  # fmt: skip
+    manager.job_result(AgentEvent("a", arm.job_id, 1), failure)
+    final, final_jobs = manager.get(build.id)
+    assert final.state is BuildState.FAILED
+    assert "linux/arm64 failed at step '[2/2] RUN false' on agent a" in final.error
+    assert {j.platform: j.digest for j in final_jobs}["linux/amd64"] == "sha256:amd"
+    assert publisher.published == []
+    assert manager.scheduler.agents["a"].running == set()
+
+
+async def test_infrastructure_failures_are_retried_elsewhere_then_given_up(
+    manager: BuildManager,
+) -> None:
+    a = connect(manager, "a", ["linux/amd64"], slots=1)
+    b = connect(manager, "b", ["linux/amd64"], slots=1)
+    build, _ = manager.submit(spec(["linux/amd64"]), "")
+    seen = []
+    for _ in range(MAX_ATTEMPTS):
+        (job,) = assignments(a) + assignments(b)
+        seen.append(job.attempt)
+        agent = manager.scheduler.agent_of(job.job_id)
+        assert agent is not None
+        crash = agent_pb2.JobResult(job_id=job.job_id, attempt=job.attempt, ok=False,
+                                    error="qemu: uncaught target signal 11", failed_step="build",
+                                    infrastructure_error=True)  # fmt: skip
+        manager.job_result(AgentEvent(agent, job.job_id, job.attempt), crash)
+    assert seen == [1, 2, 3]
+    final, jobs = manager.get(build.id)
+    assert final.state is BuildState.FAILED
+    assert len(jobs[0].requeue_reasons) == MAX_ATTEMPTS - 1
+
+
+async def test_submit_rejects_what_no_agent_can_build_and_bad_input(
+    manager: BuildManager,
+) -> None:
+    connect(manager, "amd", ["linux/amd64"], ["linux/arm64"])
+    with pytest.raises(Unschedulable, match="linux/arm64 with emulation=never"):
+        manager.submit(spec(["linux/arm64"], EmulationPolicy.NEVER), "")
+    with pytest.raises(Unschedulable, match="linux/s390x"):
+        manager.submit(spec(["linux/amd64", "linux/s390x"]), "")
+    with pytest.raises(InvalidRequest, match="unknown architecture 'sparc'"):
+        manager.submit(spec(["linux/sparc"]), "")
+    bad_tags = spec(["linux/amd64"])
+    bad_tags.tags = ["127.0.0.1:5000/a:1", "127.0.0.1:5000/b:1"]
+    with pytest.raises(InvalidRequest, match="one repository"):
+        manager.submit(bad_tags, "")
+    missing = spec(["linux/amd64"])
+    missing.context_digest = "sha256:" + "0" * 64
+    with pytest.raises(NotFound, match="upload it first"):
+        manager.submit(missing, "")
+    assert manager.store.list_builds(10) == []
+
+
+async def test_cancel_stops_running_jobs_and_publishes_nothing(
+    manager: BuildManager, publisher: RecordingPublisher
+) -> None:
+    agent = connect(manager, "a", ["linux/amd64"])
+    build, _ = manager.submit(spec(["linux/amd64"]), "")
+    (job,) = assignments(agent)
+    manager.cancel(build.id, "cancelled by ci")
+    cancels = []
+    while not agent.outbox.empty():
+        message = agent.outbox.get_nowait()
+        if message is not None and message.HasField("cancel"):
+            cancels.append(message.cancel)
+    assert [(c.job_id, c.attempt) for c in cancels] == [(job.job_id, 1)]
+    assert manager.get(build.id)[0].state is BuildState.CANCELLED
+    manager.job_result(AgentEvent("a", job.job_id, 1), pushed(job, "sha256:late"))
+    await asyncio.sleep(0)
+    assert publisher.published == []
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def restarted(manager: BuildManager, publisher: RecordingPublisher, clock: Clock) -> BuildManager:
+    """A new manager on the same store and contexts, as after a coordinator restart."""
+    fresh = BuildManager(manager.store, manager.contexts, publisher, CoordinatorMetrics(), clock)  # type: ignore[arg-type]
+    fresh.recover(reattach_grace=10)
+    return fresh
+
+
+async def test_after_a_restart_a_returning_agent_keeps_its_job(
+    manager: BuildManager, publisher: RecordingPublisher
+) -> None:
+    clock = Clock()
+    agent = connect(manager, "a", ["linux/amd64"])
+    build, _ = manager.submit(spec(["linux/amd64"]), "k")
+    (job,) = assignments(agent)
+    after = restarted(manager, publisher, clock)
+    hello = agent_pb2.AgentHello(
+        name="a", builder="sim", native_platforms=["linux/amd64"], slots=2,
+        running=[agent_pb2.RunningJob(job_id=job.job_id, attempt=job.attempt)],
+    )  # fmt: skip
+    back = after.attach_agent(hello, "sim")
+    assert assignments(back) == []  # re-attached, not re-sent
+    assert after.scheduler.agent_of(job.job_id) == "a"
+    clock.now += 60
+    after.expire_orphans()
+    after.job_result(AgentEvent("a", job.job_id, 1), pushed(job, "sha256:kept"))
+    await poll_until(lambda: bool(publisher.published), timeout=5, message="not published")
+    final, jobs = after.get(build.id)
+    assert (final.state, jobs[0].attempt) == (BuildState.SUCCEEDED, 1)
+    assert after.submit(spec(["linux/amd64"]), "k") == (final, True)
+
+
+async def test_after_a_restart_a_job_whose_agent_never_returns_is_requeued(
+    manager: BuildManager, publisher: RecordingPublisher
+) -> None:
+    clock = Clock()
+    agent = connect(manager, "gone", ["linux/amd64"], ["linux/arm64"], slots=1)
+    queued_build, _ = manager.submit(spec(["linux/amd64", "linux/arm64"]), "")
+    (job,) = assignments(agent)  # one slot: arm64 waits in the queue
+    after = restarted(manager, publisher, clock)
+    other = connect(after, "other", ["linux/amd64", "linux/arm64"])
+    (arm,) = assignments(other)  # the queued job survived the restart
+    assert arm.platform == "linux/arm64"
+    clock.now += 5
+    after.expire_orphans()
+    assert assignments(other) == []  # still within the grace period
+    clock.now += 6
+    after.expire_orphans()
+    (retry,) = assignments(other)
+    assert (retry.job_id, retry.attempt) == (job.job_id, 2)
+    _, jobs = after.get(queued_build.id)
+    reasons = {j.platform: j.requeue_reasons for j in jobs}
+    assert reasons["linux/amd64"] == ["agent gone did not return after a restart"]
