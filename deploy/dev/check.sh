@@ -29,7 +29,7 @@ step ruff-format "${BIN}/ruff" format --check .
 step mypy "${BIN}/mypy" -p polyarch.coordinator -p polyarch.agent -p polyarch.client -p polyarch.proto
 step protos "${BIN}/python" proto/generate.py --check
 
-mapfile -t scripts < <({ echo .ci/run; find deploy -name '*.sh' -type f; } | LC_ALL=C sort)
+mapfile -t scripts < <({ echo .ci/run; find deploy bench -name "*.sh" -type f; } | LC_ALL=C sort)
 if command -v shellcheck >/dev/null; then
     step shellcheck shellcheck -x "${scripts[@]}"
 else

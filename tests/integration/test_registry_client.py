@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from polyarch.coordinator.credentials import CredentialStore
 from polyarch.coordinator.index import PlatformMismatch, assemble_index
 from polyarch.coordinator.registry import (

@@ -1,0 +1,151 @@
+"""The builder backend interface: build requests, pushed images, failures and shared checks."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from polyarch.proto.platforms import Platform
+
+DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_MANIFEST_V1 = "application/vnd.oci.image.manifest.v1+json"
+
+# Output that means the machine, not the Dockerfile, is at fault: a retry elsewhere may pass.
+_INFRASTRUCTURE_PATTERNS = (
+    re.compile(r"qemu: uncaught target signal"),
+    re.compile(r"qemu: unhandled CPU exception"),
+    re.compile(r"qemu-\w+(-static)?: .*(Could not open|Unable to reserve|unable to)", re.I),
+    re.compile(r"exec format error"),
+    re.compile(r"no space left on device"),
+    re.compile(r"Cannot connect to the Docker daemon"),
+    re.compile(r"error during connect"),
+    re.compile(r"cannot allocate memory", re.I),
+    re.compile(r"OCI runtime (create|start) failed"),
+)
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """One platform of one build: what to build and where to push it."""
+
+    context_dir: Path
+    dockerfile: str  # relative to context_dir
+    platform: Platform
+    image: str  # full push reference "registry/repository:per-job-tag"
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    target: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    insecure_registry: bool = False  # plain HTTP / no TLS verification for the push registry
+    cache_from: Sequence[str] = ()
+    cache_to: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class PushedImage:
+    """What the registry now holds; size and media_type are 0 and "" when the tool doesn't say."""
+
+    digest: str
+    size: int
+    media_type: str
+
+
+class BuildFailed(Exception):
+    """A build or push that failed in a named step.
+
+    infrastructure is True when the builder, agent or emulator is at fault (worth a retry on
+    another agent) and False when the Dockerfile or its inputs are (a retry would fail too).
+    """
+
+    def __init__(self, step: str, message: str, infrastructure: bool = False) -> None:
+        super().__init__(f"{step}: {message}" if step else message)
+        self.step = step
+        self.message = message
+        self.infrastructure = infrastructure
+
+    def __repr__(self) -> str:
+        return (
+            f"BuildFailed(step={self.step!r}, message={self.message!r}, "
+            f"infrastructure={self.infrastructure!r})"
+        )
+
+
+class BuilderUnavailable(Exception):
+    """The builder tool is missing or unusable; the message says what is missing and the fix."""
+
+
+class Builder(Protocol):
+    """A backend that builds one platform of a Dockerfile and pushes the result by digest."""
+
+    name: str
+
+    async def check(self) -> None:
+        """Raises BuilderUnavailable unless builds can run."""
+        ...
+
+    async def build_and_push(
+        self, request: BuildRequest, on_line: Callable[[str], None]
+    ) -> PushedImage:
+        """Builds and pushes, streaming every output line to on_line; raises BuildFailed."""
+        ...
+
+
+def looks_like_infrastructure_failure(lines: Iterable[str]) -> bool:
+    """True when the output shows an emulator crash or a machine-level fault."""
+    return any(pattern.search(line) for line in lines for pattern in _INFRASTRUCTURE_PATTERNS)
+
+
+def resolve_dockerfile(request: BuildRequest) -> Path:
+    """The Dockerfile's absolute path, or BuildFailed("prepare") saying what is wrong."""
+    context = request.context_dir
+    if not context.is_dir():
+        raise BuildFailed("prepare", f"build context {context} is not a directory", True)
+    relative = Path(request.dockerfile or "Dockerfile")
+    if relative.is_absolute() or ".." in relative.parts:
+        raise BuildFailed(
+            "prepare",
+            f"Dockerfile path {request.dockerfile!r} must be relative and inside the context",
+        )
+    path = context / relative
+    if not path.is_file():
+        raise BuildFailed("prepare", f"Dockerfile {str(relative)!r} not found in the build context")
+    return path
+
+
+def missing_dockerfile_failure(dockerfile: str) -> BuildFailed:
+    """The failure for a tool that reported it could not read the Dockerfile."""
+    return BuildFailed("prepare", f"Dockerfile {dockerfile!r} not found in the build context")
+
+
+def cache_reference(spec: str) -> str:
+    """The image reference of a cache spec: `ref=` of `type=registry,ref=R`, or a bare ref."""
+    if "=" not in spec:
+        return spec
+    fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+    return fields.get("ref", "")
+
+
+def cache_type(spec: str) -> str:
+    """The `type=` of a cache spec ("registry" for a bare reference)."""
+    if "=" not in spec:
+        return "registry"
+    fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+    return fields.get("type", "registry")
+
+
+def key_value_flags(flag: str, values: Mapping[str, str]) -> list[str]:
+    """`--flag K=V` pairs in a stable (sorted) order."""
+    argv: list[str] = []
+    for key in sorted(values):
+        argv += [flag, f"{key}={values[key]}"]
+    return argv
+
+
+def last_meaningful_line(lines: Sequence[str]) -> str:
+    """The last non-blank line of output, for a failure whose cause nothing else names."""
+    for line in reversed(lines):
+        if line.strip() and line.strip() != "------":
+            return line.strip()
+    return "the builder exited with an error and printed nothing"

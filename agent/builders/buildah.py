@@ -1,0 +1,189 @@
+"""The buildah backend: daemonless `buildah build`, then `buildah push --digestfile`."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from polyarch.agent.builders.base import (
+    OCI_MANIFEST_V1,
+    BuilderUnavailable,
+    BuildFailed,
+    BuildRequest,
+    PushedImage,
+    cache_reference,
+    cache_type,
+    key_value_flags,
+    last_meaningful_line,
+    looks_like_infrastructure_failure,
+    missing_dockerfile_failure,
+    resolve_dockerfile,
+)
+from polyarch.agent.builders.process import (
+    ProcessNotFound,
+    ProcessResult,
+    run_captured,
+    run_streaming,
+)
+
+_STEP = re.compile(r"^(?:\[(\d+)/(\d+)\] )?STEP (\d+)/(\d+): (.*)$")
+_AT_STEP = re.compile(r'building at STEP "(.*?)": (.*)$')
+_ERROR = re.compile(r"^Error: (.*)$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_MISSING_FILE = re.compile(r"no such file or directory|context must be a directory", re.I)
+
+
+def _step_label(match: re.Match[str]) -> tuple[str, str]:
+    stage, stages, step, steps, instruction = match.groups()
+    instruction = instruction.strip()
+    if stage and stages and stages != "1":
+        return f"[stage {stage}/{stages} {step}/{steps}] {instruction}", instruction
+    return f"[{step}/{steps}] {instruction}", instruction
+
+
+def _clean(message: str) -> str:
+    # buildah appends a Go struct dump to some parse errors; it helps nobody.
+    return message.split(" &imagebuilder.", 1)[0].strip()
+
+
+def parse_buildah_failure(lines: Sequence[str], dockerfile: str = "Dockerfile") -> BuildFailed:
+    """The failure a `buildah build` log describes, naming the step that failed.
+
+    `STEP 2/3: RUN exit 1` announces each step; `Error: building at STEP "RUN exit 1": ...`
+    says which one failed. Other `Error:` lines belong to the last announced step.
+    """
+    infrastructure = looks_like_infrastructure_failure(lines)
+    label = instruction = ""
+    for line in lines:
+        step = _STEP.match(line)
+        if step:
+            label, instruction = _step_label(step)
+            continue
+        error = _ERROR.match(line)
+        if not error:
+            continue
+        text = error.group(1)
+        marker = f'building at STEP "{instruction}": '
+        if instruction and marker in text:
+            return BuildFailed(label, _clean(text.split(marker, 1)[1]), infrastructure)
+        at_step = _AT_STEP.search(text)
+        if at_step:
+            return BuildFailed(label or at_step.group(1).strip(), _clean(at_step.group(2)),
+                               infrastructure)  # fmt: skip
+        if not label and _MISSING_FILE.search(text):
+            return missing_dockerfile_failure(dockerfile)
+        return BuildFailed(label or "build", _clean(text), infrastructure)
+    return BuildFailed(label or "build", last_meaningful_line(lines), infrastructure)
+
+
+def read_digest_file(path: Path) -> str | None:
+    """The manifest digest `buildah push --digestfile` wrote, or None if absent or malformed."""
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return None
+    return text if _DIGEST.match(text) else None
+
+
+class BuildahBuilder:
+    """Builds with buildah (no daemon) and pushes OCI image manifests."""
+
+    name = "buildah"
+
+    def __init__(self, buildah_binary: str = "buildah", storage_driver: str | None = None) -> None:
+        self.buildah_binary = buildah_binary
+        self.storage_driver = storage_driver
+
+    def _base(self) -> list[str]:
+        argv = [self.buildah_binary]
+        if self.storage_driver:
+            argv += ["--storage-driver", self.storage_driver]
+        return argv
+
+    async def check(self) -> None:
+        try:
+            result = await run_captured([*self._base(), "version"])
+        except ProcessNotFound as exc:
+            raise BuilderUnavailable(
+                f"buildah {self.buildah_binary!r} cannot run ({exc.reason}); "
+                "install it with `apt-get install -y buildah`"
+            ) from exc
+        except TimeoutError as exc:
+            raise BuilderUnavailable(f"`{self.buildah_binary} version` did not answer") from exc
+        if not result.ok:
+            raise BuilderUnavailable(
+                f"`{self.buildah_binary} version` failed: {result.tail(3) or 'no output'}"
+            )
+
+    def build_command(
+        self, request: BuildRequest, dockerfile_path: str
+    ) -> tuple[list[str], list[str]]:
+        """The `buildah build` argv and notes about options it cannot honour."""
+        argv = [*self._base(), "build", "--platform", str(request.platform)]
+        argv += ["-f", dockerfile_path, "-t", request.image]
+        argv += ["--layers", "--force-rm", "--format", "oci"]
+        if request.insecure_registry:
+            argv.append("--tls-verify=false")
+        argv += key_value_flags("--build-arg", request.build_args)
+        if request.target:
+            argv += ["--target", request.target]
+        argv += key_value_flags("--label", request.labels)
+        notes: list[str] = []
+        for flag, specs in (("--cache-from", request.cache_from), ("--cache-to", request.cache_to)):
+            for spec in specs:
+                ref = cache_reference(spec)
+                if cache_type(spec) == "registry" and ref:
+                    argv += [flag, ref]
+                else:
+                    notes.append(f"buildah supports only registry caches; {spec!r} skipped")
+        argv.append(str(request.context_dir))
+        return argv, notes
+
+    def push_command(self, request: BuildRequest, digest_file: Path) -> list[str]:
+        argv = [*self._base(), "push", "--digestfile", str(digest_file), "--format", "oci"]
+        if request.insecure_registry:
+            argv.append("--tls-verify=false")
+        return [*argv, request.image, f"docker://{request.image}"]
+
+    async def build_and_push(
+        self, request: BuildRequest, on_line: Callable[[str], None]
+    ) -> PushedImage:
+        dockerfile = resolve_dockerfile(request)
+        argv, notes = self.build_command(request, str(dockerfile))
+        for note in notes:
+            on_line(f"polyarch: {note}")
+        built = await self._run(argv, on_line, "build")
+        if not built.ok:
+            raise parse_buildah_failure(built.lines, request.dockerfile)
+        try:
+            with tempfile.TemporaryDirectory(prefix="polyarch-push-") as scratch:
+                digest_file = Path(scratch) / "digest"
+                pushed = await self._run(self.push_command(request, digest_file), on_line, "push")
+                if not pushed.ok:
+                    raise BuildFailed("push", last_meaningful_line(pushed.lines), True)
+                digest = read_digest_file(digest_file)
+            if digest is None:
+                raise BuildFailed("push", "buildah push wrote no manifest digest", True)
+        finally:
+            await self._remove_image(request.image, on_line)
+        return PushedImage(digest=digest, size=0, media_type=OCI_MANIFEST_V1)
+
+    async def _run(
+        self, argv: list[str], on_line: Callable[[str], None], step: str
+    ) -> ProcessResult:
+        try:
+            return await run_streaming(argv, on_line)
+        except ProcessNotFound as exc:
+            raise BuildFailed(step, f"cannot run {exc.program}: {exc.reason}", True) from exc
+
+    async def _remove_image(self, image: str, on_line: Callable[[str], None]) -> None:
+        """Untags the per-job image; cached intermediate layers stay for later builds."""
+        try:
+            removed = await run_captured([*self._base(), "rmi", image])
+        except (ProcessNotFound, TimeoutError) as exc:
+            on_line(f"polyarch: could not remove local image {image}: {exc}")
+            return
+        if not removed.ok:
+            on_line(f"polyarch: could not remove local image {image}: {removed.tail(1)}")

@@ -1,0 +1,196 @@
+"""The Docker Engine backend: BuildKit builds through the docker CLI, then `docker push`."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Sequence
+
+from polyarch.agent.builders.base import (
+    DOCKER_MANIFEST_V2,
+    BuilderUnavailable,
+    BuildFailed,
+    BuildRequest,
+    PushedImage,
+    cache_reference,
+    cache_type,
+    key_value_flags,
+    last_meaningful_line,
+    looks_like_infrastructure_failure,
+    missing_dockerfile_failure,
+    resolve_dockerfile,
+)
+from polyarch.agent.builders.process import ProcessNotFound, ProcessResult, run_captured
+from polyarch.agent.builders.process import run_streaming as _run_streaming
+
+# The first docker client major version whose `docker build` needs the buildx plugin.
+BUILDX_REQUIRED_FROM = 23
+
+_VERTEX = re.compile(r"^#(\d+) (.*)$")
+_SUMMARY_STEP = re.compile(r"^ > (.+):$")
+_PUSH_DIGEST = re.compile(r"digest: (sha256:[0-9a-f]{64}) size: (\d+)")
+_MISSING_DOCKERFILE = re.compile(r"failed to read dockerfile|Cannot locate specified Dockerfile")
+_DOCKERFILE_PARSE = re.compile(r"dockerfile parse error.*|unknown instruction: .*")
+
+
+def parse_buildkit_failure(lines: Sequence[str], dockerfile: str = "Dockerfile") -> BuildFailed:
+    """The failure a BuildKit `--progress=plain` log describes, naming the step that failed.
+
+    `#5 [3/4] RUN exit 3` names vertex 5; `#5 ERROR: ...` then says it failed. The
+    ` > [3/4] RUN exit 3:` summary block and the client's last line are the fallbacks.
+    """
+    infrastructure = looks_like_infrastructure_failure(lines)
+    names: dict[str, str] = {}
+    for line in lines:
+        match = _VERTEX.match(line)
+        if not match:
+            continue
+        vertex, rest = match.groups()
+        if rest.startswith("ERROR"):
+            message = rest[len("ERROR") :].lstrip(": ").strip() or last_meaningful_line(lines)
+            return BuildFailed(names.get(vertex, "build"), message, infrastructure)
+        names.setdefault(vertex, rest.strip())
+    if any(_MISSING_DOCKERFILE.search(line) for line in lines):
+        return missing_dockerfile_failure(dockerfile)
+    for line in lines:
+        parse_error = _DOCKERFILE_PARSE.search(line)
+        if parse_error:
+            return BuildFailed("parse Dockerfile", parse_error.group(0).strip(), infrastructure)
+    for line in lines:
+        summary = _SUMMARY_STEP.match(line)
+        if summary:
+            return BuildFailed(summary.group(1), last_meaningful_line(lines), infrastructure)
+    return BuildFailed("build", last_meaningful_line(lines), infrastructure)
+
+
+def parse_push_digest(lines: Sequence[str]) -> tuple[str, int] | None:
+    """(digest, manifest size) from `docker push` output ("TAG: digest: sha256:... size: N")."""
+    for line in reversed(lines):
+        match = _PUSH_DIGEST.search(line)
+        if match:
+            return match.group(1), int(match.group(2))
+    return None
+
+
+def _is_loopback(image: str) -> bool:
+    host = image.split("/", 1)[0].rsplit(":", 1)[0] if "/" in image else ""
+    return host in ("localhost", "[::1]") or host.startswith("127.")
+
+
+def parse_client_version(text: str) -> tuple[int, str, str]:
+    """(client major, client version, server version) from `version --format` output."""
+    client, _, server = text.strip().partition(" ")
+    major = re.match(r"(\d+)", client)
+    return (int(major.group(1)) if major else 0), client, server.strip()
+
+
+class DockerBuilder:
+    """Builds with the BuildKit embedded in Docker Engine through a docker CLI binary."""
+
+    name = "docker"
+
+    def __init__(self, docker_binary: str = "docker") -> None:
+        self.docker_binary = docker_binary
+        self._env = {"DOCKER_BUILDKIT": "1"}
+
+    def _where(self) -> str:
+        return shutil.which(self.docker_binary) or self.docker_binary
+
+    async def check(self) -> None:
+        fmt = "{{.Client.Version}} {{.Server.Version}}"
+        try:
+            result = await run_captured([self.docker_binary, "version", "--format", fmt])
+        except ProcessNotFound as exc:
+            raise BuilderUnavailable(
+                f"docker client {self.docker_binary!r} cannot run ({exc.reason}); install "
+                "docker.io or point --docker-binary at a docker client"
+            ) from exc
+        except TimeoutError as exc:
+            raise BuilderUnavailable(
+                f"`{self.docker_binary} version` did not answer in time; is dockerd healthy?"
+            ) from exc
+        major, client, server = parse_client_version(result.lines[0] if result.lines else "")
+        if not result.ok or not server:
+            raise BuilderUnavailable(
+                f"the Docker daemon is unreachable through {self._where()}: "
+                f"{result.tail(3) or 'no output'}; start dockerd or set DOCKER_HOST"
+            )
+        if major >= BUILDX_REQUIRED_FROM:
+            buildx = await run_captured([self.docker_binary, "buildx", "version"])
+            if not buildx.ok:
+                raise BuilderUnavailable(
+                    f"docker client {client} at {self._where()} needs the buildx plugin for "
+                    "BuildKit builds; install docker-buildx or point --docker-binary at a "
+                    "client that drives BuildKit (e.g. /usr/bin/docker 20.10)"
+                )
+
+    def build_command(
+        self, request: BuildRequest, dockerfile_path: str
+    ) -> tuple[list[str], list[str]]:
+        """The `docker build` argv and notes about options this client cannot honour."""
+        argv = [self.docker_binary, "build", "--progress=plain"]
+        argv += ["--platform", str(request.platform), "-f", dockerfile_path, "-t", request.image]
+        build_args = dict(request.build_args)
+        notes: list[str] = []
+        for spec in request.cache_to:
+            if cache_type(spec) == "inline":
+                build_args["BUILDKIT_INLINE_CACHE"] = "1"
+            else:
+                notes.append(f"docker build without buildx cannot export cache {spec!r}; skipped")
+        argv += key_value_flags("--build-arg", build_args)
+        if request.target:
+            argv += ["--target", request.target]
+        argv += key_value_flags("--label", request.labels)
+        for spec in request.cache_from:
+            ref = cache_reference(spec)
+            if ref:
+                argv += ["--cache-from", ref]
+            else:
+                notes.append(f"cache source {spec!r} names no image reference; skipped")
+        if request.insecure_registry and not _is_loopback(request.image):
+            notes.append(
+                "plain-HTTP registries other than 127.0.0.0/8 must be listed in dockerd's "
+                "insecure-registries (daemon.json); the docker CLI has no per-push switch"
+            )
+        argv.append(str(request.context_dir))
+        return argv, notes
+
+    async def build_and_push(
+        self, request: BuildRequest, on_line: Callable[[str], None]
+    ) -> PushedImage:
+        dockerfile = resolve_dockerfile(request)
+        argv, notes = self.build_command(request, str(dockerfile))
+        for note in notes:
+            on_line(f"polyarch: {note}")
+        built = await self._run(argv, on_line, "build")
+        if not built.ok:
+            raise parse_buildkit_failure(built.lines, request.dockerfile)
+        try:
+            pushed = await self._run([self.docker_binary, "push", request.image], on_line, "push")
+            if not pushed.ok:
+                raise BuildFailed("push", last_meaningful_line(pushed.lines), True)
+            found = parse_push_digest(pushed.lines)
+            if found is None:
+                raise BuildFailed("push", "docker push printed no manifest digest", True)
+        finally:
+            await self._remove_tag(request.image, on_line)
+        digest, size = found
+        return PushedImage(digest=digest, size=size, media_type=DOCKER_MANIFEST_V2)
+
+    async def _run(
+        self, argv: list[str], on_line: Callable[[str], None], step: str
+    ) -> ProcessResult:
+        try:
+            return await _run_streaming(argv, on_line, env=self._env)
+        except ProcessNotFound as exc:
+            raise BuildFailed(step, f"cannot run {exc.program}: {exc.reason}", True) from exc
+
+    async def _remove_tag(self, image: str, on_line: Callable[[str], None]) -> None:
+        """Drops the per-job tag; --no-prune keeps the layers for the next build's cache."""
+        try:
+            removed = await run_captured([self.docker_binary, "rmi", "--no-prune", image])
+        except (ProcessNotFound, TimeoutError) as exc:
+            on_line(f"polyarch: could not remove local tag {image}: {exc}")
+            return
+        if not removed.ok:
+            on_line(f"polyarch: could not remove local tag {image}: {removed.tail(1)}")

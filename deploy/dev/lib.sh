@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Shared by demo.sh and bench/: a local registry and a farm (coordinator + docker and buildah
+# agents) started in the background, every PID recorded so cleanup stops only those.
+# Source it, then call farm_cleanup on EXIT.
+
+polyarch_pids=()
+
+farm_cleanup() {
+  local pid
+  for pid in "${polyarch_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${polyarch_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [[ -n ${farm_work:-} ]]; then rm -rf "$farm_work"; fi
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# wait_for SECONDS COMMAND...: polls until COMMAND succeeds or the deadline passes.
+wait_for() {
+  local deadline=$(($(date +%s) + $1))
+  shift
+  until "$@" >/dev/null 2>&1; do
+    if (($(date +%s) > deadline)); then
+      echo "timed out waiting for: $*" >&2
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+# start_registry: sets REGISTRY (127.0.0.1:PORT) to a fresh CNCF registry under $farm_work.
+start_registry() {
+  local port
+  port=$(free_port)
+  cat >"$farm_work/registry.yml" <<YAML
+version: 0.1
+storage:
+  filesystem:
+    rootdirectory: $farm_work/registry
+http:
+  addr: 127.0.0.1:$port
+YAML
+  docker-registry serve "$farm_work/registry.yml" >"$farm_work/registry.log" 2>&1 &
+  polyarch_pids+=($!)
+  REGISTRY=127.0.0.1:$port
+  wait_for 30 curl -fsS "http://$REGISTRY/v2/"
+}
+
+agents_connected() {
+  local want=$1 have
+  have=$("$POLYARCH" agents --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+  [[ $have == "$want" ]]
+}
+
+# start_farm DOCKER_BINARY: a coordinator and two agents (docker, buildah); exports
+# POLYARCH_COORDINATOR for the client commands.
+start_farm() {
+  local docker=$1 port
+  port=$(free_port)
+  export POLYARCH_COORDINATOR=127.0.0.1:$port
+  "$POLYARCH" coordinator --listen "$POLYARCH_COORDINATOR" --data-dir "$farm_work/coordinator" \
+    --metrics-listen "127.0.0.1:$(free_port)" >"$farm_work/coordinator.log" 2>&1 &
+  polyarch_pids+=($!)
+  "$POLYARCH" agent --name docker-1 --builder docker --docker-binary "$docker" --slots 2 \
+    --work-dir "$farm_work/agent-docker" >"$farm_work/agent-docker.log" 2>&1 &
+  polyarch_pids+=($!)
+  "$POLYARCH" agent --name buildah-1 --builder buildah --slots 2 \
+    --work-dir "$farm_work/agent-buildah" >"$farm_work/agent-buildah.log" 2>&1 &
+  polyarch_pids+=($!)
+  wait_for 60 agents_connected 2
+}
