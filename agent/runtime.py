@@ -50,6 +50,7 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     heartbeat_interval: float = 3.0
     shutdown_grace: float = 60.0
+    job_timeout: float = 7200.0
     reconnect_max_delay: float = 5.0
 
 
@@ -92,6 +93,10 @@ class Agent:
                 attempt = 0
             except (grpc.aio.AioRpcError, OSError) as exc:
                 log.warning("coordinator stream ended: %s", _describe(exc))
+            except asyncio.CancelledError:
+                # closing the channel on shutdown cancels the call; anything else is real
+                if not self._stopping.is_set():
+                    raise
             self.connected.clear()
             if self._stopping.is_set():
                 break
@@ -215,7 +220,14 @@ class Agent:
                     log=agent_pb2.JobLog(job_id=job_id, attempt=attempt, lines=[line])
                 ))  # fmt: skip
 
-            pushed = await self.builder.build_and_push(request, on_line)
+            try:
+                async with asyncio.timeout(self.config.job_timeout):
+                    pushed = await self.builder.build_and_push(request, on_line)
+            except TimeoutError:
+                # e.g. BuildKit 20.10 hangs when an emulated step's PID 1 segfaults
+                raise BuildFailed(
+                    "build", f"no result after {self.config.job_timeout:.0f} s (job timeout)", True
+                ) from None
             self._result(job, ok=True, digest=pushed.digest, size=pushed.size,
                          media_type=pushed.media_type)  # fmt: skip
             log.info("job %s attempt %d: pushed %s", job.job_id, job.attempt, pushed.digest)
@@ -297,5 +309,6 @@ def run_agent(args: argparse.Namespace) -> int:
         slots=args.slots, work_dir=Path(args.work_dir or f"/var/lib/polyarch-agent/{args.name}"),
         insecure_registries=list(getattr(args, "insecure_registry", None) or []),
         shutdown_grace=float(getattr(args, "shutdown_grace", 60.0)),
+        job_timeout=float(getattr(args, "job_timeout", 7200.0)),
     )  # fmt: skip
     return asyncio.run(serve(config, make_builder(args)))

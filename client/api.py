@@ -38,6 +38,15 @@ _TERMINAL = frozenset(
 _T = TypeVar("_T")
 
 
+# A long, quiet watch must notice a coordinator that vanished without closing the
+# connection; the coordinator permits pings every 5 s, so 30 s is well inside its policy.
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
 class PolyarchError(Exception):
     """An error the coordinator reported (or the client detected), with the gRPC code if any."""
 
@@ -102,7 +111,7 @@ class BuildClient:
         """Opens the channel and waits (bounded) until the coordinator answers."""
         if self._channel is not None:
             return
-        channel = grpc.aio.insecure_channel(self.address)
+        channel = grpc.aio.insecure_channel(self.address, options=_KEEPALIVE)
         self._channel = channel
         self._build = build_pb2_grpc.BuildServiceStub(channel)
         self._fleet = fleet_pb2_grpc.FleetServiceStub(channel)

@@ -271,7 +271,10 @@ def cmd_coordinator(args: argparse.Namespace, session: _Session) -> int:
 def cmd_agent(args: argparse.Namespace, session: _Session) -> int:
     """--native/--emulated become list[Platform], or None when absent (the agent detects them)."""
     args.native = _platforms(args.native, "--native") if args.native else None
-    args.emulated = _platforms(args.emulated, "--emulated") if args.emulated else None
+    if args.emulated and [e.strip().lower() for e in args.emulated] == ["none"]:
+        args.emulated = []  # `--emulated none`: build only the native platform(s)
+    else:
+        args.emulated = _platforms(args.emulated, "--emulated") if args.emulated else None
     both = sorted(str(p) for p in set(args.native or ()) & set(args.emulated or ()))
     if both:
         raise UsageError(f"{', '.join(both)} given as both --native and --emulated")
@@ -319,10 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--builder", required=True, choices=["docker", "buildah"])
     p.add_argument("--native", action="append", metavar="PLATFORMS", help="default: detected")
     p.add_argument("--emulated", action="append", metavar="PLATFORMS",
-                   help="built under QEMU (default: detected from binfmt_misc)")  # fmt: skip
+                   help="built under QEMU (default: from binfmt_misc; none: no emulation)")  # fmt: skip
     p.add_argument("--slots", type=_positive, default=2, help="concurrent jobs (default 2)")
     p.add_argument("--docker-binary", default="docker", metavar="PATH")
     p.add_argument("--work-dir", type=Path, metavar="DIR")
+    p.add_argument("--job-timeout", type=float, default=7200.0, metavar="SECONDS",
+                   help="fail (retryably) a build with no result after this long")  # fmt: skip
     p.add_argument("--shutdown-grace", type=float, default=60.0, metavar="SECONDS",
                    help="on SIGTERM, wait this long for jobs, then hand them back")  # fmt: skip
     p.add_argument("--metrics-listen", type=_optional_address, default=None, metavar="ADDR")

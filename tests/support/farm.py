@@ -35,6 +35,7 @@ class Farm:
     coordinator: Coordinator
     work_dir: Path
     agents: dict[str, tuple[Agent, asyncio.Task[None]]] = field(default_factory=dict)
+    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -65,6 +66,28 @@ class Farm:
         await agent.shutdown()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, 15)
+
+    async def spawn_agent_process(
+        self, name: str, docker_binary: str, *extra: str
+    ) -> asyncio.subprocess.Process:
+        """A real `polyarch agent` process (docker builder, native linux/amd64)."""
+        log = (self.work_dir / f"agent-{name}.log").open("wb")
+        proc = await asyncio.create_subprocess_exec(
+            POLYARCH, "agent", "--coordinator", self.address, "--name", name,
+            "--builder", "docker", "--docker-binary", docker_binary, "--native", "linux/amd64",
+            "--emulated", "none", "--work-dir", str(self.work_dir / "agents" / name), *extra,
+            stdout=log, stderr=log,
+        )  # fmt: skip
+        log.close()
+        self.processes.append(proc)
+        return proc
+
+    def build_started(self, build_id: str, platform: str) -> bool:
+        """True once the platform's job of the build runs on an agent."""
+        manager = self.coordinator.manager
+        assert manager is not None
+        _, jobs = manager.get(build_id)
+        return any(j.platform == platform and j.state.value == "running" for j in jobs)
 
     async def cli(self, *args: str, timeout: float = 600) -> CliResult:
         """Runs the real `polyarch` console script against this farm."""
@@ -97,4 +120,8 @@ async def running_farm(work_dir: Path) -> AsyncIterator[Farm]:
     finally:
         for name in list(farm.agents):
             await farm.stop_agent(name)
+        for proc in farm.processes:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
         await coordinator.stop(grace=1)
