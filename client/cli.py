@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--builder", required=True, choices=["docker", "buildah"])
     p.add_argument("--native", action="append", metavar="PLATFORMS", help="default: detected")
     p.add_argument("--emulated", action="append", metavar="PLATFORMS",
-                   help="built under QEMU (default: from binfmt_misc; none: no emulation)")  # fmt: skip
+                   help="built under QEMU (default: binfmt_misc; none: none)")  # fmt: skip
     p.add_argument("--slots", type=_positive, default=2, help="concurrent jobs (default 2)")
     p.add_argument("--docker-binary", default="docker", metavar="PATH")
     p.add_argument("--work-dir", type=Path, metavar="DIR")

@@ -132,6 +132,11 @@ def test_agent_killed_mid_build_is_replaced(
     fleet: Fleet, registry: Registry, base_image: str, unique_repo: str, slow_context: Path,
     docker_binary: str, background_builds: list[BackgroundBuild],
 ) -> None:  # fmt: skip
+    # Each agent is its own container with its own address on the test's network.
+    peers = {a["name"]: a["peer"] for a in fleet.agents_json()}
+    for name, agent in fleet.agents.items():
+        assert peers[name].startswith(f"ipv4:{agent.ip()}:"), peers
+    assert len({peer.rsplit(":", 1)[0] for peer in peers.values()}) == len(fleet.agents)
     tag = f"{registry.address}/{unique_repo}:killed"
     run = BackgroundBuild(fleet, slow_context, tag, base_image)
     background_builds.append(run)

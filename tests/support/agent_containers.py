@@ -210,10 +210,6 @@ class AgentContainer:
     def reconnect(self) -> None:
         _docker("network", "connect", self.network, self.id)
 
-    def running(self) -> bool:
-        out = _docker("inspect", "--format", "{{.State.Running}}", self.id, check=False)
-        return out.stdout.strip() == "true"
-
     def ip(self) -> str:
         out = _docker("inspect", "--format", "{{json .NetworkSettings.Networks}}", self.id)
         networks: dict[str, Any] = json.loads(out.stdout)
@@ -315,16 +311,6 @@ class Fleet:
                 found: dict[str, Any] = job
                 return found
         return None
-
-    def wait_build_finished(self, build_id: str, timeout: float) -> dict[str, Any]:
-        def finished() -> dict[str, Any] | None:
-            build = self.build_json(build_id)
-            return build if build["state"] in TERMINAL_BUILD_STATES else None
-
-        result: dict[str, Any] = wait_for(
-            finished, timeout=timeout, interval=0.5, message=f"build {build_id} finished"
-        )
-        return result
 
     def diagnostics(self) -> str:
         """Coordinator and agent logs, for a failure message."""
