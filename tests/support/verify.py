@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from typing import Any
 
 from polyarch.proto.platforms import parse_platform
 
+from .services import skopeo_raw
 
-def skopeo_raw(reference: str) -> dict[str, Any]:
-    """The manifest or index at a reference, as skopeo reads it from the registry."""
-    out = subprocess.run(
-        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{reference}"],
-        check=True, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    data: dict[str, Any] = json.loads(out.stdout)
-    return data
+__all__ = ["docker_run_uname", "index_platforms", "skopeo_missing", "skopeo_raw"]
 
 
 def skopeo_missing(reference: str) -> bool:
