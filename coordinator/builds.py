@@ -103,7 +103,8 @@ class BuildManager:
             elif now >= deadline:
                 del self._orphans[job_id]
                 build, job = found
-                self._requeue(build, job, f"agent {job.agent} did not return after a restart")
+                reason = f"agent {job.agent} did not return after a restart"
+                self._requeue(build, job, reason, kind="restart")
         self.dispatch()
 
     async def close(self) -> None:
@@ -214,7 +215,8 @@ class BuildManager:
             raise InvalidRequest(f"agent {hello.name}: slots must be at least 1")
         old = self.sessions.get(hello.name)
         if old is not None:
-            self.detach_agent(old, "replaced by a new connection")
+            still_running = {(r.job_id, r.attempt) for r in hello.running}
+            self.detach_agent(old, "reconnected", keep=still_running)
         now = self.clock()
         session = AgentSession(
             name=hello.name, builder=hello.builder, version=hello.version, native=native,
@@ -234,16 +236,20 @@ class BuildManager:
         self.dispatch()
         return session
 
-    def detach_agent(self, session: AgentSession, reason: str) -> None:
-        """The agent's stream ended: its running jobs go back to the queue."""
+    def detach_agent(
+        self, session: AgentSession, reason: str, keep: set[tuple[str, int]] | None = None
+    ) -> None:
+        """The agent's stream ended: its running jobs go back to the queue, except those
+        in `keep` (job id, attempt), which its new stream reports it still runs."""
         session.close()
         if self.sessions.get(session.name) is not session:
             return
         del self.sessions[session.name]
         for job_id in self.scheduler.remove_agent(session.name):
             found = self._find_job(job_id)
-            if found is not None:
-                self._requeue(found[0], found[1], f"agent {session.name} {reason}")
+            if found is not None and (job_id, found[1].attempt) not in (keep or set()):
+                self._requeue(found[0], found[1], f"agent {session.name} {reason}",
+                              avoid=session.name)  # fmt: skip
         log.info("agent %s disconnected: %s", session.name, reason)
         self.dispatch()
 
@@ -307,7 +313,7 @@ class BuildManager:
             self._set_job(build, job, JobState.PUSHED, f"pushed {result.digest}")
         elif result.infrastructure_error and job.attempt < MAX_ATTEMPTS:
             self._requeue(build, job, f"{result.failed_step or 'build'} on {event.agent}: "
-                                      f"{result.error}", avoid=event.agent)  # fmt: skip
+                          f"{result.error}", avoid=event.agent, kind="infrastructure")  # fmt: skip
         else:
             job.error, job.failed_step = result.error, result.failed_step
             self._set_job(build, job, JobState.FAILED, result.error)
@@ -359,10 +365,14 @@ class BuildManager:
             )
         )  # fmt: skip
 
-    def _requeue(self, build: BuildRecord, job: JobRecord, reason: str, avoid: str = "") -> None:
+    def _requeue(
+        self, build: BuildRecord, job: JobRecord, reason: str, avoid: str = "",
+        kind: str = "agent_lost",
+    ) -> None:  # fmt: skip
+        """Puts a job back in the queue (kind labels the metric), or fails it when out of tries."""
         self.scheduler.release(job.id)
         job.requeue_reasons.append(reason)
-        self.metrics.requeues.labels(reason="agent_lost" if not avoid else "infrastructure").inc()
+        self.metrics.requeues.labels(reason=kind).inc()
         if job.attempt >= MAX_ATTEMPTS:
             job.error = f"gave up after {job.attempt} attempts; last: {reason}"
             job.finished_at = self.clock()
@@ -370,7 +380,7 @@ class BuildManager:
             self._maybe_finish(build)
             return
         job.queued_at = self.clock()
-        job.agent, job.mode = "", None
+        # job.agent stays: it names the last agent, which may reconnect and re-attach the attempt
         self._set_job(build, job, JobState.QUEUED, reason)
         self._enqueue(build, job, avoid)
 
@@ -382,9 +392,12 @@ class BuildManager:
                 continue
             build, job = found
             current = job.agent == session.name and job.attempt == item.attempt
-            if current and job.state in (JobState.ASSIGNED, JobState.RUNNING):
+            if current and job.state in (JobState.ASSIGNED, JobState.RUNNING, JobState.QUEUED):
+                # the same attempt still runs there: take it back rather than start over
                 self._orphans.pop(job.id, None)
                 self.scheduler.adopt_running(job.id, build.id, session.name)
+                if job.state is JobState.QUEUED:
+                    self._set_job(build, job, JobState.RUNNING, f"re-attached to {session.name}")
                 log.info("job %s attempt %d re-attached to %s", job.id, job.attempt, session.name)
             else:
                 session.send(agent_pb2.CoordinatorMessage(

@@ -40,7 +40,11 @@ class EventHub:
             try:
                 queue.put_nowait(event)
             except asyncio.QueueFull:
+                # a watcher this far behind is ended; it can watch again for a fresh snapshot
                 self.unsubscribe(build_id, queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
 
     def finish(self, build_id: str) -> None:
         """Tells every watcher of the build that nothing more will come."""

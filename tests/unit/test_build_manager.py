@@ -282,3 +282,32 @@ async def test_after_a_restart_a_job_whose_agent_never_returns_is_requeued(
     _, jobs = after.get(queued_build.id)
     reasons = {j.platform: j.requeue_reasons for j in jobs}
     assert reasons["linux/amd64"] == ["agent gone did not return after a restart"]
+
+
+def reconnect(manager: BuildManager, name: str, job: agent_pb2.Assignment) -> AgentSession:
+    hello = agent_pb2.AgentHello(
+        name=name, builder="sim", native_platforms=["linux/amd64"], slots=2,
+        running=[agent_pb2.RunningJob(job_id=job.job_id, attempt=job.attempt)],
+    )  # fmt: skip
+    return manager.attach_agent(hello, "sim")
+
+
+async def test_an_agent_that_reconnects_keeps_the_attempt_it_still_runs(
+    manager: BuildManager,
+) -> None:
+    first = connect(manager, "a", ["linux/amd64"])
+    build, _ = manager.submit(spec(["linux/amd64"]), "")
+    (job,) = assignments(first)
+    # the new stream arrives before the old one is noticed dead
+    second = reconnect(manager, "a", job)
+    assert first.closed and assignments(second) == []
+    _, jobs = manager.get(build.id)
+    assert (jobs[0].state, jobs[0].attempt, jobs[0].requeue_reasons) == (JobState.ASSIGNED, 1, [])
+    # the old stream was noticed first: the job was re-queued, then taken back
+    manager.detach_agent(second, "went silent (lease expired)")
+    assert manager.get(build.id)[1][0].state is JobState.QUEUED
+    third = reconnect(manager, "a", job)
+    assert assignments(third) == []
+    _, jobs = manager.get(build.id)
+    assert (jobs[0].state, jobs[0].attempt, jobs[0].agent) == (JobState.RUNNING, 1, "a")
+    assert manager.scheduler.queue == {}
