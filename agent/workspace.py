@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 from polyarch.agent.builders.base import BuildFailed
@@ -18,6 +20,8 @@ class Workspace:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # one download per digest at a time: concurrent jobs of one build share the context
+        self._downloads: dict[str, asyncio.Lock] = {}
         (root / "contexts").mkdir(parents=True, exist_ok=True)
         (root / "jobs").mkdir(parents=True, exist_ok=True)
 
@@ -33,8 +37,9 @@ class Workspace:
         """Downloads the context (unless cached), verifies its digest and unpacks it."""
         hexdigest = digest.removeprefix("sha256:")
         cached = self.root / "contexts" / f"{hexdigest}.tar"
-        if not cached.exists():
-            await self._download(stub, digest, cached)
+        async with self._downloads.setdefault(digest, asyncio.Lock()):
+            if not cached.exists():
+                await self._download(stub, digest, cached)
         target = job_dir / "context"
         target.mkdir()
         await asyncio.to_thread(_extract, cached, target)
@@ -43,19 +48,32 @@ class Workspace:
     async def _download(
         self, stub: agent_pb2_grpc.AgentServiceStub, digest: str, cached: Path
     ) -> None:
-        partial = cached.with_suffix(f".part{os.getpid()}")
-        hasher = hashlib.sha256()
-        with partial.open("wb") as out:
-            async for chunk in stub.FetchContext(agent_pb2.FetchContextRequest(digest=digest)):
-                hasher.update(chunk.data)
-                await asyncio.to_thread(out.write, chunk.data)
-        actual = "sha256:" + hasher.hexdigest()
-        if actual != digest:
-            partial.unlink(missing_ok=True)
-            raise BuildFailed(
-                "fetch context", f"context digest mismatch: expected {digest}, got {actual}", True
-            )
-        os.replace(partial, cached)
+        fd, name = tempfile.mkstemp(dir=cached.parent, suffix=".part")
+        partial = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                request = agent_pb2.FetchContextRequest(digest=digest)
+                async for chunk in stub.FetchContext(request):
+                    await asyncio.to_thread(out.write, chunk.data)
+            # hash what landed on disk, not what went by: the file is what gets built
+            actual = "sha256:" + await asyncio.to_thread(_sha256_of, partial)
+            if actual != digest:
+                raise BuildFailed(
+                    "fetch context", f"context digest mismatch: expected {digest}, got {actual}",
+                    True,
+                )  # fmt: skip
+            os.replace(partial, cached)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+
+
+def _sha256_of(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
 def _extract(archive: Path, target: Path) -> None:
