@@ -1,0 +1,1 @@
+"""The polyarch client: the CLI, context packing and the gRPC client."""

@@ -1,0 +1,1 @@
+"""The polyarch coordinator: build API, agent channel, scheduler, state, index assembly."""

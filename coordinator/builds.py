@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -10,10 +9,11 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 from polyarch.coordinator import convert
-from polyarch.coordinator.assembly import IndexPublisher
+from polyarch.coordinator.completion import Completion, Publisher
 from polyarch.coordinator.contexts import ContextStore
 from polyarch.coordinator.events import EventHub
-from polyarch.coordinator.fleet import AgentSession, DrainedAgents
+from polyarch.coordinator.fleet import AgentSession, DrainedAgents, snapshot_fleet
+from polyarch.coordinator.ledger import BuildLedger
 from polyarch.coordinator.metrics import CoordinatorMetrics, FleetSnapshot
 from polyarch.coordinator.model import (
     BuildRecord,
@@ -54,7 +54,7 @@ class BuildManager:
         self,
         store: StateStore,
         contexts: ContextStore,
-        publisher: IndexPublisher,
+        publisher: Publisher,
         metrics: CoordinatorMetrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -67,8 +67,8 @@ class BuildManager:
         self.sessions: dict[str, AgentSession] = {}
         self.drained = DrainedAgents()
         self.hub = EventHub()
-        self._active: dict[str, tuple[BuildRecord, dict[str, JobRecord]]] = {}
-        self._assemblies: dict[str, asyncio.Task[None]] = {}
+        self.ledger = BuildLedger(store, self.hub, metrics, clock)
+        self.completion = Completion(self.ledger, publisher, metrics)
         # recovered jobs that were on an agent -> when to stop waiting for it to reconnect
         self._orphans: dict[str, float] = {}
         metrics.watch_fleet(self.fleet_snapshot)
@@ -83,21 +83,21 @@ class BuildManager:
         """
         deadline = self.clock() + reattach_grace
         for build in self.store.unfinished_builds():
-            jobs = {j.id: j for j in self.store.jobs_of(build.id)}
-            self._active[build.id] = (build, jobs)
-            for job in jobs.values():
+            jobs = self.store.jobs_of(build.id)
+            self.ledger.track(build, jobs)
+            for job in jobs:
                 if job.state in (JobState.ASSIGNED, JobState.RUNNING):
                     self._orphans[job.id] = deadline
                 elif job.state is JobState.QUEUED:
                     self._enqueue(build, job)
-            self._maybe_finish(build)
+            self.completion.check(build)
         self.dispatch()
 
     def expire_orphans(self) -> None:
         """Re-queues recovered jobs whose agent did not come back to claim them in time."""
         now = self.clock()
         for job_id, deadline in list(self._orphans.items()):
-            found = self._find_job(job_id)
+            found = self.ledger.find_job(job_id)
             if found is None or found[1].state not in (JobState.ASSIGNED, JobState.RUNNING):
                 del self._orphans[job_id]
             elif now >= deadline:
@@ -108,9 +108,7 @@ class BuildManager:
         self.dispatch()
 
     async def close(self) -> None:
-        for task in list(self._assemblies.values()):
-            task.cancel()
-        await asyncio.gather(*self._assemblies.values(), return_exceptions=True)
+        await self.completion.close()
         for session in list(self.sessions.values()):
             session.close()
 
@@ -142,7 +140,7 @@ class BuildManager:
             assert first is not None
             return first, True
         self.metrics.builds_submitted.inc()
-        self._active[build.id] = (build, jobs)
+        self.ledger.track(build, list(jobs.values()))
         for job in jobs.values():
             self.metrics.job_transitions.labels(state=JobState.QUEUED.value).inc()
             self._enqueue(build, job)
@@ -150,24 +148,16 @@ class BuildManager:
         return build, False
 
     def get(self, build_id: str) -> tuple[BuildRecord, list[JobRecord]]:
-        if build_id in self._active:
-            build, jobs = self._active[build_id]
-            return build, list(jobs.values())
-        stored = self.store.get_build(build_id)
-        if stored is None:
-            raise NotFound(f"no build with id {build_id!r}")
-        return stored, self.store.jobs_of(build_id)
+        return self.ledger.get(build_id)
 
     def list_builds(self, limit: int) -> list[tuple[BuildRecord, list[JobRecord]]]:
         return [self.get(b.id) for b in self.store.list_builds(limit)]
 
     def cancel(self, build_id: str, reason: str) -> None:
         build, jobs = self.get(build_id)
-        if build.state.terminal or build_id not in self._active:
+        if build.state.terminal or not self.ledger.is_active(build_id):
             return
-        task = self._assemblies.pop(build_id, None)
-        if task is not None:
-            task.cancel()
+        self.completion.cancel(build_id)
         for job in jobs:
             if job.state.terminal:
                 continue
@@ -182,8 +172,8 @@ class BuildManager:
                 )
             self.scheduler.release(job.id)
             job.error = reason
-            self._set_job(build, job, JobState.CANCELLED, reason)
-        self._finish(build, BuildState.CANCELLED, reason or "cancelled")
+            self.ledger.set_job(build, job, JobState.CANCELLED, reason)
+        self.ledger.finish(build, BuildState.CANCELLED, reason or "cancelled")
 
     async def watch(self, build_id: str, log_tail: int) -> AsyncIterator[build_pb2.BuildEvent]:
         """The build's snapshot, replayed log lines, then live events until the build ends."""
@@ -246,7 +236,7 @@ class BuildManager:
             return
         del self.sessions[session.name]
         for job_id in self.scheduler.remove_agent(session.name):
-            found = self._find_job(job_id)
+            found = self.ledger.find_job(job_id)
             if found is not None and (job_id, found[1].attempt) not in (keep or set()):
                 self._requeue(found[0], found[1], f"agent {session.name} {reason}",
                               avoid=session.name)  # fmt: skip
@@ -255,7 +245,7 @@ class BuildManager:
 
     def running_jobs(self, agent: str) -> list[JobRecord]:
         """The non-terminal jobs currently assigned to an agent."""
-        found = (self._find_job(job_id) for job_id in self.scheduler.running_on(agent))
+        found = (self.ledger.find_job(job_id) for job_id in self.scheduler.running_on(agent))
         return [f[1] for f in found if f is not None]
 
     def heartbeat(self, session: AgentSession) -> None:
@@ -279,7 +269,7 @@ class BuildManager:
         if found is not None:
             build, job = found
             job.started_at = self.clock()
-            self._set_job(build, job, JobState.RUNNING, f"started on {event.agent}")
+            self.ledger.set_job(build, job, JobState.RUNNING, f"started on {event.agent}")
 
     def job_log(self, event: AgentEvent, lines: list[str]) -> None:
         found = self._current(event, "log")
@@ -310,24 +300,24 @@ class BuildManager:
             )
         if result.ok:
             job.digest, job.size, job.media_type = result.digest, result.size, result.media_type
-            self._set_job(build, job, JobState.PUSHED, f"pushed {result.digest}")
+            self.ledger.set_job(build, job, JobState.PUSHED, f"pushed {result.digest}")
         elif result.infrastructure_error and job.attempt < MAX_ATTEMPTS:
             self._requeue(build, job, f"{result.failed_step or 'build'} on {event.agent}: "
                           f"{result.error}", avoid=event.agent, kind="infrastructure")  # fmt: skip
         else:
             job.error, job.failed_step = result.error, result.failed_step
-            self._set_job(build, job, JobState.FAILED, result.error)
+            self.ledger.set_job(build, job, JobState.FAILED, result.error)
         self.metrics.jobs_finished.labels(
             platform=job.platform, mode=mode, result="pushed" if result.ok else "failed"
         ).inc()
-        self._maybe_finish(build)
+        self.completion.check(build)
         self.dispatch()
 
     # ---- scheduling ---------------------------------------------------------
     def dispatch(self) -> None:
         """Asks the scheduler for placements and sends them to the agents."""
         for placement in self.scheduler.schedule():
-            found = self._find_job(placement.job_id)
+            found = self.ledger.find_job(placement.job_id)
             session = self.sessions.get(placement.agent)
             if found is None or session is None:
                 self.scheduler.release(placement.job_id)
@@ -339,10 +329,10 @@ class BuildManager:
             job.agent, job.mode = placement.agent, placement.mode
             job.started_at = job.finished_at = None
             job.error = job.failed_step = ""
-            self._set_job(build, job, JobState.ASSIGNED,
+            self.ledger.set_job(build, job, JobState.ASSIGNED,
                           f"assigned to {placement.agent} ({placement.mode.value})")  # fmt: skip
             if build.state is BuildState.QUEUED:
-                self._set_build(build, BuildState.RUNNING)
+                self.ledger.set_build(build, BuildState.RUNNING)
             session.send(agent_pb2.CoordinatorMessage(assign=self._assignment(build, job)))
 
     def _assignment(self, build: BuildRecord, job: JobRecord) -> agent_pb2.Assignment:
@@ -376,18 +366,18 @@ class BuildManager:
         if job.attempt >= MAX_ATTEMPTS:
             job.error = f"gave up after {job.attempt} attempts; last: {reason}"
             job.finished_at = self.clock()
-            self._set_job(build, job, JobState.FAILED, reason)
-            self._maybe_finish(build)
+            self.ledger.set_job(build, job, JobState.FAILED, reason)
+            self.completion.check(build)
             return
         job.queued_at = self.clock()
         # job.agent stays: it names the last agent, which may reconnect and re-attach the attempt
-        self._set_job(build, job, JobState.QUEUED, reason)
+        self.ledger.set_job(build, job, JobState.QUEUED, reason)
         self._enqueue(build, job, avoid)
 
     def _adopt(self, session: AgentSession, running: Iterable[agent_pb2.RunningJob]) -> None:
         """Re-attaches jobs an agent says it still runs, if they are still its to run."""
         for item in running:
-            found = self._find_job(item.job_id)
+            found = self.ledger.find_job(item.job_id)
             if found is None:
                 continue
             build, job = found
@@ -397,90 +387,19 @@ class BuildManager:
                 self._orphans.pop(job.id, None)
                 self.scheduler.adopt_running(job.id, build.id, session.name)
                 if job.state is JobState.QUEUED:
-                    self._set_job(build, job, JobState.RUNNING, f"re-attached to {session.name}")
+                    self.ledger.set_job(
+                        build, job, JobState.RUNNING, f"re-attached to {session.name}"
+                    )
                 log.info("job %s attempt %d re-attached to %s", job.id, job.attempt, session.name)
             else:
                 session.send(agent_pb2.CoordinatorMessage(
                     cancel=agent_pb2.CancelJob(job_id=item.job_id, attempt=item.attempt,
                                                reason="attempt is no longer current")))  # fmt: skip
 
-    # ---- completion ---------------------------------------------------------
-    def _maybe_finish(self, build: BuildRecord) -> None:
-        _, jobs = self._active[build.id]
-        if build.state.terminal or not all(j.state.terminal for j in jobs.values()):
-            return
-        failed = [j for j in jobs.values() if j.state is JobState.FAILED]
-        if failed:
-            summary = "; ".join(
-                f"{j.platform} failed"
-                + (f" at step {j.failed_step!r}" if j.failed_step else "")
-                + (f" on agent {j.agent}" if j.agent else "")
-                + f": {j.error}"
-                for j in failed
-            )
-            self._finish(build, BuildState.FAILED, summary + " (no tag was published)")
-            return
-        if build.state is not BuildState.ASSEMBLING:
-            self._set_build(build, BuildState.ASSEMBLING)
-        if build.id not in self._assemblies:
-            self._assemblies[build.id] = asyncio.get_running_loop().create_task(
-                self._assemble(build), name=f"assemble-{build.id}"
-            )
-
-    async def _assemble(self, build: BuildRecord) -> None:
-        _, jobs = self._active[build.id]
-        started = time.monotonic()
-        try:
-            result = await self.publisher.publish(build.spec, list(jobs.values()))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # every failure ends the build with its reason
-            log.warning("build %s: index assembly failed: %s", build.id, exc)
-            self._finish(build, BuildState.FAILED, f"index assembly failed: {exc}")
-            return
-        finally:
-            self._assemblies.pop(build.id, None)
-            self.metrics.assembly_duration.observe(time.monotonic() - started)
-        build.index_digest, build.index_media_type = result.digest, result.media_type
-        build.index_size = result.size
-        for job in jobs.values():
-            self.store.save_job(job, "verified in the registry", self.clock())
-        self._finish(build, BuildState.SUCCEEDED, "")
-
-    def _finish(self, build: BuildRecord, state: BuildState, error: str) -> None:
-        build.error = error
-        build.finished_at = self.clock()
-        self._set_build(build, state)
-        self.metrics.builds_finished.labels(result=state.value).inc()
-        self.hub.finish(build.id)
-        _, jobs = self._active.pop(build.id)
-        for job_id in jobs:
-            self.hub.forget_job(job_id)
-
-    # ---- state --------------------------------------------------------------
-    def _set_job(self, build: BuildRecord, job: JobRecord, state: JobState, reason: str) -> None:
-        job.state = state
-        self.store.save_job(job, reason, self.clock())
-        self.metrics.job_transitions.labels(state=state.value).inc()
-        self.hub.publish(build.id, build_pb2.BuildEvent(job=convert.job_message(job)))
-
-    def _set_build(self, build: BuildRecord, state: BuildState) -> None:
-        build.state = state
-        self.store.save_build(build)
-        _, jobs = self._active[build.id]
-        self.hub.publish(
-            build.id, build_pb2.BuildEvent(build=convert.build_message(build, list(jobs.values())))
-        )
-
-    def _find_job(self, job_id: str) -> tuple[BuildRecord, JobRecord] | None:
-        for build, jobs in self._active.values():
-            if job_id in jobs:
-                return build, jobs[job_id]
-        return None
-
+    # ---- fencing and checks ---------------------------------------------------
     def _current(self, event: AgentEvent, kind: str) -> tuple[BuildRecord, JobRecord] | None:
         """The job a message is about, or None (counted) if the message is from a stale attempt."""
-        found = self._find_job(event.job_id)
+        found = self.ledger.find_job(event.job_id)
         if found is None or found[1].state.terminal or found[1].state is JobState.QUEUED:
             self.metrics.stale_messages.labels(kind=kind).inc()
             return None
@@ -502,19 +421,4 @@ class BuildManager:
         return platforms
 
     def fleet_snapshot(self) -> FleetSnapshot:
-        agents: dict[tuple[str, str], int] = {}
-        for session in self.sessions.values():
-            key = ("draining" if session.draining else "ready", session.architecture)
-            agents[key] = agents.get(key, 0) + 1
-        builds: dict[str, int] = {}
-        for build, _ in self._active.values():
-            builds[build.state.value] = builds.get(build.state.value, 0) + 1
-        return FleetSnapshot(
-            queued_by_platform={str(p): n for p, n in self.scheduler.queued_by_platform().items()},
-            agents_by_state=agents,
-            slots={
-                name: (view.slots, len(view.running))
-                for name, view in self.scheduler.agents.items()
-            },
-            builds_by_state=builds,
-        )
+        return snapshot_fleet(self.sessions.values(), self.scheduler, self.ledger)

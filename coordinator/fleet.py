@@ -1,10 +1,14 @@
-"""Connected agents: one session per agent stream, with its outbox and liveness."""
+"""Connected agents: one session per agent stream, its outbox and liveness; fleet gauges."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from polyarch.coordinator.ledger import BuildLedger
+from polyarch.coordinator.metrics import FleetSnapshot
+from polyarch.coordinator.scheduler import Scheduler
 from polyarch.proto.platforms import Platform
 from polyarch.proto.v1 import agent_pb2
 
@@ -59,3 +63,22 @@ class DrainedAgents:
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
+
+
+def snapshot_fleet(
+    sessions: Iterable[AgentSession], scheduler: Scheduler, ledger: BuildLedger
+) -> FleetSnapshot:
+    """The live numbers the Prometheus gauges report at scrape time."""
+    agents: dict[tuple[str, str], int] = {}
+    for session in sessions:
+        key = ("draining" if session.draining else "ready", session.architecture)
+        agents[key] = agents.get(key, 0) + 1
+    builds: dict[str, int] = {}
+    for build, _ in ledger.active():
+        builds[build.state.value] = builds.get(build.state.value, 0) + 1
+    return FleetSnapshot(
+        queued_by_platform={str(p): n for p, n in scheduler.queued_by_platform().items()},
+        agents_by_state=agents,
+        slots={name: (view.slots, len(view.running)) for name, view in scheduler.agents.items()},
+        builds_by_state=builds,
+    )

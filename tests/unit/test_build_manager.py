@@ -62,7 +62,7 @@ def publisher() -> RecordingPublisher:
 def manager(tmp_path: Path, publisher: RecordingPublisher) -> Iterator[BuildManager]:
     contexts = ContextStore(tmp_path)
     contexts.path_for(DIGEST).write_bytes(CONTEXT)
-    yield BuildManager(MemoryStore(), contexts, publisher, CoordinatorMetrics())  # type: ignore[arg-type]
+    yield BuildManager(MemoryStore(), contexts, publisher, CoordinatorMetrics())
 
 
 def connect(manager: BuildManager, name: str, native: list[str], emulated: list[str] = [],  # noqa: B006
@@ -232,7 +232,7 @@ class Clock:
 
 def restarted(manager: BuildManager, publisher: RecordingPublisher, clock: Clock) -> BuildManager:
     """A new manager on the same store and contexts, as after a coordinator restart."""
-    fresh = BuildManager(manager.store, manager.contexts, publisher, CoordinatorMetrics(), clock)  # type: ignore[arg-type]
+    fresh = BuildManager(manager.store, manager.contexts, publisher, CoordinatorMetrics(), clock)
     fresh.recover(reattach_grace=10)
     return fresh
 

@@ -1,0 +1,91 @@
+"""The end of a build: fail it when a platform failed, else assemble and publish its index."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from polyarch.coordinator.index import IndexResult
+from polyarch.coordinator.ledger import BuildLedger
+from polyarch.coordinator.metrics import CoordinatorMetrics
+from polyarch.coordinator.model import BuildRecord, BuildSpec, BuildState, JobRecord, JobState
+
+log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    """Verifies a build's images and pushes its index (assembly.IndexPublisher in production)."""
+
+    async def publish(self, spec: BuildSpec, jobs: list[JobRecord]) -> IndexResult: ...
+
+
+def failure_summary(failed: list[JobRecord]) -> str:
+    """One line naming each failed platform, its step and its agent."""
+    return "; ".join(
+        f"{j.platform} failed"
+        + (f" at step {j.failed_step!r}" if j.failed_step else "")
+        + (f" on agent {j.agent}" if j.agent else "")
+        + f": {j.error}"
+        for j in failed
+    )
+
+
+class Completion:
+    """Watches for builds whose jobs have all ended and finishes them exactly once."""
+
+    def __init__(
+        self, ledger: BuildLedger, publisher: Publisher, metrics: CoordinatorMetrics
+    ) -> None:
+        self.ledger = ledger
+        self.publisher = publisher
+        self.metrics = metrics
+        self._assemblies: dict[str, asyncio.Task[None]] = {}
+
+    def check(self, build: BuildRecord) -> None:
+        """Finishes the build if every job has ended: failed, or published (in the background)."""
+        _, jobs = self.ledger.get(build.id)
+        if build.state.terminal or not all(j.state.terminal for j in jobs):
+            return
+        failed = [j for j in jobs if j.state is JobState.FAILED]
+        if failed:
+            summary = failure_summary(failed)
+            self.ledger.finish(build, BuildState.FAILED, summary + " (no tag was published)")
+            return
+        if build.state is not BuildState.ASSEMBLING:
+            self.ledger.set_build(build, BuildState.ASSEMBLING)
+        if build.id not in self._assemblies:
+            self._assemblies[build.id] = asyncio.get_running_loop().create_task(
+                self._assemble(build), name=f"assemble-{build.id}"
+            )
+
+    def cancel(self, build_id: str) -> None:
+        task = self._assemblies.pop(build_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def close(self) -> None:
+        for task in list(self._assemblies.values()):
+            task.cancel()
+        await asyncio.gather(*self._assemblies.values(), return_exceptions=True)
+
+    async def _assemble(self, build: BuildRecord) -> None:
+        _, jobs = self.ledger.get(build.id)
+        started = time.monotonic()
+        try:
+            result = await self.publisher.publish(build.spec, jobs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure ends the build with its reason
+            log.warning("build %s: index assembly failed: %s", build.id, exc)
+            self.ledger.finish(build, BuildState.FAILED, f"index assembly failed: {exc}")
+            return
+        finally:
+            self._assemblies.pop(build.id, None)
+            self.metrics.assembly_duration.observe(time.monotonic() - started)
+        build.index_digest, build.index_media_type = result.digest, result.media_type
+        build.index_size = result.size
+        for job in jobs:
+            self.ledger.save_job(job, "verified in the registry")
+        self.ledger.finish(build, BuildState.SUCCEEDED, "")
