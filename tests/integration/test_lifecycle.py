@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tests.support.farm import POLYARCH, Farm, running_farm
 from tests.support.poll import poll_until
 from tests.support.verify import skopeo_missing, skopeo_raw
 
+# BUILD_ID is fresh per test so the shared dockerd never answers a slow step from cache.
 SLOW = "ARG BASE\nFROM ${BASE}\nARG BUILD_ID\nRUN echo ${BUILD_ID} > /id && sleep {sleep}\n"
 
 
@@ -51,7 +53,7 @@ async def test_cancel_stops_the_builder_and_publishes_nothing(
     tag = f"{registry.address}/{unique_repo}:cancelled"
     proc, build_id = await submit(
         farm, "--platform", "linux/amd64", "-t", tag, "--build-arg", f"BASE={base_image}",
-        "--build-arg", f"BUILD_ID={tmp_path.name}", str(slow_context(tmp_path, 120)),
+        "--build-arg", f"BUILD_ID={uuid.uuid4().hex}", str(slow_context(tmp_path, 120)),
     )  # fmt: skip
     await poll_until(lambda: farm.build_started(build_id, "linux/amd64"), timeout=60,
                      message="the job never started")  # fmt: skip
@@ -73,7 +75,7 @@ async def test_ctrl_c_with_cancel_on_interrupt_cancels_the_build(
     proc, build_id = await submit(
         farm, "--cancel-on-interrupt", "--platform", "linux/amd64",
         "-t", f"{registry.address}/{unique_repo}:x", "--build-arg", f"BASE={base_image}",
-        "--build-arg", f"BUILD_ID={tmp_path.name}", str(slow_context(tmp_path, 120)),
+        "--build-arg", f"BUILD_ID={uuid.uuid4().hex}", str(slow_context(tmp_path, 120)),
     )  # fmt: skip
     await poll_until(lambda: farm.build_started(build_id, "linux/amd64"), timeout=60,
                      message="the job never started")  # fmt: skip
@@ -120,7 +122,7 @@ async def test_sigterm_on_an_agent_hands_its_job_to_another(
     tag = f"{registry.address}/{unique_repo}:handed-back"
     proc, build_id = await submit(
         farm, "--platform", "linux/amd64", "-t", tag, "--build-arg", f"BASE={base_image}",
-        "--build-arg", f"BUILD_ID={tmp_path.name}", str(slow_context(tmp_path, 6)),
+        "--build-arg", f"BUILD_ID={uuid.uuid4().hex}", str(slow_context(tmp_path, 6)),
     )  # fmt: skip
     await poll_until(lambda: farm.build_started(build_id, "linux/amd64"), timeout=60,
                      message="the job never started")  # fmt: skip
@@ -138,7 +140,7 @@ async def test_the_same_idempotency_key_returns_the_same_build(
     farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str, tmp_path: Path
 ) -> None:
     await farm.add_agent("a", DockerBuilder(docker_binary), native=["linux/amd64"])
-    args = ["build", "--idempotency-key", f"ci-run-{tmp_path.name}", "--platform", "linux/amd64",
+    args = ["build", "--idempotency-key", f"ci-run-{uuid.uuid4().hex}", "--platform", "linux/amd64",
             "-t", f"{registry.address}/{unique_repo}:1", "--build-arg", f"BASE={base_image}",
             str(slow_context(tmp_path, 0))]  # fmt: skip
     first = await farm.cli(*args)
