@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import secrets
-import shutil
-import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from polyarch.agent.builders.base import (
@@ -30,13 +25,10 @@ from polyarch.agent.builders.base import (
 from polyarch.agent.builders.buildah import BuildahBuilder
 from polyarch.agent.builders.docker import DockerBuilder
 from polyarch.proto.platforms import parse_platform
+from tests.support.services import Registry
 
 DOCKER_20 = "/usr/bin/docker"  # drives dockerd's embedded BuildKit without buildx
 DOCKER_28 = "/usr/local/bin/docker"  # no buildx plugin on the test machine
-DEB_CACHE = Path("/var/cache/polyarch-test/debs")
-# dpkg architecture -> (OCI architecture, variant) of the busybox base image.
-BASE_ARCHES = {"amd64": ("amd64", ""), "arm64": ("arm64", ""), "armhf": ("arm", "v7")}
-BUSYBOX_LINKS = ("sh", "ls", "cat", "echo", "uname", "sleep", "true", "false")
 UNAME = {"linux/amd64": "x86_64", "linux/arm64": "aarch64", "linux/arm/v7": "armv7l"}
 
 
@@ -47,117 +39,16 @@ def run(*argv: str, timeout: float = 120) -> str:
     return done.stdout
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} (after {timeout:g}s)")
-        time.sleep(0.05)
-
-
-def busybox_debs() -> dict[str, Path]:
-    """busybox-static .deb per dpkg architecture, downloaded once into DEB_CACHE."""
-    DEB_CACHE.mkdir(parents=True, exist_ok=True)
-    with open("/tmp/polyarch-apt.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        missing = [a for a in BASE_ARCHES if not list(DEB_CACHE.glob(f"busybox-static_*_{a}.deb"))]
-        if missing:
-            foreign = run("dpkg", "--print-foreign-architectures").split()
-            added = [a for a in missing if a != "amd64" and a not in foreign]
-            for arch in added:
-                run("dpkg", "--add-architecture", arch)
-            if added:
-                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
-            subprocess.run(
-                ["apt-get", "download", *[f"busybox-static:{a}" for a in missing]],
-                cwd=DEB_CACHE, capture_output=True, timeout=300, check=True,
-            )  # fmt: skip
-    return {a: next(DEB_CACHE.glob(f"busybox-static_*_{a}.deb")) for a in BASE_ARCHES}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def registry_ready(address: str) -> bool:
-    try:
-        with httpx.Client(trust_env=False, timeout=1) as client:
-            return client.get(f"http://{address}/v2/").status_code == 200
-    except httpx.HTTPError:
-        return False
+@pytest.fixture(scope="session")
+def builders_registry(registry: Registry) -> str:
+    """The shared session registry's address."""
+    return registry.address
 
 
 @pytest.fixture(scope="session")
-def builders_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A plain-HTTP registry on a free 127.0.0.1 port; yields "127.0.0.1:PORT"."""
-    root = tmp_path_factory.mktemp("builders-registry")
-    address = f"127.0.0.1:{free_port()}"
-    config = root / "config.yml"
-    config.write_text(
-        f"version: 0.1\nhttp:\n  addr: {address}\n"
-        f"storage:\n  delete:\n    enabled: true\n"
-        f"  filesystem:\n    rootdirectory: {root / 'data'}\n"
-    )
-    with (root / "registry.log").open("wb") as log:
-        server = subprocess.Popen(
-            ["docker-registry", "serve", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_for(lambda: registry_ready(address) or server.poll() is not None, 20, "registry")
-        assert server.poll() is None, (root / "registry.log").read_text()
-        yield address
-    finally:
-        server.terminate()
-        try:
-            server.wait(5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5)
-
-
-@pytest.fixture(scope="session")
-def builders_base(
-    builders_registry: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """A busybox base for linux/amd64, arm64 and arm/v7, pushed as one index; its reference."""
-    work = tmp_path_factory.mktemp("builders-base")
-    reference = f"{builders_registry}/polyarch-builders/busybox:latest"
-    index = f"polyarch-builders-base-{secrets.token_hex(4)}"
-    images: list[str] = []
-    run("buildah", "manifest", "create", index)
-    try:
-        for deb_arch, deb in busybox_debs().items():
-            arch, variant = BASE_ARCHES[deb_arch]
-            tree = work / deb_arch
-            run("dpkg", "-x", str(deb), str(tree))
-            variant_flag = ["--variant", variant] if variant else []
-            container = run("buildah", "from", "--arch", arch, *variant_flag, "scratch").strip()
-            try:
-                mount = Path(run("buildah", "mount", container).strip())
-                (mount / "bin").mkdir()
-                shutil.copy2(tree / "bin" / "busybox", mount / "bin" / "busybox")
-                for link in BUSYBOX_LINKS:
-                    (mount / "bin" / link).symlink_to("busybox")
-                run("buildah", "umount", container)
-                run("buildah", "config", "--os", "linux", "--arch", arch, *variant_flag,
-                    "--env", "PATH=/bin", container)  # fmt: skip
-                images.append(run("buildah", "commit", "-q", container).strip())
-            finally:
-                run("buildah", "rm", container)
-            run("buildah", "manifest", "add", index, images[-1])
-        run("buildah", "manifest", "push", "--all", "--tls-verify=false",
-            index, f"docker://{reference}")  # fmt: skip
-    finally:
-        subprocess.run(["buildah", "manifest", "rm", index], capture_output=True, check=False)
-    yield reference
-    # Best effort: the port changes every session, so copies would pile up in local storage.
-    for leftover in (reference, *images):
-        subprocess.run(["buildah", "rmi", leftover], capture_output=True, check=False)
-    subprocess.run([DOCKER_20, "rmi", reference], capture_output=True, check=False)
+def builders_base(base_image: str) -> str:
+    """The shared offline multi-arch busybox base (linux/amd64, arm64, arm/v7)."""
+    return base_image
 
 
 def unique_image(registry: str, label: str) -> str:

@@ -6,16 +6,10 @@ import gzip
 import hashlib
 import io
 import json
-import shutil
-import socket
 import subprocess
 import tarfile
 import time
 import uuid
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,110 +28,11 @@ from polyarch.coordinator.registry import (
     RegistryUnreachable,
 )
 from polyarch.proto.platforms import Platform, parse_platform
+from tests.support.services import Registry, free_port
 
 pytestmark = pytest.mark.integration
 
-REGISTRY_BIN = "docker-registry"
 SKOPEO_INSPECT = ("skopeo", "inspect", "--raw", "--tls-verify=false", "--no-creds")
-READY_DEADLINE_SECONDS = 30.0
-USERNAME = "polyarch-ci"
-PASSWORD = "Tr1cky-pa55-" + uuid.uuid4().hex[:8]
-
-
-@dataclass(frozen=True)
-class LocalRegistry:
-    """A registry process on 127.0.0.1; username/password are set when htpasswd auth is on."""
-
-    address: str
-    username: str | None = None
-    password: str | None = None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _bcrypt_hash(password: str) -> str:
-    """A bcrypt hash for htpasswd: libxcrypt through `crypt` (3.11/3.12), else `htpasswd -B`."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import crypt  # deprecated stdlib module; only a test helper
-
-        hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
-        if hashed and hashed.startswith("$2"):
-            return hashed
-    except ImportError:
-        pass
-    if shutil.which("htpasswd") is None:
-        pytest.fail("no bcrypt available: needs Python's crypt module or htpasswd (apache2-utils)")
-    out = subprocess.run(
-        ["htpasswd", "-inB", "user"], input=password, capture_output=True, text=True, check=True
-    ).stdout
-    return out.strip().split(":", 1)[1]
-
-
-def _start_registry(tmp: Path, *, auth: bool) -> Iterator[LocalRegistry]:
-    if shutil.which(REGISTRY_BIN) is None:
-        pytest.fail(f"{REGISTRY_BIN} not installed (apt-get install -y docker-registry)")
-    port = _free_port()
-    config: dict[str, Any] = {
-        "version": 0.1,
-        "log": {"level": "warn", "accesslog": {"disabled": True}},
-        "storage": {
-            "filesystem": {"rootdirectory": str(tmp / "data")},
-            "delete": {"enabled": True},
-        },
-        "http": {"addr": f"127.0.0.1:{port}", "secret": uuid.uuid4().hex},
-    }
-    if auth:
-        htpasswd = tmp / "htpasswd"
-        htpasswd.write_text(f"{USERNAME}:{_bcrypt_hash(PASSWORD)}\n")
-        config["auth"] = {"htpasswd": {"realm": "polyarch-test", "path": str(htpasswd)}}
-    config_path = tmp / "config.yml"
-    config_path.write_text(json.dumps(config))  # JSON is YAML
-    log = (tmp / "registry.log").open("wb")
-    proc = subprocess.Popen(
-        [REGISTRY_BIN, "serve", str(config_path)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + READY_DEADLINE_SECONDS
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"registry exited early: {(tmp / 'registry.log').read_text()[-2000:]}")
-            try:
-                status = httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1.0).status_code
-                if status in (200, 401):
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"registry on port {port} not ready in {READY_DEADLINE_SECONDS}s")
-            time.sleep(0.05)  # poll interval, not a readiness wait
-        if auth:
-            yield LocalRegistry(f"127.0.0.1:{port}", USERNAME, PASSWORD)
-        else:
-            yield LocalRegistry(f"127.0.0.1:{port}")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
-    yield from _start_registry(tmp_path_factory.mktemp("registry"), auth=False)
-
-
-@pytest.fixture(scope="module")
-def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
-    yield from _start_registry(tmp_path_factory.mktemp("auth-registry"), auth=True)
 
 
 @pytest.fixture
@@ -189,7 +84,7 @@ async def _push_manifest(
 
 
 async def push_image(
-    reg: LocalRegistry, repo: str, config: dict[str, str], media_type: str = DOCKER_MANIFEST
+    reg: Registry, repo: str, config: dict[str, str], media_type: str = DOCKER_MANIFEST
 ) -> str:
     """Pushes a one-layer image by digest, the way an agent does; returns the manifest digest."""
     docker = media_type == DOCKER_MANIFEST
@@ -227,7 +122,7 @@ def _config(platform: str) -> dict[str, str]:
     return config
 
 
-def skopeo_raw(reg: LocalRegistry, repo: str, tag: str) -> dict[str, Any]:
+def skopeo_raw(reg: Registry, repo: str, tag: str) -> dict[str, Any]:
     """The manifest as an independent client (skopeo) reads it."""
     out = subprocess.run(
         [*SKOPEO_INSPECT, f"docker://{reg.address}/{repo}:{tag}"],
@@ -252,7 +147,7 @@ def _entries(index: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 async def test_manifest_list_for_three_platforms_under_two_tags(
-    registry: LocalRegistry, repo: str
+    registry: Registry, repo: str
 ) -> None:
     platforms = ["linux/amd64", "linux/arm64", "linux/arm/v7"]
     children: dict[Platform, str] = {}
@@ -275,7 +170,7 @@ async def test_manifest_list_for_three_platforms_under_two_tags(
         assert all(m["mediaType"] == DOCKER_MANIFEST for m in seen["manifests"])
 
 
-async def test_any_oci_child_gives_an_oci_index(registry: LocalRegistry, repo: str) -> None:
+async def test_any_oci_child_gives_an_oci_index(registry: Registry, repo: str) -> None:
     children = {
         parse_platform("linux/amd64"): await push_image(registry, repo, _config("linux/amd64")),
         parse_platform("linux/arm64"): await push_image(
@@ -290,7 +185,7 @@ async def test_any_oci_child_gives_an_oci_index(registry: LocalRegistry, repo: s
     assert _entries(seen) == {(str(p), d) for p, d in children.items()}
 
 
-async def test_buildkit_style_child_index_is_flattened(registry: LocalRegistry, repo: str) -> None:
+async def test_buildkit_style_child_index_is_flattened(registry: Registry, repo: str) -> None:
     image = await push_image(registry, repo, _config("linux/arm64"), OCI_MANIFEST)
     async with RegistryClient() as client:
         image_body, image_desc = await client.get_manifest(registry.address, repo, image)
@@ -328,7 +223,7 @@ async def test_buildkit_style_child_index_is_flattened(registry: LocalRegistry, 
 
 
 async def test_platform_mismatch_is_rejected_and_nothing_is_tagged(
-    registry: LocalRegistry, repo: str
+    registry: Registry, repo: str
 ) -> None:
     amd64 = await push_image(registry, repo, _config("linux/amd64"))
     wrong = await push_image(registry, repo, _config("linux/arm64"))
@@ -341,7 +236,7 @@ async def test_platform_mismatch_is_rejected_and_nothing_is_tagged(
             await client.head_manifest(registry.address, repo, "bad")
 
 
-async def test_missing_child_digest_names_the_digest(registry: LocalRegistry, repo: str) -> None:
+async def test_missing_child_digest_names_the_digest(registry: Registry, repo: str) -> None:
     present = await push_image(registry, repo, _config("linux/amd64"))
     missing = "sha256:" + hashlib.sha256(repo.encode()).hexdigest()
     children = {parse_platform("linux/amd64"): present, parse_platform("linux/arm64"): missing}
@@ -354,7 +249,7 @@ async def test_missing_child_digest_names_the_digest(registry: LocalRegistry, re
 
 
 async def test_unreachable_registry_fails_fast_after_bounded_retries() -> None:
-    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
     errors: list[str] = []
     started = time.monotonic()
     async with RegistryClient(retries=2, timeout=2.0, on_request_error=errors.append) as client:
@@ -366,17 +261,19 @@ async def test_unreachable_registry_fails_fast_after_bounded_retries() -> None:
 
 
 async def test_wrong_password_is_an_auth_error_without_the_password(
-    auth_registry: LocalRegistry, repo: str
+    auth_registry: Registry, repo: str
 ) -> None:
-    wrong = PASSWORD + "-wrong"
-    store = CredentialStore.in_memory({auth_registry.address: (USERNAME, wrong)})
+    username, password = auth_registry.username, auth_registry.password
+    assert username is not None and password is not None
+    wrong = password + "-wrong"
+    store = CredentialStore.in_memory({auth_registry.address: (username, wrong)})
     errors: list[str] = []
     async with RegistryClient(store, on_request_error=errors.append) as client:
         with pytest.raises(RegistryAuthError) as info:
             await client.head_manifest(auth_registry.address, repo, "latest")
     message = str(info.value)
     assert auth_registry.address in message and repo in message
-    assert wrong not in message and PASSWORD not in message and PASSWORD not in repr(info.value)
+    assert wrong not in message and password not in message and password not in repr(info.value)
     assert errors == ["auth"]
     async with RegistryClient() as anonymous:
         with pytest.raises(RegistryAuthError, match="anonymously"):
@@ -384,13 +281,15 @@ async def test_wrong_password_is_an_auth_error_without_the_password(
 
 
 async def test_basic_auth_with_correct_credentials_assembles(
-    auth_registry: LocalRegistry, repo: str
+    auth_registry: Registry, repo: str
 ) -> None:
     children = {
         parse_platform(p): await push_image(auth_registry, repo, _config(p))
         for p in ("linux/amd64", "linux/arm64")
     }
-    store = CredentialStore.in_memory({auth_registry.address: (USERNAME, PASSWORD)})
+    assert auth_registry.username is not None and auth_registry.password is not None
+    creds = (auth_registry.username, auth_registry.password)
+    store = CredentialStore.in_memory({auth_registry.address: creds})
     async with RegistryClient(store) as client:
         result = await assemble_index(client, auth_registry.address, repo, children, ["v1"])
         body, desc = await client.get_manifest(auth_registry.address, repo, "v1")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from polyarch.agent.builders.base import Builder
 from polyarch.agent.builders.buildah import BuildahBuilder
 from polyarch.agent.builders.docker import DockerBuilder
 from tests.support.farm import Farm, running_farm
+from tests.support.services import free_port
 from tests.support.verify import docker_run_uname, index_platforms, skopeo_missing, skopeo_raw
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
@@ -30,12 +30,6 @@ async def farm(tmp_path: Path) -> AsyncIterator[Farm]:
 
 def make_builder(kind: str, docker_binary: str) -> Builder:
     return DockerBuilder(docker_binary) if kind == "docker" else BuildahBuilder()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.emulated
@@ -142,7 +136,7 @@ async def test_unreachable_registry_fails_with_a_clear_push_error(
     farm: Farm, docker_binary: str, base_image: str, tmp_path: Path
 ) -> None:
     await farm.add_agent("agent", DockerBuilder(docker_binary), native=["linux/amd64"])
-    tag = f"127.0.0.1:{closed_port()}/polyarch-test/unreachable:1"
+    tag = f"127.0.0.1:{free_port()}/polyarch-test/unreachable:1"
     result = await farm.cli(
         "build", "--platform", "linux/amd64", "-t", tag, "--build-arg", f"BASE={base_image}",
         str(EXAMPLE),
