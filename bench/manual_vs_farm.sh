@@ -3,11 +3,12 @@
 # --platform + push per platform, then docker manifest create + push) against
 # `polyarch build` on a local farm, for examples/hello on three platforms. Every round uses a
 # fresh BUILD_ID build arg so neither side reuses the other's layer cache for the RUN step.
-# Usage: bash bench/manual_vs_farm.sh [ROUNDS]
+# Usage: bash bench/manual_vs_farm.sh [ROUNDS] [ITERATIONS]  (ITERATIONS: CPU work per RUN step)
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo_root"
 rounds=${1:-3}
+iterations=${2:-2000}
 
 bash deploy/dev/bootstrap.sh >/dev/null
 bash deploy/dev/dockerd.sh start >/dev/null
@@ -29,7 +30,8 @@ manual_build() {
   for p in "${platforms[@]}"; do
     slug=${p//\//-}
     DOCKER_BUILDKIT=1 "$docker" build -q --platform "$p" --build-arg "BASE=$base" \
-      --build-arg "BUILD_ID=$id" -t "$image:$slug" examples/hello >/dev/null
+      --build-arg "BUILD_ID=$id" --build-arg "ITERATIONS=$iterations" -t "$image:$slug" \
+      examples/hello >/dev/null
     "$docker" push -q "$image:$slug" >/dev/null
     refs+=("$image:$slug")
   done
@@ -41,9 +43,10 @@ manual_build() {
 farm_build() {
   "$POLYARCH" build --progress quiet --platform "$(IFS=,; echo "${platforms[*]}")" \
     -t "$REGISTRY/bench/farm:latest" --build-arg "BASE=$base" --build-arg "BUILD_ID=$1" \
-    examples/hello >/dev/null
+    --build-arg "ITERATIONS=$iterations" examples/hello >/dev/null
 }
 
+echo "ITERATIONS=$iterations per RUN step"
 printf '%-6s %10s %10s %7s\n' round manual_s farm_s ratio
 total_manual=0
 total_farm=0
