@@ -277,6 +277,9 @@ def builds_table(builds: Sequence[build_pb2.Build]) -> list[str]:
             for job in build.jobs
         ]
         lines.extend(aligned(rows, indent="    "))
+        for job in build.jobs:
+            for reason in job.requeue_reasons:
+                lines.append(f"      {job.platform} re-queued: {reason}")
     return lines
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from polyarch.client import api, cli
+from polyarch.client import api, cli, render
 from polyarch.proto.v1 import (
     build_pb2,
     build_pb2_grpc,
@@ -452,3 +452,14 @@ def test_coordinator_flags_are_handed_to_run_coordinator(
     assert (args.listen, args.data_dir, args.metrics_listen) == ("127.0.0.1:7600", tmp_path, None)
     assert args.insecure_registry == ["localhost:5000"]
     assert cli.main(["coordinator", "--data-dir", str(tmp_path), "--listen", "nonsense"]) == 2
+
+
+def test_builds_table_says_why_a_job_was_requeued() -> None:
+    job = build_pb2.Job(
+        id="j-1", platform="linux/arm64", state=common_pb2.JOB_STATE_PUSHED, agent="agent-b",
+        attempt=2, requeue_reasons=["agent agent-a went silent (lease expired)"],
+    )  # fmt: skip
+    build = build_pb2.Build(id="b-9", state=common_pb2.BUILD_STATE_SUCCEEDED, jobs=[job])
+    lines = render.builds_table([build])
+    assert "attempt 2" in lines[2]
+    assert lines[3] == "      linux/arm64 re-queued: agent agent-a went silent (lease expired)"
