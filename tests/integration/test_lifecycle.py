@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from polyarch.agent.builders.docker import DockerBuilder
+from polyarch.client.api import BuildClient
 from tests.support.farm import POLYARCH, Farm, running_farm
 from tests.support.poll import poll_until
+from tests.support.services import free_port
 from tests.support.verify import skopeo_missing, skopeo_raw
 
 # BUILD_ID is fresh per test so the shared dockerd never answers a slow step from cache.
@@ -149,3 +151,21 @@ async def test_the_same_idempotency_key_returns_the_same_build(
     assert first.stdout == second.stdout
     assert "attached to existing build" in second.stderr
     assert len(json.loads((await farm.cli("builds", "--json")).stdout)) == 1
+
+
+async def test_sigterm_stops_the_coordinator_gracefully(tmp_path: Path) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        POLYARCH, "coordinator", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path),
+        "--metrics-listen", "off",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with BuildClient(f"127.0.0.1:{port}", connect_timeout=30) as client:
+            assert await client.list_builds() == []  # serving, not just listening
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
