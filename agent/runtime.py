@@ -10,14 +10,17 @@ import logging
 import random
 import shutil
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client import start_http_server
 
 from polyarch.agent.builders.base import Builder, BuildFailed, BuildRequest
+from polyarch.agent.metrics import AgentMetrics
 from polyarch.agent.workspace import Workspace
 from polyarch.proto.platforms import Platform, parse_platform
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
@@ -51,6 +54,7 @@ class AgentConfig:
     heartbeat_interval: float = 3.0
     shutdown_grace: float = 60.0
     job_timeout: float = 7200.0
+    metrics_listen: str = ""
     reconnect_max_delay: float = 5.0
 
 
@@ -74,7 +78,10 @@ class Agent:
     def __init__(self, config: AgentConfig, builder: Builder) -> None:
         self.config = config
         self.builder = builder
-        self.workspace = Workspace(config.work_dir)
+        self.metrics = AgentMetrics(config.slots)
+        self.workspace = Workspace(config.work_dir, self.metrics.context_bytes_fetched.inc)
+        self._streams = 0
+        self._started: dict[tuple[str, int], float] = {}
         self.jobs: dict[str, tuple[int, asyncio.Task[None]]] = {}
         # Survives reconnects: results produced while disconnected are sent on the next stream.
         self.outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
@@ -98,6 +105,7 @@ class Agent:
                 if not self._stopping.is_set():
                     raise
             self.connected.clear()
+            self.metrics.connected.set(0)
             if self._stopping.is_set():
                 break
             attempt += 1
@@ -136,6 +144,9 @@ class Agent:
 
     async def _serve_once(self) -> None:
         cfg = self.config
+        if self._streams:
+            self.metrics.reconnects.inc()
+        self._streams += 1
         self._channel = grpc.aio.insecure_channel(cfg.coordinator, options=_CHANNEL_OPTIONS)
         async with self._channel as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
@@ -172,6 +183,7 @@ class Agent:
         kind = message.WhichOneof("message")
         if kind == "welcome":
             self.connected.set()
+            self.metrics.connected.set(1)
             log.info("connected to coordinator %s as %s", self.config.coordinator, self.config.name)
         elif kind == "assign":
             job = message.assign
@@ -179,6 +191,7 @@ class Agent:
                 return
             task = asyncio.create_task(self._run_job(stub, job), name=f"job-{job.job_id}")
             self.jobs[job.job_id] = (job.attempt, task)
+            self.metrics.slots_in_use.set(len(self.jobs))
             task.add_done_callback(lambda _task: self._forget(job.job_id, job.attempt))
         elif kind == "cancel":
             entry = self.jobs.get(message.cancel.job_id)
@@ -189,6 +202,7 @@ class Agent:
     def _forget(self, job_id: str, attempt: int) -> None:
         if job_id in self.jobs and self.jobs[job_id][0] == attempt:
             del self.jobs[job_id]
+        self.metrics.slots_in_use.set(len(self.jobs))
 
     def _send(self, message: agent_pb2.AgentMessage) -> None:
         self.outbox.put_nowait(message)
@@ -197,6 +211,7 @@ class Agent:
         self, stub: agent_pb2_grpc.AgentServiceStub, job: agent_pb2.Assignment
     ) -> None:
         job_id, attempt = job.job_id, job.attempt
+        self._started[(job_id, attempt)] = time.monotonic()
         self._send(
             agent_pb2.AgentMessage(started=agent_pb2.JobStarted(job_id=job_id, attempt=attempt))
         )
@@ -251,6 +266,13 @@ class Agent:
     def _result(self, job: agent_pb2.Assignment, **fields: Any) -> None:
         result = agent_pb2.JobResult(job_id=job.job_id, attempt=job.attempt, **fields)
         self._send(agent_pb2.AgentMessage(result=result))
+        started = self._started.pop((job.job_id, job.attempt), None)
+        if started is not None:
+            self.metrics.job_duration.labels(platform=job.platform).observe(
+                time.monotonic() - started
+            )
+        outcome = "pushed" if result.ok else "handed_back" if self._handing_back else "failed"
+        self.metrics.jobs.labels(platform=job.platform, result=outcome).inc()
 
 
 def _describe(exc: BaseException) -> str:
@@ -278,6 +300,12 @@ async def serve(config: AgentConfig, builder: Builder) -> int:
         log.error("%s", exc)
         return EXIT_BUILDER_UNAVAILABLE
     agent = Agent(config, builder)
+    metrics_server = None
+    if config.metrics_listen:
+        host, _, port = config.metrics_listen.rpartition(":")
+        metrics_server, _ = start_http_server(
+            int(port), addr=host or "127.0.0.1", registry=agent.metrics.registry
+        )
     loop = asyncio.get_running_loop()
     runner = asyncio.create_task(agent.run())
     stopping: set[asyncio.Task[None]] = set()
@@ -288,8 +316,13 @@ async def serve(config: AgentConfig, builder: Builder) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    await runner
-    await asyncio.gather(*stopping)
+    try:
+        await runner
+        await asyncio.gather(*stopping)
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
     return EXIT_OK
 
 
@@ -310,5 +343,6 @@ def run_agent(args: argparse.Namespace) -> int:
         insecure_registries=list(getattr(args, "insecure_registry", None) or []),
         shutdown_grace=float(getattr(args, "shutdown_grace", 60.0)),
         job_timeout=float(getattr(args, "job_timeout", 7200.0)),
+        metrics_listen=getattr(args, "metrics_listen", None) or "",
     )  # fmt: skip
     return asyncio.run(serve(config, make_builder(args)))

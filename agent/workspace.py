@@ -9,6 +9,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from polyarch.agent.builders.base import BuildFailed
@@ -18,8 +19,9 @@ from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
 class Workspace:
     """Caches contexts under root/contexts/<hex>.tar and unpacks one copy per job attempt."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, on_bytes: Callable[[int], None] = lambda _n: None) -> None:
         self.root = root
+        self._on_bytes = on_bytes
         # one download per digest at a time: concurrent jobs of one build share the context
         self._downloads: dict[str, asyncio.Lock] = {}
         (root / "contexts").mkdir(parents=True, exist_ok=True)
@@ -55,6 +57,7 @@ class Workspace:
                 request = agent_pb2.FetchContextRequest(digest=digest)
                 async for chunk in stub.FetchContext(request):
                     await asyncio.to_thread(out.write, chunk.data)
+                    self._on_bytes(len(chunk.data))
             # hash what landed on disk, not what went by: the file is what gets built
             actual = "sha256:" + await asyncio.to_thread(_sha256_of, partial)
             if actual != digest:

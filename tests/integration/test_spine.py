@@ -14,6 +14,7 @@ from polyarch.agent.builders.base import Builder
 from polyarch.agent.builders.buildah import BuildahBuilder
 from polyarch.agent.builders.docker import DockerBuilder
 from tests.support.farm import Farm, running_farm
+from tests.support.poll import poll_until
 from tests.support.services import free_port
 from tests.support.verify import docker_run_uname, index_platforms, skopeo_missing, skopeo_raw
 
@@ -168,14 +169,7 @@ async def test_metrics_endpoint_reports_the_build(
         "--build-arg", f"BASE={base_image}", str(EXAMPLE),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    url = f"http://127.0.0.1:{farm.coordinator.metrics_port}/metrics"
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(url, timeout=10)).text
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    samples = await scrape(farm.coordinator.metrics_port)
     finished = (
         "polyarch_jobs_finished_total",
         (("mode", "native"), ("platform", "linux/amd64"), ("result", "pushed")),
@@ -185,3 +179,37 @@ async def test_metrics_endpoint_reports_the_build(
     assert samples[("polyarch_agent_slots", (("agent", "agent"),))] == 2
     assert samples[("polyarch_context_bytes_received_total", ())] > 0
     assert samples[("polyarch_index_assembly_seconds_count", ())] == 1
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=10)).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_agent_process_exports_its_own_metrics(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str
+) -> None:
+    port = free_port()
+    await farm.spawn_agent_process("metered", docker_binary, "--metrics-listen",
+                                   f"127.0.0.1:{port}")  # fmt: skip
+    manager = farm.coordinator.manager
+    assert manager is not None
+    await poll_until(lambda: "metered" in manager.sessions, timeout=30,
+                     message="the agent process never connected")  # fmt: skip
+    result = await farm.cli(
+        "build", "--platform", "linux/amd64", "-t", f"{registry.address}/{unique_repo}:a",
+        "--build-arg", f"BASE={base_image}", str(EXAMPLE),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    samples = await scrape(port)
+    pushed = ("polyarch_agent_jobs_total", (("platform", "linux/amd64"), ("result", "pushed")))
+    assert samples[pushed] == 1
+    assert samples[("polyarch_agent_connected", ())] == 1
+    assert samples[("polyarch_agent_build_slots", ())] == 2
+    assert samples[("polyarch_agent_build_slots_in_use", ())] == 0
+    assert samples[("polyarch_agent_context_bytes_fetched_total", ())] > 0
