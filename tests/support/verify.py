@@ -36,8 +36,6 @@ def index_platforms(index: dict[str, Any]) -> dict[str, str]:
 def docker_run_uname(docker: str, reference: str, platform: str) -> str:
     """`docker run --platform P REF uname -m`, pulling fresh so the platform is honoured."""
     command = [docker, "run", "--rm", "--pull", "always", "--platform", platform, reference]
-    out = subprocess.run(
-        [*command, "uname", "-m"],
-        check=True, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    out = subprocess.run([*command, "uname", "-m"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, f"docker run --platform {platform} {reference}: {out.stderr}"
     return out.stdout.strip()
