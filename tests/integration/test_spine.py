@@ -55,13 +55,13 @@ async def test_three_platform_build_publishes_a_verified_index(
     assert metadata["containerimage.digest"] == index_digest
     assert metadata["image.name"] == f"{repo}:v1,{repo}:latest"
     reported = {p: v["digest"] for p, v in metadata["polyarch.platforms"].items()}
-    assert sorted(reported) == sorted(THREE)
+    assert sorted(reported) == sorted(THREE), metadata
     assert {v["mode"] for p, v in metadata["polyarch.platforms"].items() if p != "linux/amd64"} == {
         "emulated"
     }
     for tag in ("v1", "latest"):
         index = skopeo_raw(f"{repo}:{tag}")
-        assert index_platforms(index) == reported
+        assert index_platforms(index) == reported, (tag, index, metadata)
     for platform, machine in UNAME.items():
         assert docker_run_uname(docker_binary, f"{repo}:v1", platform) == machine
     # the live progress named every platform, its agent and its mode
