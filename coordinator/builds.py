@@ -301,15 +301,17 @@ class BuildManager:
         if result.ok:
             job.digest, job.size, job.media_type = result.digest, result.size, result.media_type
             self.ledger.set_job(build, job, JobState.PUSHED, f"pushed {result.digest}")
+            outcome = "pushed"
         elif result.infrastructure_error and job.attempt < MAX_ATTEMPTS:
             self._requeue(build, job, f"{result.failed_step or 'build'} on {event.agent}: "
                           f"{result.error}", avoid=event.agent, kind="infrastructure")  # fmt: skip
+            outcome = "retried"
         else:
             job.error, job.failed_step = result.error, result.failed_step
             self.ledger.set_job(build, job, JobState.FAILED, result.error)
-        self.metrics.jobs_finished.labels(
-            platform=job.platform, mode=mode, result="pushed" if result.ok else "failed"
-        ).inc()
+            outcome = "failed"
+        # counts attempts: result="retried" is an attempt whose job went back to the queue
+        self.metrics.jobs_finished.labels(platform=job.platform, mode=mode, result=outcome).inc()
         self.completion.check(build)
         self.dispatch()
 

@@ -74,7 +74,7 @@ class CoordinatorMetrics:
             registry=r,
         )  # fmt: skip
         self.jobs_finished = Counter(
-            "polyarch_jobs_finished", "Jobs that ended, by platform, mode and result.",
+            "polyarch_jobs_finished", "Job attempts that ended: pushed, failed or retried.",
             ["platform", "mode", "result"], registry=r,
         )  # fmt: skip
         self.job_duration = Histogram(

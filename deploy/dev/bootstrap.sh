@@ -21,6 +21,8 @@ PACKAGES=(
     ca-certificates util-linux
     # deploy/dev/check.sh lints the shell scripts.
     shellcheck
+    # prometheus + promtool: tests check deploy/prometheus/ and scrape a real farm.
+    prometheus
 )
 FOREIGN_ARCHES=(arm64 armhf)
 QEMU_HANDLERS=(qemu-aarch64 qemu-arm)
