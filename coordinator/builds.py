@@ -12,7 +12,7 @@ from polyarch.coordinator import convert
 from polyarch.coordinator.completion import Completion, Publisher
 from polyarch.coordinator.contexts import ContextStore
 from polyarch.coordinator.events import EventHub
-from polyarch.coordinator.fleet import AgentSession, DrainedAgents, snapshot_fleet
+from polyarch.coordinator.fleet import AgentSession, snapshot_fleet
 from polyarch.coordinator.ledger import BuildLedger
 from polyarch.coordinator.metrics import CoordinatorMetrics, FleetSnapshot
 from polyarch.coordinator.model import (
@@ -65,7 +65,8 @@ class BuildManager:
         self.clock = clock
         self.scheduler = Scheduler()
         self.sessions: dict[str, AgentSession] = {}
-        self.drained = DrainedAgents()
+        # names an operator drained: the drain survives the agent reconnecting
+        self.drained: set[str] = set()
         self.hub = EventHub()
         self.ledger = BuildLedger(store, self.hub, metrics, clock)
         self.completion = Completion(self.ledger, publisher, metrics)
@@ -257,7 +258,10 @@ class BuildManager:
         if session is None:
             raise NotFound(f"no connected agent named {name!r}")
         if remember:
-            self.drained.set(name, draining)
+            if draining:
+                self.drained.add(name)
+            else:
+                self.drained.discard(name)
         session.draining = draining
         self.scheduler.set_draining(name, draining)
         if not draining:

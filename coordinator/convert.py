@@ -89,15 +89,9 @@ def build_message(build: BuildRecord, jobs: list[JobRecord]) -> build_pb2.Build:
     )
 
 
-def agent_message(
-    session: AgentSession, running: list[JobRecord], connected: bool = True
-) -> fleet_pb2.Agent:
-    if not connected:
-        state = fleet_pb2.AGENT_STATE_DISCONNECTED
-    elif session.draining:
-        state = fleet_pb2.AGENT_STATE_DRAINING
-    else:
-        state = fleet_pb2.AGENT_STATE_READY
+def agent_message(session: AgentSession, running: list[JobRecord]) -> fleet_pb2.Agent:
+    """A connected agent as the fleet API shows it."""
+    state = fleet_pb2.AGENT_STATE_DRAINING if session.draining else fleet_pb2.AGENT_STATE_READY
     return fleet_pb2.Agent(
         name=session.name,
         state=state,

@@ -49,22 +49,6 @@ class AgentSession:
         return natives[0] if natives else "unknown"
 
 
-class DrainedAgents:
-    """Names of agents an operator drained; survives the agent reconnecting."""
-
-    def __init__(self) -> None:
-        self._names: set[str] = set()
-
-    def set(self, name: str, draining: bool) -> None:
-        if draining:
-            self._names.add(name)
-        else:
-            self._names.discard(name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-
 def snapshot_fleet(
     sessions: Iterable[AgentSession], scheduler: Scheduler, ledger: BuildLedger
 ) -> FleetSnapshot:

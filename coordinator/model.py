@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from polyarch.proto.platforms import Platform, parse_platform
-
 
 class BuildState(enum.StrEnum):
     QUEUED = "queued"
@@ -100,10 +98,6 @@ class JobRecord:
     started_at: float | None = None
     finished_at: float | None = None
     requeue_reasons: list[str] = field(default_factory=list)
-
-    @property
-    def parsed_platform(self) -> Platform:
-        return parse_platform(self.platform)
 
 
 @dataclass

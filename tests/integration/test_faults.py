@@ -29,6 +29,14 @@ BUILD_TIMEOUT = 180.0
 HEARTBEAT_INTERVAL = 3.0  # the agent's default
 
 
+def assert_moved_off(victim: str, jobs: list[dict[str, Any]]) -> None:
+    """Each job that was on the victim ended elsewhere, on a later attempt, saying why."""
+    for job in jobs:
+        assert job["agent"] != victim, job
+        assert job["attempt"] >= 2, job
+        assert any(victim in reason for reason in job["requeue_reasons"]), job
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, registry: Registry) -> Iterator[Fleet]:
     with running_fleet(tmp_path / "fleet", ["agent-a", "agent-b"]) as running:
@@ -68,6 +76,16 @@ class BackgroundBuild:
 
         found: str = wait_for(listed, timeout=30, message=f"a build for {self.tag} listed")
         return found
+
+    def victim(self, build_id: str) -> tuple[str, set[str]]:
+        """The agent running the amd64 job, and every platform of the build on it now."""
+        agent = str(self.wait_running_on_some_agent(build_id, "linux/amd64")["agent"])
+        on_it = {
+            job["platform"]
+            for job in self.fleet.build_json(build_id)["jobs"]
+            if job["agent"] == agent and job["state"] in ("assigned", "running")
+        }
+        return agent, on_it
 
     def wait_running_on_some_agent(self, build_id: str, platform: str) -> dict[str, Any]:
         job: dict[str, Any] = wait_for(
@@ -141,12 +159,7 @@ def test_agent_killed_mid_build_is_replaced(
     run = BackgroundBuild(fleet, slow_context, tag, base_image)
     background_builds.append(run)
     build_id = run.build_id()
-    victim = run.wait_running_on_some_agent(build_id, "linux/amd64")["agent"]
-    on_victim = {
-        job["platform"]
-        for job in fleet.build_json(build_id)["jobs"]
-        if job["agent"] == victim and job["state"] in ("assigned", "running")
-    }
+    victim, on_victim = run.victim(build_id)
     fleet.agents[victim].kill()
 
     code, out, err = run.result()
@@ -157,11 +170,8 @@ def test_agent_killed_mid_build_is_replaced(
     assert out.strip().splitlines()[-1] == build["index_digest"]
     jobs = jobs_by_platform(build)
     for platform in on_victim:
-        job = jobs[platform]
-        assert job["state"] == "pushed"
-        assert job["agent"] != victim, job
-        assert job["attempt"] >= 2, job
-        assert any(victim in reason for reason in job["requeue_reasons"]), job
+        assert jobs[platform]["state"] == "pushed"
+    assert_moved_off(victim, [jobs[p] for p in on_victim])
     verify_published(tag, build, docker_binary)
 
 
@@ -174,12 +184,7 @@ def test_agent_cut_off_from_the_network(
     run = BackgroundBuild(fleet, slow_context, tag, base_image)
     background_builds.append(run)
     build_id = run.build_id()
-    victim = run.wait_running_on_some_agent(build_id, "linux/amd64")["agent"]
-    on_victim = {
-        job["platform"]
-        for job in fleet.build_json(build_id)["jobs"]
-        if job["agent"] == victim and job["state"] in ("assigned", "running")
-    }
+    victim, on_victim = run.victim(build_id)
     fleet.agents[victim].disconnect()
     # The agent is alive and may still finish and push its attempt through the host's
     # dockerd; only its messages can't reach the coordinator, whose lease on it expires.
@@ -189,11 +194,7 @@ def test_agent_cut_off_from_the_network(
     build = fleet.build_json(build_id)
     assert build["state"] == "succeeded"
     jobs = jobs_by_platform(build)
-    for platform in on_victim:
-        job = jobs[platform]
-        assert job["agent"] != victim, job
-        assert job["attempt"] >= 2, job
-        assert any(victim in reason for reason in job["requeue_reasons"]), job
+    assert_moved_off(victim, [jobs[p] for p in on_victim])
     verify_published(tag, build, docker_binary)
 
     fleet.agents[victim].reconnect()
