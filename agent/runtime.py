@@ -281,14 +281,16 @@ def _describe(exc: BaseException) -> str:
     return str(exc)
 
 
-def make_builder(args: argparse.Namespace) -> Builder:
-    if args.builder == "docker":
+def make_builder(kind: str, work_dir: Path, docker_binary: str | None = None) -> Builder:
+    """The agent's builder backend: "docker" (BuildKit through a docker CLI) or "buildah"."""
+    if kind == "docker":
         from polyarch.agent.builders.docker import DockerBuilder
 
-        return DockerBuilder(getattr(args, "docker_binary", None) or "docker")
+        return DockerBuilder(docker_binary or "docker")
     from polyarch.agent.builders.buildah import BuildahBuilder
 
-    return BuildahBuilder()
+    # one containers-storage per platform under the work dir: concurrent slots are safe
+    return BuildahBuilder(storage_root=work_dir / "buildah-storage")
 
 
 async def serve(config: AgentConfig, builder: Builder) -> int:
@@ -345,4 +347,5 @@ def run_agent(args: argparse.Namespace) -> int:
         job_timeout=float(getattr(args, "job_timeout", 7200.0)),
         metrics_listen=getattr(args, "metrics_listen", None) or "",
     )  # fmt: skip
-    return asyncio.run(serve(config, make_builder(args)))
+    builder = make_builder(args.builder, config.work_dir, getattr(args, "docker_binary", None))
+    return asyncio.run(serve(config, builder))

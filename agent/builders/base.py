@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from polyarch.agent.builders.process import ProcessResult
 from polyarch.proto.platforms import Platform
 
 DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -24,7 +27,23 @@ _INFRASTRUCTURE_PATTERNS = (
     re.compile(r"error during connect"),
     re.compile(r"cannot allocate memory", re.I),
     re.compile(r"OCI runtime (create|start) failed"),
+    # containers-storage lost an image or layer under a build: another user of the storage
+    # re-pointed a name or removed it (buildah slots share storage per platform)
+    re.compile(r"\b(image|layer) not known\b"),
 )
+
+# A push that failed this way is worth repeating at once: registries answer 5xx while a
+# concurrent push of the same blob commits (distribution 2.8: "invalid checksum digest
+# format" on HEAD), and connections drop. Pushes are idempotent: blobs and manifests are
+# content-addressed.
+_TRANSIENT_PUSH_PATTERNS = (
+    re.compile(r"\b(500|502|503|504) "),
+    re.compile(r"(Internal Server Error|Bad Gateway|Service Unavailable|Gateway Timeout)"),
+    re.compile(r"connection reset by peer|broken pipe|unexpected EOF|i/o timeout", re.I),
+    re.compile(r"TLS handshake timeout|too many requests|\b429\b", re.I),
+)
+PUSH_ATTEMPTS = 3
+PUSH_RETRY_BASE_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -149,3 +168,25 @@ def last_meaningful_line(lines: Sequence[str]) -> str:
         if line.strip() and line.strip() != "------":
             return line.strip()
     return "the builder exited with an error and printed nothing"
+
+
+def push_failure_is_transient(lines: Iterable[str]) -> bool:
+    """True when a failed push's output shows a registry hiccup that a retry may get past."""
+    return any(p.search(line) for line in lines for p in _TRANSIENT_PUSH_PATTERNS)
+
+
+async def push_with_retries(
+    push: Callable[[], Awaitable[ProcessResult]], on_line: Callable[[str], None]
+) -> ProcessResult:
+    """Runs push() up to PUSH_ATTEMPTS times while it fails transiently (jittered backoff)."""
+    for attempt in range(1, PUSH_ATTEMPTS + 1):
+        result = await push()
+        if result.ok or attempt == PUSH_ATTEMPTS or not push_failure_is_transient(result.lines):
+            return result
+        delay = PUSH_RETRY_BASE_SECONDS * 2 ** (attempt - 1) * random.uniform(1.0, 1.5)
+        on_line(
+            f"polyarch: push attempt {attempt} failed ({last_meaningful_line(result.lines)}); "
+            f"retrying in {delay:.1f} s"
+        )
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable: the last attempt always returns")

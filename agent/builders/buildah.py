@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from collections.abc import Callable, Sequence
@@ -19,14 +20,19 @@ from polyarch.agent.builders.base import (
     last_meaningful_line,
     looks_like_infrastructure_failure,
     missing_dockerfile_failure,
+    push_with_retries,
     resolve_dockerfile,
 )
+from polyarch.agent.builders.buildah_storage import StorageUsers, default_run_root
 from polyarch.agent.builders.process import (
     ProcessNotFound,
     ProcessResult,
     run_captured,
     run_streaming,
 )
+from polyarch.proto.platforms import Platform
+
+log = logging.getLogger(__name__)
 
 _STEP = re.compile(r"^(?:\[(\d+)/(\d+)\] )?STEP (\d+)/(\d+): (.*)$")
 _AT_STEP = re.compile(r'building at STEP "(.*?)": (.*)$')
@@ -88,16 +94,48 @@ def read_digest_file(path: Path) -> str | None:
 
 
 class BuildahBuilder:
-    """Builds with buildah (no daemon) and pushes OCI image manifests."""
+    """Builds with buildah (no daemon) and pushes OCI image manifests.
+
+    With a storage_root, each platform builds in its own containers-storage under it. One
+    storage shared by concurrent builds of different platforms is unsafe: pulling a
+    multi-arch `FROM` tag re-points the local name to that platform's image, so a build of
+    another platform finds the name gone ("image not known") or on the wrong image. One
+    storage per platform keeps each platform's warm layer cache and lets every slot run.
+    Without a storage_root, buildah's default storage is shared (and the race is possible).
+    Within one storage, finished jobs' images are removed only when no build runs there
+    (see StorageUsers).
+    """
 
     name = "buildah"
 
-    def __init__(self, buildah_binary: str = "buildah", storage_driver: str | None = None) -> None:
+    def __init__(
+        self,
+        buildah_binary: str = "buildah",
+        storage_driver: str | None = None,
+        storage_root: Path | None = None,
+        run_root: Path | None = None,
+    ) -> None:
         self.buildah_binary = buildah_binary
         self.storage_driver = storage_driver
+        self.storage_root = storage_root
+        self.run_root = run_root or (default_run_root(storage_root) if storage_root else None)
+        self._users: dict[str, StorageUsers] = {}
 
-    def _base(self) -> list[str]:
+    def _storage_users(self, platform: Platform) -> StorageUsers:
+        key = platform.slug if self.storage_root is not None else ""
+        if key not in self._users:
+
+            async def remove(images: list[str]) -> None:
+                await self._remove_images(platform, images)
+
+            self._users[key] = StorageUsers(remove)
+        return self._users[key]
+
+    def _base(self, platform: Platform | None = None) -> list[str]:
         argv = [self.buildah_binary]
+        if self.storage_root is not None and self.run_root is not None and platform is not None:
+            argv += ["--root", str(self.storage_root / platform.slug)]
+            argv += ["--runroot", str(self.run_root / platform.slug)]
         if self.storage_driver:
             argv += ["--storage-driver", self.storage_driver]
         return argv
@@ -121,7 +159,7 @@ class BuildahBuilder:
         self, request: BuildRequest, dockerfile_path: str
     ) -> tuple[list[str], list[str]]:
         """The `buildah build` argv and notes about options it cannot honour."""
-        argv = [*self._base(), "build", "--platform", str(request.platform)]
+        argv = [*self._base(request.platform), "build", "--platform", str(request.platform)]
         argv += ["-f", dockerfile_path, "-t", request.image]
         argv += ["--layers", "--force-rm", "--format", "oci"]
         if request.insecure_registry:
@@ -142,7 +180,8 @@ class BuildahBuilder:
         return argv, notes
 
     def push_command(self, request: BuildRequest, digest_file: Path) -> list[str]:
-        argv = [*self._base(), "push", "--digestfile", str(digest_file), "--format", "oci"]
+        argv = [*self._base(request.platform), "push", "--digestfile", str(digest_file)]
+        argv += ["--format", "oci"]
         if request.insecure_registry:
             argv.append("--tls-verify=false")
         return [*argv, request.image, f"docker://{request.image}"]
@@ -154,20 +193,22 @@ class BuildahBuilder:
         argv, notes = self.build_command(request, str(dockerfile))
         for note in notes:
             on_line(f"polyarch: {note}")
-        built = await self._run(argv, on_line, "build")
-        if not built.ok:
-            raise parse_buildah_failure(built.lines, request.dockerfile)
-        try:
+        users = self._storage_users(request.platform)
+        async with users.building():
+            built = await self._run(argv, on_line, "build")
+            if not built.ok:
+                raise parse_buildah_failure(built.lines, request.dockerfile)
+            # the per-job image goes once no build shares the storage: see StorageUsers
+            users.remove_later(request.image)
             with tempfile.TemporaryDirectory(prefix="polyarch-push-") as scratch:
                 digest_file = Path(scratch) / "digest"
-                pushed = await self._run(self.push_command(request, digest_file), on_line, "push")
+                push = self.push_command(request, digest_file)
+                pushed = await push_with_retries(lambda: self._run(push, on_line, "push"), on_line)
                 if not pushed.ok:
                     raise BuildFailed("push", last_meaningful_line(pushed.lines), True)
                 digest = read_digest_file(digest_file)
             if digest is None:
                 raise BuildFailed("push", "buildah push wrote no manifest digest", True)
-        finally:
-            await self._remove_image(request.image, on_line)
         return PushedImage(digest=digest, size=0, media_type=OCI_MANIFEST_V1)
 
     async def _run(
@@ -178,12 +219,12 @@ class BuildahBuilder:
         except ProcessNotFound as exc:
             raise BuildFailed(step, f"cannot run {exc.program}: {exc.reason}", True) from exc
 
-    async def _remove_image(self, image: str, on_line: Callable[[str], None]) -> None:
-        """Untags the per-job image; cached intermediate layers stay for later builds."""
+    async def _remove_images(self, platform: Platform, images: list[str]) -> None:
+        """Untags finished jobs' images; cached intermediate layers stay for later builds."""
         try:
-            removed = await run_captured([*self._base(), "rmi", image])
+            removed = await run_captured([*self._base(platform), "rmi", *images], timeout=120)
         except (ProcessNotFound, TimeoutError) as exc:
-            on_line(f"polyarch: could not remove local image {image}: {exc}")
+            log.warning("could not remove %d local image(s) of %s: %s", len(images), platform, exc)
             return
         if not removed.ok:
-            on_line(f"polyarch: could not remove local image {image}: {removed.tail(1)}")
+            log.warning("could not remove local images of %s: %s", platform, removed.tail(2))

@@ -18,6 +18,7 @@ from polyarch.agent.builders.base import (
     last_meaningful_line,
     looks_like_infrastructure_failure,
     missing_dockerfile_failure,
+    push_with_retries,
     resolve_dockerfile,
 )
 from polyarch.agent.builders.process import ProcessNotFound, ProcessResult, run_captured
@@ -166,7 +167,10 @@ class DockerBuilder:
         if not built.ok:
             raise parse_buildkit_failure(built.lines, request.dockerfile)
         try:
-            pushed = await self._run([self.docker_binary, "push", request.image], on_line, "push")
+            pushed = await push_with_retries(
+                lambda: self._run([self.docker_binary, "push", request.image], on_line, "push"),
+                on_line,
+            )
             if not pushed.ok:
                 raise BuildFailed("push", last_meaningful_line(pushed.lines), True)
             found = parse_push_digest(pushed.lines)

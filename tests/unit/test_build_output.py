@@ -15,6 +15,8 @@ from polyarch.agent.builders.base import (
     cache_reference,
     cache_type,
     looks_like_infrastructure_failure,
+    push_failure_is_transient,
+    push_with_retries,
     resolve_dockerfile,
 )
 from polyarch.agent.builders.buildah import BuildahBuilder, parse_buildah_failure, read_digest_file
@@ -24,7 +26,12 @@ from polyarch.agent.builders.docker import (
     parse_client_version,
     parse_push_digest,
 )
-from polyarch.agent.builders.process import ProcessNotFound, run_captured, run_streaming
+from polyarch.agent.builders.process import (
+    ProcessNotFound,
+    ProcessResult,
+    run_captured,
+    run_streaming,
+)
 from polyarch.proto.platforms import parse_platform
 
 # --- Output captured from the real tools on the test machine (Docker 20.10.24, buildah 1.28.2).
@@ -279,6 +286,69 @@ def test_infrastructure_patterns() -> None:
     assert looks_like_infrastructure_failure(["exec /bin/sh: exec format error"])
     assert looks_like_infrastructure_failure(["write /x: no space left on device"])
     assert not looks_like_infrastructure_failure(["exit code: 1", "hello"])
+    # containers-storage races between slots (seen with buildah 1.28 on this machine)
+    assert looks_like_infrastructure_failure([
+        'Error: creating build container: locating pulled image "127.0.0.1:5099/b/busybox:1" '
+        'name in containers storage: 127.0.0.1:5099/b/busybox:1: image not known'
+    ])  # fmt: skip
+    assert looks_like_infrastructure_failure([
+        "Error: checking if cached image exists from a previous build: "
+        "getting top layer info: layer not known"
+    ])  # fmt: skip
+    failed = parse_buildah_failure([
+        "STEP 1/3: FROM 127.0.0.1:5099/b/busybox:1",
+        'Error: creating build container: locating pulled image "127.0.0.1:5099/b/busybox:1" '
+        "name in containers storage: 127.0.0.1:5099/b/busybox:1: image not known",
+    ])  # fmt: skip
+    assert failed.infrastructure and failed.step == "[1/3] FROM 127.0.0.1:5099/b/busybox:1"
+
+
+def test_transient_push_failures() -> None:
+    assert push_failure_is_transient(["received unexpected HTTP status: 500 Internal Server Error"])
+    assert push_failure_is_transient(
+        ["read tcp 127.0.0.1:1->127.0.0.1:2: connection reset by peer"]
+    )
+    assert not push_failure_is_transient(["unauthorized: authentication required"])
+    assert not push_failure_is_transient(["denied: requested access to the resource is denied"])
+
+
+async def test_push_retries_only_transient_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("polyarch.agent.builders.base.PUSH_RETRY_BASE_SECONDS", 0.001)
+    outcomes = [
+        ProcessResult(
+            ("push",), 1, ("received unexpected HTTP status: 500 Internal Server Error",)
+        ),
+        ProcessResult(("push",), 0, ("digest: sha256:ab size: 1",)),
+    ]
+    calls: list[int] = []
+
+    async def push() -> ProcessResult:
+        calls.append(1)
+        return outcomes[len(calls) - 1]
+
+    notes: list[str] = []
+    assert (await push_with_retries(push, notes.append)).ok
+    assert len(calls) == 2 and "push attempt 1 failed" in notes[0]
+
+    denied = ProcessResult(("push",), 1, ("unauthorized: authentication required",))
+    calls.clear()
+
+    async def refused() -> ProcessResult:
+        calls.append(1)
+        return denied
+
+    assert await push_with_retries(refused, notes.append) is denied
+    assert len(calls) == 1
+
+    flaky = ProcessResult(("push",), 1, ("502 Bad Gateway",))
+
+    async def always_flaky() -> ProcessResult:
+        calls.append(1)
+        return flaky
+
+    calls.clear()
+    assert not (await push_with_retries(always_flaky, notes.append)).ok
+    assert len(calls) == 3
 
 
 # --- command lines
