@@ -7,12 +7,12 @@ import contextlib
 import hashlib
 import os
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from polyarch.agent.builders.base import BuildFailed
+from polyarch.agent.context_unpack import ContextRefused, unpack_context
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
 
 
@@ -44,7 +44,11 @@ class Workspace:
                 await self._download(stub, digest, cached)
         target = job_dir / "context"
         target.mkdir()
-        await asyncio.to_thread(_extract, cached, target)
+        try:
+            await asyncio.to_thread(unpack_context, cached, target)
+        except ContextRefused as exc:
+            # the archive is what the client sent: another agent would refuse it too
+            raise BuildFailed("unpack context", str(exc), infrastructure=False) from exc
         return target
 
     async def _download(
@@ -77,9 +81,3 @@ def _sha256_of(path: Path) -> str:
         while block := handle.read(1 << 20):
             hasher.update(block)
     return hasher.hexdigest()
-
-
-def _extract(archive: Path, target: Path) -> None:
-    with tarfile.open(archive) as tar:
-        # "data" refuses absolute paths, links out of the tree and device files.
-        tar.extractall(target, filter="data")

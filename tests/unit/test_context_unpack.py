@@ -11,12 +11,14 @@ import lzma
 import os
 import stat
 import tarfile
-from collections.abc import Callable
+import tokenize
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import polyarch.agent
 from polyarch.agent.context_unpack import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_MEMBERS,
@@ -573,7 +575,7 @@ def test_a_target_that_is_not_empty_is_refused(arena: Arena) -> None:
     assert [p.name for p in arena.target.iterdir()] == ["leftover"]
 
 
-# ---- startup check ------------------------------------------------------------------------------
+# ---- startup check and the no-extractall rule ------------------------------------------------
 
 
 def test_check_tar_safety_names_the_unpack_path() -> None:
@@ -588,3 +590,38 @@ def test_check_tar_safety_refuses_a_platform_without_dir_fd_calls(
     monkeypatch.setattr(os, "supports_dir_fd", set())
     with pytest.raises(RuntimeError, match="missing open/mkdir/symlink/link/unlink relative to"):
         check_tar_safety()
+
+
+def extraction_calls(source: str) -> list[str]:
+    """`extractall` anywhere and `.extract(` calls, in code (comments and strings don't count)."""
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(source).readline)
+              if t.type in (tokenize.NAME, tokenize.OP)]  # fmt: skip
+    found = []
+    for i, token in enumerate(tokens):
+        after = tokens[i + 1].string if i + 1 < len(tokens) else ""
+        before = tokens[i - 1].string if i else ""
+        if token.string == "extractall" or (
+            token.string == "extract" and before == "." and after == "("
+        ):
+            found.append(f"line {token.start[0]}: {token.line.strip()}")
+    return found
+
+
+def agent_sources() -> Iterator[Path]:
+    for folder in polyarch.agent.__path__:
+        yield from sorted(Path(folder).rglob("*.py"))
+
+
+def test_the_scanner_finds_extraction_calls() -> None:
+    assert extraction_calls("tar.extractall(path)\nt.extract (m)\n") == [
+        "line 1: tar.extractall(path)",
+        "line 2: t.extract (m)",
+    ]
+    assert extraction_calls("# tar.extractall(x)\ns = 'x.extract(y)'\nextract(z)\n") == []
+
+
+def test_nothing_in_the_agent_calls_tarfile_extraction() -> None:
+    sources = list(agent_sources())
+    assert {"workspace.py", "context_unpack.py", "runtime.py"} <= {p.name for p in sources}
+    found = {str(p): calls for p in sources if (calls := extraction_calls(p.read_text()))}
+    assert found == {}

@@ -70,9 +70,16 @@ async def test_a_corrupted_context_is_rejected_and_not_cached(tmp_path: Path) ->
 
 
 async def test_a_context_cannot_write_outside_its_directory(tmp_path: Path) -> None:
-    blob = tar_of({"../escape": b"no", "Dockerfile": b"FROM scratch\n"})
+    blob = tar_of({"Dockerfile": b"FROM scratch\n", "../escape": b"no"})
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     workspace = Workspace(tmp_path / "ws")
-    with pytest.raises(tarfile.OutsideDestinationError):
-        await workspace.fetch_context(ChunkedStub(blob), digest, workspace.job_dir("j", 1))  # type: ignore[arg-type]
+    job_dir = workspace.job_dir("j", 1)
+    with pytest.raises(BuildFailed) as raised:
+        await workspace.fetch_context(ChunkedStub(blob), digest, job_dir)  # type: ignore[arg-type]
+    assert (raised.value.step, raised.value.message, raised.value.infrastructure) == (
+        "unpack context",
+        "context member '../escape': has a '..' component",
+        False,
+    )
     assert not (tmp_path / "ws" / "jobs" / "escape").exists()
+    assert list((job_dir / "context").iterdir()) == []  # the Dockerfile before it is gone too
