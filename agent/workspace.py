@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -14,6 +15,34 @@ from pathlib import Path
 from polyarch.agent.builders.base import BuildFailed
 from polyarch.agent.context_unpack import ContextRefused, unpack_context
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
+
+# Job ids and digests come from the coordinator (possibly over plaintext) and become path
+# names: anything else could point rmtree or the cache outside the work folder.
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_job(job_id: str, attempt: int) -> None:
+    """Refuses a job id or attempt that is not safe as (part of) a folder name."""
+    if not _JOB_ID.fullmatch(job_id) or ".." in job_id:
+        raise BuildFailed(
+            "prepare", f"refusing job id {job_id!r}: expected 1-128 of A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit, without '..'", infrastructure=False,
+        )  # fmt: skip
+    if attempt < 1:
+        raise BuildFailed(
+            "prepare", f"refusing attempt {attempt!r}: expected a positive integer",
+            infrastructure=False,
+        )  # fmt: skip
+
+
+def check_digest(digest: str) -> None:
+    """Refuses a context digest that is not sha256: and 64 lowercase hex digits."""
+    if not _DIGEST.fullmatch(digest):
+        raise BuildFailed(
+            "prepare", f"refusing context digest {digest!r}: expected sha256: and 64 "
+            "lowercase hex digits", infrastructure=False,
+        )  # fmt: skip
 
 
 class Workspace:
@@ -28,15 +57,19 @@ class Workspace:
         (root / "jobs").mkdir(parents=True, exist_ok=True)
 
     def job_dir(self, job_id: str, attempt: int) -> Path:
+        """A fresh, private (0700) folder for one job attempt; refuses unsafe ids first."""
+        check_job(job_id, attempt)
         path = self.root / "jobs" / f"{job_id}-{attempt}"
         shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
+        path.mkdir(mode=0o700, parents=True)
+        os.chmod(path, 0o700)  # whatever the umask: contexts may hold the user's secrets
         return path
 
     async def fetch_context(
         self, stub: agent_pb2_grpc.AgentServiceStub, digest: str, job_dir: Path
     ) -> Path:
         """Downloads the context (unless cached), verifies its digest and unpacks it."""
+        check_digest(digest)
         hexdigest = digest.removeprefix("sha256:")
         cached = self.root / "contexts" / f"{hexdigest}.tar"
         async with self._downloads.setdefault(digest, asyncio.Lock()):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
+import stat
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -83,3 +85,70 @@ async def test_a_context_cannot_write_outside_its_directory(tmp_path: Path) -> N
     )
     assert not (tmp_path / "ws" / "jobs" / "escape").exists()
     assert list((job_dir / "context").iterdir()) == []  # the Dockerfile before it is gone too
+
+
+@pytest.mark.parametrize(
+    "job_id",
+    ["../../victim", "a/b", "x\x1b[31m", "", ".hidden", "-rf", "a..b", "j\n", "x" * 129, "/abs"],
+)
+def test_an_unsafe_job_id_is_refused_before_touching_disk(tmp_path: Path, job_id: str) -> None:
+    workspace = Workspace(tmp_path / "ws")
+    victim = tmp_path / "victim-1"  # where ws/jobs/../../victim-1 lands
+    victim.mkdir()
+    (victim / "keep").write_bytes(b"x")
+    with pytest.raises(BuildFailed) as raised:
+        workspace.job_dir(job_id, 1)
+    assert (raised.value.step, raised.value.infrastructure) == ("prepare", False)
+    assert raised.value.message.startswith(f"refusing job id {job_id!r}: expected")
+    assert "\x1b" not in raised.value.message and "\n" not in raised.value.message
+    assert (victim / "keep").exists()
+    assert list((tmp_path / "ws" / "jobs").iterdir()) == []
+
+
+@pytest.mark.parametrize("attempt", [0, -1])
+def test_an_attempt_below_one_is_refused(tmp_path: Path, attempt: int) -> None:
+    workspace = Workspace(tmp_path)
+    with pytest.raises(BuildFailed, match=rf"^prepare: refusing attempt {attempt}: expected a"):
+        workspace.job_dir("j", attempt)
+    assert list((tmp_path / "jobs").iterdir()) == []
+
+
+def test_a_job_folder_is_fresh_and_private_whatever_the_umask(tmp_path: Path) -> None:
+    workspace = Workspace(tmp_path)
+    old_umask = os.umask(0o277)  # would make a plain mkdir(0o700) 0o500
+    try:
+        path = workspace.job_dir("0123456789abcdef-linux-arm-v7", 2)
+        (path / "stale").write_bytes(b"x")
+        again = workspace.job_dir("0123456789abcdef-linux-arm-v7", 2)
+    finally:
+        os.umask(old_umask)
+    assert again == path == tmp_path / "jobs" / "0123456789abcdef-linux-arm-v7-2"
+    assert list(path.iterdir()) == []
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "sha256:../../x",
+        "sha256:" + "A" * 64,
+        "sha512:" + "a" * 128,
+        "sha256:abc",
+        "sha256:" + "a" * 64 + "\n",
+        "sha256:" + "a" * 63 + "/",
+        "",
+    ],
+)
+async def test_an_unsafe_context_digest_is_refused_before_touching_disk(
+    tmp_path: Path, digest: str
+) -> None:
+    workspace = Workspace(tmp_path)
+    stub = ChunkedStub(tar_of({"Dockerfile": b"FROM scratch\n"}))
+    job_dir = workspace.job_dir("j", 1)
+    with pytest.raises(BuildFailed) as raised:
+        await workspace.fetch_context(stub, digest, job_dir)  # type: ignore[arg-type]
+    assert (raised.value.step, raised.value.infrastructure) == ("prepare", False)
+    assert raised.value.message.startswith(f"refusing context digest {digest!r}: expected")
+    assert stub.calls == 0
+    assert list((tmp_path / "contexts").iterdir()) == []
+    assert list(job_dir.iterdir()) == []
