@@ -19,10 +19,12 @@ from typing import Any
 import grpc
 from prometheus_client import start_http_server
 
-from polyarch.agent.builders.base import Builder, BuildFailed, BuildRequest
+from polyarch.agent.builders.base import Builder, BuildFailed, BuildRequest, PushedImage
+from polyarch.agent.context_unpack import check_tar_safety
 from polyarch.agent.metrics import AgentMetrics
 from polyarch.agent.workspace import Workspace
 from polyarch.proto.platforms import Platform, parse_platform
+from polyarch.proto.trust import ClientTrust, aio_channel
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ VERSION = "0.1.0"
 # Exit codes of `polyarch agent`.
 EXIT_OK = 0
 EXIT_BUILDER_UNAVAILABLE = 2
+EXIT_IDENTITY_REFUSED = 3  # enrolment refused, or the coordinator rejects our certificate
 
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -56,6 +59,14 @@ class AgentConfig:
     job_timeout: float = 7200.0
     metrics_listen: str = ""
     reconnect_max_delay: float = 5.0
+    # How the agent channel is reached: mTLS under an enrolled identity, or plaintext
+    # (trust.insecure) to a --insecure coordinator at `coordinator`.
+    trust: ClientTrust = field(default_factory=lambda: ClientTrust(insecure=True))
+    channel_address: str = ""  # "" = coordinator
+
+
+class IdentityRefused(Exception):
+    """The coordinator refuses this agent's identity; retrying cannot help."""
 
 
 def registry_is_insecure(repository: str, insecure: list[str]) -> bool:
@@ -98,7 +109,14 @@ class Agent:
             try:
                 await self._serve_once()
                 attempt = 0
-            except (grpc.aio.AioRpcError, OSError) as exc:
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ):
+                    raise IdentityRefused(_describe(exc)) from None
+                log.warning("coordinator stream ended: %s", _describe(exc))
+            except OSError as exc:
                 log.warning("coordinator stream ended: %s", _describe(exc))
             except asyncio.CancelledError:
                 # closing the channel on shutdown cancels the call; anything else is real
@@ -147,7 +165,8 @@ class Agent:
         if self._streams:
             self.metrics.reconnects.inc()
         self._streams += 1
-        self._channel = grpc.aio.insecure_channel(cfg.coordinator, options=_CHANNEL_OPTIONS)
+        address = cfg.channel_address or cfg.coordinator
+        self._channel = aio_channel(address, cfg.trust, _CHANNEL_OPTIONS)
         async with self._channel as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             hello = agent_pb2.AgentHello(
@@ -216,9 +235,12 @@ class Agent:
             agent_pb2.AgentMessage(started=agent_pb2.JobStarted(job_id=job_id, attempt=attempt))
         )
         log.info("job %s attempt %d: building %s", job.job_id, job.attempt, job.platform)
-        job_dir = self.workspace.job_dir(job.job_id, job.attempt)
-        step = "fetch context"
+        job_dir: Path | None = None
+        step = "prepare"
         try:
+            # refuses an unsafe job id or attempt before anything touches disk
+            job_dir = self.workspace.job_dir(job.job_id, job.attempt)
+            step = "fetch context"
             context_dir = await self.workspace.fetch_context(stub, job.context_digest, job_dir)
             step = "build"
             insecure = registry_is_insecure(job.repository, self.config.insecure_registries)
@@ -243,6 +265,9 @@ class Agent:
                 raise BuildFailed(
                     "build", f"no result after {self.config.job_timeout:.0f} s (job timeout)", True
                 ) from None
+            if pushed.size <= 0 or not pushed.media_type:
+                step = "push"
+                pushed = await self._describe_pushed(job, pushed)
             self._result(job, ok=True, digest=pushed.digest, size=pushed.size,
                          media_type=pushed.media_type)  # fmt: skip
             log.info("job %s attempt %d: pushed %s", job.job_id, job.attempt, pushed.digest)
@@ -261,7 +286,25 @@ class Agent:
             self._result(job, ok=False, error=f"{type(exc).__name__}: {exc}", failed_step=step,
                          infrastructure_error=True)  # fmt: skip
         finally:
-            shutil.rmtree(job_dir, ignore_errors=True)
+            if job_dir is not None:
+                await asyncio.to_thread(shutil.rmtree, job_dir, ignore_errors=True)
+
+    async def _describe_pushed(self, job: agent_pb2.Assignment, pushed: PushedImage) -> PushedImage:
+        """Size and media type from the registry, for builders that report only the digest
+        (buildah): the coordinator refuses results without them."""
+        from polyarch.coordinator.credentials import CredentialStore
+        from polyarch.coordinator.registry import RegistryClient, RegistryError
+
+        registry, _, repository = job.repository.partition("/")
+        credentials = await asyncio.to_thread(CredentialStore.from_docker_config)
+        async with RegistryClient(credentials, self.config.insecure_registries) as client:
+            try:
+                found = await client.head_manifest(registry, repository, pushed.digest)
+            except RegistryError as exc:
+                raise BuildFailed(
+                    "push", f"cannot read back {pushed.digest}: {exc}", True
+                ) from None
+        return PushedImage(pushed.digest, found.size, found.media_type)
 
     def _result(self, job: agent_pb2.Assignment, **fields: Any) -> None:
         result = agent_pb2.JobResult(job_id=job.job_id, attempt=job.attempt, **fields)
@@ -301,6 +344,7 @@ async def serve(config: AgentConfig, builder: Builder) -> int:
     except BuilderUnavailable as exc:
         log.error("%s", exc)
         return EXIT_BUILDER_UNAVAILABLE
+    log.info("%s", check_tar_safety())
     agent = Agent(config, builder)
     metrics_server = None
     if config.metrics_listen:
@@ -321,6 +365,9 @@ async def serve(config: AgentConfig, builder: Builder) -> int:
     try:
         await runner
         await asyncio.gather(*stopping)
+    except IdentityRefused as exc:
+        log.error("the coordinator refuses this agent: %s", exc)
+        return EXIT_IDENTITY_REFUSED
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -328,24 +375,66 @@ async def serve(config: AgentConfig, builder: Builder) -> int:
     return EXIT_OK
 
 
+async def agent_trust(args: argparse.Namespace, work_dir: Path) -> tuple[ClientTrust, str]:
+    """(trust, address) of the agent channel: plaintext to a --insecure coordinator, or mTLS
+    under the identity in --state-dir, enrolling first (with a token) when there is none."""
+    from polyarch.agent.enrolment import IdentityStore, enrol
+    from polyarch.client.credentials import credentials_from_args
+
+    # an enrolled agent needs no token; enrolment does
+    credentials = credentials_from_args(args, require_token=False)
+    if credentials.insecure:
+        return ClientTrust(insecure=True), args.coordinator
+    store = IdentityStore(Path(args.state_dir) if args.state_dir else work_dir / "state")
+    identity = None if args.replace else store.load(args.name, args.coordinator)
+    if identity is None:
+        if credentials.token is None:
+            raise IdentityRefusedAtStart(
+                f"agent {args.name} is not enrolled with {args.coordinator} (state in "
+                f"{store.dir}): pass an agent token (--token, --token-file or $POLYARCH_TOKEN)"
+            )
+        trust = await asyncio.to_thread(credentials.resolve, args.coordinator)
+        identity = await enrol(args.coordinator, trust, args.name, bool(args.replace))
+        store.save(identity, args.coordinator)
+        log.info("enrolled as %s; identity saved in %s", args.name, store.dir)
+    return identity.trust(credentials.server_name), identity.agent_address
+
+
+class IdentityRefusedAtStart(Exception):
+    """No identity and no way to get one."""
+
+
 def run_agent(args: argparse.Namespace) -> int:
     """Entry point of `polyarch agent`."""
     from polyarch.agent.detect import emulated_platforms, native_platform
+    from polyarch.agent.enrolment import EnrolmentError
+    from polyarch.client.credentials import CredentialsError
+    from polyarch.proto.trust import PinMismatch
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     native = list(args.native) if args.native else [native_platform()]
     emulated = list(args.emulated) if args.emulated is not None else emulated_platforms()
+    work_dir = Path(args.work_dir or f"/var/lib/polyarch-agent/{args.name}")
+    try:
+        trust, channel_address = asyncio.run(agent_trust(args, work_dir))
+    except (EnrolmentError, IdentityRefusedAtStart, PinMismatch, CredentialsError) as exc:
+        log.error("%s", exc)
+        return EXIT_IDENTITY_REFUSED
+    except OSError as exc:
+        log.error("cannot reach the coordinator at %s to enrol: %s", args.coordinator, exc)
+        return EXIT_IDENTITY_REFUSED
     config = AgentConfig(
         coordinator=args.coordinator, name=args.name,
         native=[parse_platform(str(p)) for p in native],
         emulated=[parse_platform(str(p)) for p in emulated if parse_platform(str(p)) not in native],
-        slots=args.slots, work_dir=Path(args.work_dir or f"/var/lib/polyarch-agent/{args.name}"),
+        slots=args.slots, work_dir=work_dir,
         insecure_registries=list(getattr(args, "insecure_registry", None) or []),
         shutdown_grace=float(getattr(args, "shutdown_grace", 60.0)),
         job_timeout=float(getattr(args, "job_timeout", 7200.0)),
         metrics_listen=getattr(args, "metrics_listen", None) or "",
+        trust=trust, channel_address=channel_address,
     )  # fmt: skip
     builder = make_builder(args.builder, config.work_dir, getattr(args, "docker_binary", None))
     return asyncio.run(serve(config, builder))
