@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
 
 from polyarch.client.api import BuildClient  # noqa: E402
+from polyarch.client.credentials import Credentials  # noqa: E402
 from polyarch.proto.v1 import build_pb2, common_pb2  # noqa: E402
 from tests.support import services  # noqa: E402
 from tests.support.agent_containers import Fleet, running_fleet  # noqa: E402
@@ -75,7 +76,8 @@ async def one_run(fleet: Fleet, context: Path, tag: str, base: str, fault: str) 
         str(context),
     )  # fmt: skip
     try:
-        async with BuildClient(fleet.address) as client:
+        token = fleet.coordinator.admin_token_file.read_text().strip()
+        async with BuildClient(fleet.address, credentials=Credentials(token=token)) as client:
             build_id = ""
             deadline = time.monotonic() + 30
             while not build_id and time.monotonic() < deadline:

@@ -11,12 +11,16 @@ from typing import Any, TypeVar
 import grpc
 
 from polyarch.client.context import PackedContext
+from polyarch.client.credentials import Credentials
+from polyarch.proto.trust import PinMismatch, TokenFormatError, aio_channel
 from polyarch.proto.v1 import (
     build_pb2,
     build_pb2_grpc,
     common_pb2,
     fleet_pb2,
     fleet_pb2_grpc,
+    trust_pb2,
+    trust_pb2_grpc,
 )
 
 DEFAULT_COORDINATOR = "127.0.0.1:7600"
@@ -61,7 +65,15 @@ class CoordinatorUnreachable(PolyarchError):
 
 def _reason(details: str) -> str:
     """The useful tail of a gRPC connection error: 'connection refused', 'domain name not found'."""
+    if "CERTIFICATE_VERIFY_FAILED" in details or "handshake failed" in details.lower():
+        why = details.rsplit("OPENSSL_internal:", 1)[-1].removesuffix(": OK")
+        return (
+            f"TLS handshake failed ({why.strip()}): the coordinator's certificate is not "
+            "trusted; use a token that pins its CA, or --ca-file"
+        )
     tail = details.rsplit(": ", 1)[-1].strip(" []")
+    if tail.lower() == "socket closed":
+        return "the connection was closed at once (plaintext to a TLS port? drop --insecure)"
     return tail.lower() if tail else details
 
 
@@ -79,13 +91,16 @@ class BuildClient:
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
+        credentials: Credentials | None = None,
     ) -> None:
         self.address = address
         self.connect_timeout = connect_timeout
         self.rpc_timeout = rpc_timeout
+        self.credentials = credentials or Credentials()
         self._channel: grpc.aio.Channel | None = None
         self._build: Any = None
         self._fleet: Any = None
+        self._trust: Any = None
 
     async def __aenter__(self) -> BuildClient:
         await self.connect()
@@ -111,10 +126,21 @@ class BuildClient:
         """Opens the channel and waits (bounded) until the coordinator answers."""
         if self._channel is not None:
             return
-        channel = grpc.aio.insecure_channel(self.address, options=_KEEPALIVE)
+        try:
+            trust = await asyncio.wait_for(
+                asyncio.to_thread(self.credentials.resolve, self.address), self.connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise self._unreachable(_reason(str(exc)) or "no answer") from None
+        except PinMismatch as exc:
+            raise PolyarchError(str(exc), grpc.StatusCode.UNAUTHENTICATED) from None
+        except TokenFormatError as exc:
+            raise PolyarchError(str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
+        channel = aio_channel(self.address, trust, _KEEPALIVE)
         self._channel = channel
         self._build = build_pb2_grpc.BuildServiceStub(channel)
         self._fleet = fleet_pb2_grpc.FleetServiceStub(channel)
+        self._trust = trust_pb2_grpc.TrustServiceStub(channel)
         try:
             await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
         except TimeoutError:
@@ -296,6 +322,30 @@ class BuildClient:
         return await self._call(
             self._fleet_stub().UndrainAgent, fleet_pb2.DrainAgentRequest(name=name)
         )
+
+    # -- trust API -------------------------------------------------------------------------
+
+    async def create_token(
+        self, role: trust_pb2.TokenRole, ttl_seconds: int = 0, description: str = ""
+    ) -> trust_pb2.CreateTokenResponse:
+        request = trust_pb2.CreateTokenRequest(
+            role=role, ttl_seconds=ttl_seconds, description=description
+        )
+        return await self._call(self._trust_stub().CreateToken, request)
+
+    async def list_tokens(self) -> list[trust_pb2.Token]:
+        response = await self._call(self._trust_stub().ListTokens, trust_pb2.ListTokensRequest())
+        return list(response.tokens)
+
+    async def revoke_token(self, token_id: str) -> trust_pb2.Token:
+        return await self._call(
+            self._trust_stub().RevokeToken, trust_pb2.RevokeTokenRequest(id=token_id)
+        )
+
+    def _trust_stub(self) -> Any:
+        if self._trust is None:
+            raise PolyarchError("BuildClient used outside `async with` (call connect() first)")
+        return self._trust
 
     def _stub(self) -> Any:
         if self._build is None:

@@ -8,11 +8,15 @@ build keeps running on the coordinator).
 
 from __future__ import annotations
 
+import os
+
+# gRPC core logs TLS handshake failures at info level on stderr; the CLI explains them itself.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import argparse
 import asyncio
 import importlib
 import json
-import os
 import re
 import sys
 import uuid
@@ -33,9 +37,14 @@ from polyarch.client.api import (
     PolyarchError,
 )
 from polyarch.client.context import ContextError, pack_context
+from polyarch.client.credentials import (
+    CredentialsError,
+    add_credential_flags,
+    credentials_from_args,
+)
 from polyarch.client.dockerignore import DockerignoreError
 from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
-from polyarch.proto.v1 import build_pb2, common_pb2
+from polyarch.proto.v1 import build_pb2, common_pb2, trust_pb2
 
 _T = TypeVar("_T")
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -143,7 +152,22 @@ def _pairs(values: list[str] | None, flag: str, from_env: bool) -> dict[str, str
 
 
 def _client(args: argparse.Namespace) -> BuildClient:
-    return BuildClient(args.coordinator, connect_timeout=args.connect_timeout)
+    return BuildClient(
+        args.coordinator,
+        connect_timeout=args.connect_timeout,
+        credentials=credentials_from_args(args),
+    )
+
+
+_TTL = re.compile(r"^(\d+)([smhd]?)$")
+_TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl(text: str) -> int:
+    match = _TTL.match(text.strip().lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a duration like 3600, 90m, 24h or 7d: {text!r}")
+    return int(match[1]) * _TTL_UNITS[match[2]]
 
 
 # -- build -------------------------------------------------------------------------------------
@@ -253,6 +277,38 @@ def cmd_drain(args: argparse.Namespace, session: _Session) -> int:
     return 0
 
 
+# -- tokens ------------------------------------------------------------------------------------
+
+TOKEN_ROLES = {
+    "read": trust_pb2.TOKEN_ROLE_READ,
+    "ci": trust_pb2.TOKEN_ROLE_CI,
+    "admin": trust_pb2.TOKEN_ROLE_ADMIN,
+    "agent": trust_pb2.TOKEN_ROLE_AGENT,
+}
+
+
+def cmd_token(args: argparse.Namespace, session: _Session) -> int:
+    if args.token_command == "create":
+        created = _ask(
+            args,
+            lambda client: client.create_token(
+                TOKEN_ROLES[args.role], args.ttl, args.description or ""
+            ),
+        )
+        _err(f"token {created.token.id} ({args.role}) created; it is shown once:")
+        print(created.token_text, flush=True)
+    elif args.token_command == "list":
+        tokens = _ask(args, lambda client: client.list_tokens())
+        if args.json:
+            print(json.dumps([render.token_to_dict(t) for t in tokens], indent=2))
+        else:
+            print("\n".join(render.tokens_table(tokens)))
+    else:
+        revoked = _ask(args, lambda client: client.revoke_token(args.id))
+        print(f"token {revoked.id}: revoked")
+    return 0
+
+
 # -- servers (implemented by the coordinator and agent packages) --------------------------------
 
 
@@ -299,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS"
     )
+    add_credential_flags(client)
     registries = argparse.ArgumentParser(add_help=False)
     registries.add_argument(
         "--insecure-registry", action="append", default=[], metavar="HOST",
@@ -315,6 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docker-config", type=Path, metavar="PATH", help="registry credentials")
     p.add_argument("--agent-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="re-queue the jobs of an agent silent this long (default 10)")  # fmt: skip
+    p.add_argument("--agent-listen", type=_address, metavar="ADDR",
+                   help="the agents' mTLS port (default: --listen's host, port + 1)")  # fmt: skip
+    p.add_argument("--advertise", action="append", default=[], metavar="HOST[,HOST]",
+                   help="names clients and agents dial, for the server certificate")  # fmt: skip
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext, no tokens (loopback listen addresses only)")  # fmt: skip
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="an operator's server chain")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    p.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                   help="the CA agents' client certificates chain to")  # fmt: skip
     p.set_defaults(handler=cmd_coordinator)
 
     p = commands.add_parser("agent", parents=[client, registries], help="run a build agent")
@@ -331,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=float, default=60.0, metavar="SECONDS",
                    help="on SIGTERM, wait this long for jobs, then hand them back")  # fmt: skip
     p.add_argument("--metrics-listen", type=_optional_address, default=None, metavar="ADDR")
+    p.add_argument("--state-dir", type=Path, metavar="DIR",
+                   help="enrolment key and certificate (default: WORK_DIR/state)")  # fmt: skip
+    p.add_argument("--replace", action="store_true",
+                   help="re-enrol a name that is already enrolled")  # fmt: skip
     p.set_defaults(handler=cmd_agent)
 
     p = commands.add_parser(
@@ -371,6 +442,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = commands.add_parser(name, parents=[client], help=f"{name} an agent")
         p.add_argument("agent", metavar="AGENT")
         p.set_defaults(handler=cmd_drain)
+
+    p = commands.add_parser("token", help="create, list and revoke API tokens (admin)")
+    tokens = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    t = tokens.add_parser("create", parents=[client], help="print a new token, once")
+    t.add_argument("--role", required=True, choices=list(TOKEN_ROLES))
+    t.add_argument("--ttl", type=_ttl, default=0, metavar="DURATION",
+                   help="e.g. 24h, 7d (default: never expires)")  # fmt: skip
+    t.add_argument("--description", metavar="TEXT")
+    t.set_defaults(handler=cmd_token)
+    t = tokens.add_parser("list", parents=[client], help="every token, without secrets")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(handler=cmd_token)
+    t = tokens.add_parser("revoke", parents=[client], help="refuse a token from now on")
+    t.add_argument("id", metavar="ID")
+    t.set_defaults(handler=cmd_token)
     return parser
 
 
@@ -384,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args, session)
         return code
-    except (UsageError, ContextError, DockerignoreError, PlatformError) as exc:
+    except (UsageError, ContextError, DockerignoreError, PlatformError, CredentialsError) as exc:
         _err(f"polyarch: error: {exc}")
         return EXIT_USAGE
     except CoordinatorUnreachable as exc:

@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from polyarch.proto.v1 import build_pb2, common_pb2, fleet_pb2
+from polyarch.proto.v1 import build_pb2, common_pb2, fleet_pb2, trust_pb2
 
 TERMINAL_BUILD_STATES = frozenset(
     {
@@ -290,3 +290,24 @@ def _build_row(build: build_pb2.Build) -> list[str]:
         ",".join(build.tags) or "-",
         build.index_digest or "-",
     ]
+
+
+def token_to_dict(token: trust_pb2.Token) -> dict[str, Any]:
+    return {
+        "id": token.id,
+        "role": _enum_name(trust_pb2.TokenRole, token.role, "TOKEN_ROLE_"),
+        "description": token.description,
+        "created_at": _time(token.created_at),
+        "expires_at": _time(token.expires_at) if token.HasField("expires_at") else None,
+        "revoked_at": _time(token.revoked_at) if token.HasField("revoked_at") else None,
+    }
+
+
+def tokens_table(tokens: Sequence[trust_pb2.Token]) -> list[str]:
+    rows = []
+    for token in tokens:
+        data = token_to_dict(token)
+        state = "revoked" if data["revoked_at"] else "active"
+        rows.append([data["id"], data["role"], state, data["expires_at"] or "never",
+                     data["description"] or "-"])  # fmt: skip
+    return aligned([["ID", "ROLE", "STATE", "EXPIRES", "DESCRIPTION"], *rows])

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from polyarch.coordinator.auth import current_principal
 from polyarch.coordinator.builds import AgentEvent, BuildManager
 from polyarch.coordinator.errors import status_code
 from polyarch.coordinator.fleet import AgentSession
@@ -31,6 +32,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         first = await anext(request_iterator, None)
         if first is None or not first.HasField("hello"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
+            return
+        certified = current_principal().agent_name
+        if certified and first.hello.name != certified:
+            # the certificate is the identity; a hello cannot claim another agent's name
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this certificate is agent {certified}'s; hello names {first.hello.name!r}",
+            )
             return
         try:
             session = self.manager.attach_agent(first.hello, context.peer())
@@ -89,6 +98,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self, request: agent_pb2.FetchContextRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[common_pb2.ContextChunk]:
         contexts = self.manager.contexts
+        agent = current_principal().agent_name
+        if agent and not self.manager.may_fetch_context(agent, request.digest):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent {agent} holds no current assignment that uses this context",
+            )
+            return
         try:
             size = contexts.size_of(request.digest)
             if size is None:

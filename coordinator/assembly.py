@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from polyarch.coordinator.index import IndexResult, assemble_index
-from polyarch.coordinator.model import BuildSpec, JobRecord
-from polyarch.coordinator.registry import RegistryClient, parse_reference
+from polyarch.coordinator.model import BuildSpec, JobRecord, push_tag
+from polyarch.coordinator.registry import RegistryClient, RegistryError, parse_reference
 from polyarch.proto.platforms import parse_platform
 
 
@@ -15,6 +15,8 @@ class IndexPublisher:
         self.client = client
 
     async def publish(self, spec: BuildSpec, jobs: list[JobRecord]) -> IndexResult:
+        for job in jobs:
+            await self.check_pushed(spec, job)
         children = {parse_platform(job.platform): job.digest for job in jobs}
         tags = [parse_reference(tag).tag for tag in spec.tags]
         result = await assemble_index(
@@ -27,3 +29,21 @@ class IndexPublisher:
             if child is not None:
                 job.media_type, job.size = child.media_type, child.size
         return result
+
+    async def check_pushed(self, spec: BuildSpec, job: JobRecord) -> None:
+        """The job's own per-job tag must hold the digest its agent reported: an agent cannot
+        point the index at some other image of the repository (an old release, say)."""
+        tag = push_tag(job.build_id, job.platform, job.attempt)
+        try:
+            held = await self.client.head_manifest(spec.registry, spec.repository, tag)
+        except RegistryError as exc:
+            raise RegistryError(
+                f"{job.platform}: the per-job tag {tag} cannot be read ({exc}); agent "
+                f"{job.agent} reported {job.digest}", exc.registry, exc.status,
+            ) from None  # fmt: skip
+        if held.digest != job.digest:
+            raise RegistryError(
+                f"{job.platform}: agent {job.agent} reported {job.digest} but its per-job tag "
+                f"{tag} holds {held.digest}; refusing to publish",
+                spec.registry,
+            )

@@ -8,10 +8,12 @@ from typing import Any
 import grpc
 
 from polyarch.coordinator import convert
+from polyarch.coordinator.auth import current_principal
 from polyarch.coordinator.builds import BuildManager
 from polyarch.coordinator.contexts import check_digest
 from polyarch.coordinator.errors import domain_errors, status_code
 from polyarch.coordinator.model import BuildSpec, InvalidRequest, PolyarchError
+from polyarch.proto.trust import Role
 from polyarch.proto.v1 import build_pb2, build_pb2_grpc, common_pb2
 
 DEFAULT_LIST_LIMIT = 50
@@ -67,7 +69,8 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
             cache_from=list(request.cache_from),
             cache_to=list(request.cache_to),
         )
-        build, existing = self.manager.submit(spec, request.idempotency_key)
+        owner = current_principal().token_id
+        build, existing = self.manager.submit(spec, request.idempotency_key, owner)
         _, jobs = self.manager.get(build.id)
         return build_pb2.SubmitBuildResponse(
             build=convert.build_message(build, jobs), existing=existing
@@ -92,6 +95,8 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
     async def CancelBuild(
         self, request: build_pb2.CancelBuildRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> build_pb2.Build:
+        caller = current_principal()
+        self.manager.may_cancel(request.build_id, caller.token_id, caller.role is Role.ADMIN)
         self.manager.cancel(request.build_id, request.reason or "cancelled by request")
         return convert.build_message(*self.manager.get(request.build_id))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -16,6 +17,7 @@ from polyarch.coordinator.fleet import AgentSession, snapshot_fleet
 from polyarch.coordinator.ledger import BuildLedger
 from polyarch.coordinator.metrics import CoordinatorMetrics, FleetSnapshot
 from polyarch.coordinator.model import (
+    AlreadyExists,
     BuildRecord,
     BuildSpec,
     BuildState,
@@ -24,18 +26,41 @@ from polyarch.coordinator.model import (
     JobState,
     Mode,
     NotFound,
+    PermissionDenied,
     Unschedulable,
+    push_tag,
+    request_hash,
 )
 from polyarch.coordinator.scheduler import AgentView, QueuedJob, Scheduler
 from polyarch.coordinator.store import DuplicateIdempotencyKey, StateStore
 from polyarch.coordinator.validation import describe_unschedulable, validate_spec
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
+from polyarch.proto.trust import NAME_PATTERN
 from polyarch.proto.v1 import agent_pb2, build_pb2
 
 log = logging.getLogger(__name__)
 
 # A job whose agent vanished is tried this many times in all before it fails.
 MAX_ATTEMPTS = 3
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# What an agent may report having pushed: one platform's image manifest.
+IMAGE_MANIFEST_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+    }
+)
+
+
+def describe_malformed_result(result: agent_pb2.JobResult) -> str:
+    """Why a successful result cannot be taken as it is ("" when it can)."""
+    if not _DIGEST.match(result.digest):
+        return f"a malformed digest {result.digest[:80]!r} (want sha256:<64 hex>)"
+    if result.size <= 0:
+        return f"a manifest size of {result.size}"
+    if result.media_type not in IMAGE_MANIFEST_TYPES:
+        return f"an unknown manifest media type {result.media_type[:80]!r}"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -114,17 +139,25 @@ class BuildManager:
             session.close()
 
     # ---- client API ---------------------------------------------------------
-    def submit(self, spec: BuildSpec, idempotency_key: str) -> tuple[BuildRecord, bool]:
-        """Validates and records a build; returns it and whether it already existed."""
-        if idempotency_key:
-            existing = self.store.find_by_idempotency_key(idempotency_key)
+    def submit(
+        self, spec: BuildSpec, idempotency_key: str, owner: str = ""
+    ) -> tuple[BuildRecord, bool]:
+        """Validates and records a build; returns it and whether it already existed.
+
+        An idempotency key belongs to its owner (the submitting token) and to one request:
+        the same key with a different request raises AlreadyExists naming the first build."""
+        wanted = request_hash(spec)
+        key = f"{owner}/{idempotency_key}" if idempotency_key else ""
+        if key:
+            existing = self.store.find_by_idempotency_key(key)
             if existing is not None:
-                return existing, True
+                return self._same_request(existing, wanted, idempotency_key), True
         platforms = self._validate(spec)
         now = self.clock()
         build = BuildRecord(
-            id=uuid.uuid4().hex[:16], spec=spec, created_at=now, idempotency_key=idempotency_key
-        )
+            id=uuid.uuid4().hex[:16], spec=spec, created_at=now, idempotency_key=key,
+            owner=owner, request_hash=wanted,
+        )  # fmt: skip
         jobs = {
             job.id: job
             for job in (
@@ -139,7 +172,7 @@ class BuildManager:
         except DuplicateIdempotencyKey as dup:
             first = self.store.get_build(dup.build_id)
             assert first is not None
-            return first, True
+            return self._same_request(first, wanted, idempotency_key), True
         self.metrics.builds_submitted.inc()
         self.ledger.track(build, list(jobs.values()))
         for job in jobs.values():
@@ -147,6 +180,21 @@ class BuildManager:
             self._enqueue(build, job)
         self.dispatch()
         return build, False
+
+    @staticmethod
+    def _same_request(existing: BuildRecord, wanted: str, key: str) -> BuildRecord:
+        if existing.request_hash and existing.request_hash != wanted:
+            raise AlreadyExists(
+                f"idempotency key {key!r} already belongs to build {existing.id}, "
+                "which asked for something else; use a new key for a new request"
+            )
+        return existing
+
+    def may_cancel(self, build_id: str, token_id: str, is_admin: bool) -> None:
+        """Raises PermissionDenied unless the caller submitted the build or is an admin."""
+        build, _ = self.get(build_id)
+        if not is_admin and build.owner != token_id:
+            raise PermissionDenied(f"build {build_id} was submitted by another token")
 
     def get(self, build_id: str) -> tuple[BuildRecord, list[JobRecord]]:
         return self.ledger.get(build_id)
@@ -194,9 +242,12 @@ class BuildManager:
 
     # ---- agent API ----------------------------------------------------------
     def attach_agent(self, hello: agent_pb2.AgentHello, peer: str) -> AgentSession:
-        """Registers a connected agent (replacing a stale stream of the same name)."""
-        if not hello.name:
-            raise InvalidRequest("agent hello has no name")
+        """Registers a connected agent. A name holds one live stream: a second is refused
+        (AlreadyExists) until the first ends or its lease expires."""
+        if not NAME_PATTERN.match(hello.name):
+            raise InvalidRequest(
+                f"invalid agent name {hello.name!r}: letters, digits, '.', '_' and '-' only"
+            )
         try:
             native = frozenset(parse_platform(p) for p in hello.native_platforms)
             emulated = frozenset(parse_platform(p) for p in hello.emulated_platforms) - native
@@ -206,8 +257,11 @@ class BuildManager:
             raise InvalidRequest(f"agent {hello.name}: slots must be at least 1")
         old = self.sessions.get(hello.name)
         if old is not None:
-            still_running = {(r.job_id, r.attempt) for r in hello.running}
-            self.detach_agent(old, "reconnected", keep=still_running)
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(old.connected_at))
+            raise AlreadyExists(
+                f"agent {hello.name} is already connected (since {since} from {old.peer}); "
+                "a second stream for one name is refused"
+            )
         now = self.clock()
         session = AgentSession(
             name=hello.name, builder=hello.builder, version=hello.version, native=native,
@@ -226,6 +280,22 @@ class BuildManager:
                  sorted(map(str, native)), sorted(map(str, emulated)))  # fmt: skip
         self.dispatch()
         return session
+
+    def may_fetch_context(self, agent: str, digest: str) -> bool:
+        """True when `agent` holds a current assignment whose build uses context `digest`."""
+        view = self.scheduler.agents.get(agent)
+        for job_id in view.running if view is not None else ():
+            found = self.ledger.find_job(job_id)
+            build, job = found if found is not None else (None, None)
+            if build and job and job.agent == agent and build.spec.context_digest == digest:
+                return True
+        return False
+
+    def disconnect_agent(self, name: str, reason: str) -> None:
+        """Ends the live stream of agent `name`, if any (its jobs go back to the queue)."""
+        session = self.sessions.get(name)
+        if session is not None:
+            self.detach_agent(session, reason)
 
     def detach_agent(
         self, session: AgentSession, reason: str, keep: set[tuple[str, int]] | None = None
@@ -302,7 +372,16 @@ class BuildManager:
             self.metrics.job_duration.labels(platform=job.platform, mode=mode).observe(
                 job.finished_at - job.started_at
             )
-        if result.ok:
+        malformed = describe_malformed_result(result) if result.ok else ""
+        if malformed and job.attempt < MAX_ATTEMPTS:
+            self._requeue(build, job, f"agent {event.agent} reported {malformed}",
+                          avoid=event.agent, kind="infrastructure")  # fmt: skip
+            outcome = "retried"
+        elif malformed:
+            job.error, job.failed_step = f"agent {event.agent} reported {malformed}", "push"
+            self.ledger.set_job(build, job, JobState.FAILED, job.error)
+            outcome = "failed"
+        elif result.ok:
             job.digest, job.size, job.media_type = result.digest, result.size, result.media_type
             self.ledger.set_job(build, job, JobState.PUSHED, f"pushed {result.digest}")
             outcome = "pushed"
@@ -348,7 +427,7 @@ class BuildManager:
             mode=convert.MODES[job.mode or Mode.NATIVE], context_digest=spec.context_digest,
             dockerfile=spec.dockerfile, build_args=spec.build_args, target=spec.target,
             labels=spec.labels, repository=f"{spec.registry}/{spec.repository}",
-            push_tag=f"polyarch-{build.id}-{parse_platform(job.platform).slug}-{job.attempt}",
+            push_tag=push_tag(build.id, job.platform, job.attempt),
             cache_from=spec.cache_from, cache_to=spec.cache_to,
         )  # fmt: skip
 

@@ -8,12 +8,25 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from polyarch.coordinator.model import InvalidRequest, NotFound, PolyarchError, Unschedulable
+from polyarch.coordinator.model import (
+    AlreadyExists,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    PolyarchError,
+    Unauthenticated,
+    Unschedulable,
+)
 
 _CODES: list[tuple[type[PolyarchError], grpc.StatusCode]] = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unschedulable, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 P = ParamSpec("P")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 
@@ -57,6 +60,22 @@ class NotFound(PolyarchError):
 
 class Unschedulable(PolyarchError):
     """No connected agent can build a requested platform under the emulation policy."""
+
+
+class Unauthenticated(PolyarchError):
+    """No credentials, or credentials that are unknown, expired or revoked."""
+
+
+class PermissionDenied(PolyarchError):
+    """Known credentials whose role (or agent identity) does not allow the request."""
+
+
+class AlreadyExists(PolyarchError):
+    """A name, enrolment, connection or idempotency key another caller already holds."""
+
+
+class LimitExceeded(PolyarchError):
+    """A request over one of the coordinator's limits (size, count, rate)."""
 
 
 @dataclass
@@ -114,3 +133,20 @@ class BuildRecord:
     index_media_type: str = ""
     index_size: int = 0
     error: str = ""
+    # the token that submitted it ("" without auth): may cancel it; scopes its idempotency key
+    owner: str = ""
+    # sha256 of the request: the same idempotency key with another request is refused
+    request_hash: str = ""
+
+
+def request_hash(spec: BuildSpec) -> str:
+    """A stable hash of what was asked for."""
+    text = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def push_tag(build_id: str, platform: str, attempt: int) -> str:
+    """The per-job tag an agent pushes under: build, platform and attempt, so a late push of an
+    old attempt can never be mistaken for the current one."""
+    slug = str(platform).replace("/", "-")
+    return f"polyarch-{build_id}-{slug}-{attempt}"

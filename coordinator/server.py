@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import enum
+import ipaddress
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -17,15 +19,25 @@ from prometheus_client import start_http_server
 
 from polyarch.coordinator.agent_servicer import AgentServicer
 from polyarch.coordinator.assembly import IndexPublisher
+from polyarch.coordinator.auth import Authenticator, AuthInterceptor, TokenBook
 from polyarch.coordinator.build_servicer import BuildServicer
 from polyarch.coordinator.builds import BuildManager
 from polyarch.coordinator.contexts import ContextStore
 from polyarch.coordinator.credentials import CredentialStore
 from polyarch.coordinator.fleet_servicer import FleetServicer
 from polyarch.coordinator.metrics import CoordinatorMetrics
+from polyarch.coordinator.pki import (
+    CertificateAuthority,
+    ServerTLS,
+    host_of,
+    operator_tls,
+    server_names,
+)
 from polyarch.coordinator.registry import RegistryClient
 from polyarch.coordinator.store import SQLiteStore
-from polyarch.proto.v1 import agent_pb2_grpc, build_pb2_grpc, fleet_pb2_grpc
+from polyarch.coordinator.trust_servicer import TrustServicer
+from polyarch.coordinator.trust_store import SQLiteTrustStore, create_private_database
+from polyarch.proto.v1 import agent_pb2_grpc, build_pb2_grpc, fleet_pb2_grpc, trust_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +56,48 @@ _SERVER_OPTIONS = [
 ]
 
 
+def default_agent_listen(listen: str) -> str:
+    """The agent channel's address: the API's host, the next port (0 stays 0)."""
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + 1 if int(port) else 0}"
+
+
+def refuse_insecure_off_loopback(addresses: list[str]) -> None:
+    """--insecure is for one machine: every listen address must be loopback."""
+    for address in addresses:
+        host = host_of(address)
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(
+                f"--insecure refused: {address} is not a loopback address "
+                "(plaintext without authentication is for 127.0.0.1/::1 only)"
+            )
+
+
+async def add_health_and_reflection(server: grpc.aio.Server) -> None:
+    """The standard gRPC health service (no token needed) and reflection (a read token)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1._async import HealthServicer
+    from grpc_reflection.v1alpha import reflection
+
+    from polyarch.proto.v1 import agent_pb2, build_pb2, fleet_pb2, trust_pb2
+
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [
+        build_pb2.DESCRIPTOR.services_by_name["BuildService"].full_name,
+        agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+        fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
+        trust_pb2.DESCRIPTOR.services_by_name["TrustService"].full_name,
+    ]
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+
+
 class Status(enum.Enum):
     INIT = "init"
     STARTING = "starting"
@@ -56,6 +110,16 @@ class Status(enum.Enum):
 class CoordinatorConfig:
     listen: str = "127.0.0.1:7600"
     data_dir: Path = Path("polyarch-data")
+    # The agent channel (mTLS); "" = the listen host, listen port + 1 (port 0 stays 0).
+    agent_listen: str = ""
+    # Plaintext, no tokens: refused unless every listen address is loopback.
+    insecure: bool = False
+    # Extra names or addresses for the server certificate (what clients and agents dial).
+    advertise: list[str] = field(default_factory=list)
+    # An operator's PKI instead of the coordinator's own CA (all three together).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     metrics_listen: str = ""
     insecure_registries: list[str] = field(default_factory=list)
     docker_config: Path | None = None
@@ -79,7 +143,11 @@ class Coordinator:
         self._store: SQLiteStore | None = None
         self._registry: RegistryClient | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._trust_store: SQLiteTrustStore | None = None
         self.manager: BuildManager | None = None
+        self.tokens: TokenBook | None = None
+        self.server_tls: ServerTLS | None = None
+        self.agent_port = 0
 
     async def start(self, timeout: float = 30.0) -> None:
         """Starts everything; idempotent; on failure closes what it opened and raises."""
@@ -95,8 +163,15 @@ class Coordinator:
 
     async def _start(self) -> None:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self._store = SQLiteStore(cfg.data_dir / "state.sqlite3")
+        agent_listen = cfg.agent_listen or default_agent_listen(cfg.listen)
+        if cfg.insecure:
+            refuse_insecure_off_loopback([cfg.listen])
+            log.warning("--insecure: plaintext and no authentication; loopback only")
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(cfg.data_dir, 0o700)
+        database = cfg.data_dir / "state.sqlite3"
+        create_private_database(database)
+        self._store = SQLiteStore(database)
         self._registry = RegistryClient(
             credentials=CredentialStore.from_docker_config(cfg.docker_config),
             insecure_registries=cfg.insecure_registries,
@@ -108,13 +183,35 @@ class Coordinator:
             IndexPublisher(self._registry), self.metrics,
         )  # fmt: skip
         self.manager.recover(reattach_grace=cfg.agent_timeout)
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
-        build_pb2_grpc.add_BuildServiceServicer_to_server(BuildServicer(self.manager), server)
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.manager), server)
-        fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(self.manager), server)
-        self.port = server.add_insecure_port(cfg.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {cfg.listen}")
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        authority: CertificateAuthority | None = None
+        if not cfg.insecure:
+            if cfg.tls_cert or cfg.tls_key or cfg.tls_client_ca:
+                if not (cfg.tls_cert and cfg.tls_key and cfg.tls_client_ca):
+                    raise ValueError("--tls-cert, --tls-key and --tls-client-ca go together")
+                self.server_tls = operator_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            else:
+                authority = CertificateAuthority(cfg.data_dir / "tls")
+                names = server_names([cfg.listen, agent_listen], cfg.advertise)
+                self.server_tls = authority.ensure(names)
+            self._trust_store = SQLiteTrustStore(database)
+            self.tokens = TokenBook(self._trust_store, self.server_tls.ca_sha256)
+            if self.tokens.ensure_admin_token(cfg.data_dir / "admin.token"):
+                log.info("wrote the first admin token to %s", cfg.data_dir / "admin.token")
+            interceptors.append(AuthInterceptor(Authenticator(self.tokens)))
+        server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=interceptors)
+        manager = self.manager
+        build_pb2_grpc.add_BuildServiceServicer_to_server(BuildServicer(manager), server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(manager), server)
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(manager), server)
+        if self.tokens is not None:
+            trust = TrustServicer(
+                self.tokens, authority, lambda: self.agent_port,
+                lambda name: manager.disconnect_agent(name, "re-enrolled elsewhere (--replace)"),
+            )  # fmt: skip
+            trust_pb2_grpc.add_TrustServiceServicer_to_server(trust, server)
+        await add_health_and_reflection(server)
+        self.port, self.agent_port = self._add_ports(server, agent_listen)
         self._server = server
         await server.start()
         if cfg.metrics_listen:
@@ -124,7 +221,30 @@ class Coordinator:
             )
             self.metrics_port = self._metrics_server.server_port
         self._watchdog = asyncio.create_task(self._expire_silent_agents(), name="agent-watchdog")
-        log.info("coordinator listening on port %d (data in %s)", self.port, cfg.data_dir)
+        log.info(
+            "coordinator listening on port %d, agents on %d (%s; data in %s)", self.port,
+            self.agent_port, "PLAINTEXT" if cfg.insecure else "TLS", cfg.data_dir,
+        )  # fmt: skip
+
+    def _add_ports(self, server: grpc.aio.Server, agent_listen: str) -> tuple[int, int]:
+        """The API port (TLS, tokens) and the agent port (mTLS); one plaintext port if insecure."""
+        cfg = self.config
+        if self.server_tls is None:
+            port = server.add_insecure_port(cfg.listen)
+            if port == 0:
+                raise OSError(f"cannot listen on {cfg.listen}")
+            return port, port
+        pair = [(self.server_tls.server_key_pem, self.server_tls.server_cert_pem)]
+        api = server.add_secure_port(cfg.listen, grpc.ssl_server_credentials(pair))
+        agents = server.add_secure_port(
+            agent_listen,
+            grpc.ssl_server_credentials(
+                pair, root_certificates=self.server_tls.client_ca_pem, require_client_auth=True
+            ),
+        )
+        if api == 0 or agents == 0:
+            raise OSError(f"cannot listen on {cfg.listen} and {agent_listen}")
+        return api, agents
 
     async def _expire_silent_agents(self) -> None:
         assert self.manager is not None
@@ -160,6 +280,8 @@ class Coordinator:
                 await self._registry.aclose()
             if self._store is not None:
                 self._store.close()
+            if self._trust_store is not None:
+                self._trust_store.close()
         finally:
             self.status = Status.CLOSED
             self.finished.set()
@@ -200,5 +322,11 @@ def run_coordinator(args: argparse.Namespace) -> int:
         insecure_registries=list(getattr(args, "insecure_registry", None) or []),
         docker_config=Path(args.docker_config) if getattr(args, "docker_config", None) else None,
         agent_timeout=float(getattr(args, "agent_timeout", 10.0)),
+        agent_listen=getattr(args, "agent_listen", None) or "",
+        insecure=bool(getattr(args, "insecure", False)),
+        advertise=[h.strip() for a in getattr(args, "advertise", []) for h in a.split(",") if h],
+        tls_cert=getattr(args, "tls_cert", None),
+        tls_key=getattr(args, "tls_key", None),
+        tls_client_ca=getattr(args, "tls_client_ca", None),
     )
     return asyncio.run(serve(config))

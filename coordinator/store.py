@@ -74,7 +74,9 @@ CREATE TABLE IF NOT EXISTS builds (
     index_digest TEXT NOT NULL DEFAULT '',
     index_media_type TEXT NOT NULL DEFAULT '',
     index_size INTEGER NOT NULL DEFAULT 0,
-    error TEXT NOT NULL DEFAULT ''
+    error TEXT NOT NULL DEFAULT '',
+    owner TEXT NOT NULL DEFAULT '',
+    request_hash TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -117,8 +119,13 @@ def _upsert(table: str, columns: str) -> str:
 
 _BUILD_COLUMNS = (
     "id, state, spec, created_at, finished_at, idempotency_key, "
-    "index_digest, index_media_type, index_size, error"
+    "index_digest, index_media_type, index_size, error, owner, request_hash"
 )
+# Columns added after the first release, for databases made before them.
+_ADDED_COLUMNS = [
+    ("builds", "owner", "TEXT NOT NULL DEFAULT ''"),
+    ("builds", "request_hash", "TEXT NOT NULL DEFAULT ''"),
+]
 _JOB_COLUMNS = (
     "id, build_id, platform, state, agent, mode, attempt, digest, size, media_type, "
     "error, failed_step, queued_at, started_at, finished_at, requeue_reasons"
@@ -136,13 +143,17 @@ class SQLiteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        for table, column, kind in _ADDED_COLUMNS:
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def create_build(self, build: BuildRecord, jobs: list[JobRecord]) -> None:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
-                    f"INSERT INTO builds ({_BUILD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO builds ({_BUILD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     self._build_row(build),
                 )
                 for job in jobs:
@@ -244,7 +255,8 @@ class SQLiteStore:
         return (
             build.id, build.state.value, _spec_to_json(build.spec), build.created_at,
             build.finished_at, build.idempotency_key or None, build.index_digest,
-            build.index_media_type, build.index_size, build.error,
+            build.index_media_type, build.index_size, build.error, build.owner,
+            build.request_hash,
         )  # fmt: skip
 
     @staticmethod
@@ -253,6 +265,7 @@ class SQLiteStore:
             id=row[0], state=BuildState(row[1]), spec=_spec_from_json(row[2]),
             created_at=row[3], finished_at=row[4], idempotency_key=row[5] or "",
             index_digest=row[6], index_media_type=row[7], index_size=row[8], error=row[9],
+            owner=row[10], request_hash=row[11],
         )  # fmt: skip
 
     @staticmethod

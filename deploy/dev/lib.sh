@@ -53,19 +53,25 @@ agents_connected() {
   [[ $have == "$want" ]]
 }
 
-# start_farm DOCKER_BINARY: a coordinator and two agents (docker, buildah); exports
-# POLYARCH_COORDINATOR for the client commands.
+# start_farm DOCKER_BINARY: a coordinator (TLS, tokens: the secure default) and two agents
+# (docker, buildah) enrolled with an agent token; exports POLYARCH_COORDINATOR and
+# POLYARCH_TOKEN_FILE (the first admin token) for the client commands.
 start_farm() {
-  local docker=$1 port
+  local docker=$1 port agent_token
   port=$(free_port)
   export POLYARCH_COORDINATOR=127.0.0.1:$port
+  export POLYARCH_TOKEN_FILE=$farm_work/coordinator/admin.token
   "$POLYARCH" coordinator --listen "$POLYARCH_COORDINATOR" --data-dir "$farm_work/coordinator" \
+    --agent-listen "127.0.0.1:$(free_port)" \
     --metrics-listen "127.0.0.1:$(free_port)" >"$farm_work/coordinator.log" 2>&1 &
   polyarch_pids+=($!)
-  "$POLYARCH" agent --name docker-1 --builder docker --docker-binary "$docker" --slots 2 \
+  wait_for 30 test -s "$POLYARCH_TOKEN_FILE"
+  agent_token=$("$POLYARCH" token create --role agent --ttl 1h --description "dev farm agents")
+  POLYARCH_TOKEN=$agent_token "$POLYARCH" agent --name docker-1 --builder docker \
+    --docker-binary "$docker" --slots 2 \
     --work-dir "$farm_work/agent-docker" >"$farm_work/agent-docker.log" 2>&1 &
   polyarch_pids+=($!)
-  "$POLYARCH" agent --name buildah-1 --builder buildah --slots 2 \
+  POLYARCH_TOKEN=$agent_token "$POLYARCH" agent --name buildah-1 --builder buildah --slots 2 \
     --work-dir "$farm_work/agent-buildah" >"$farm_work/agent-buildah.log" 2>&1 &
   polyarch_pids+=($!)
   wait_for 60 agents_connected 2

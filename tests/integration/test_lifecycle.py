@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import pytest
 
 from polyarch.agent.builders.docker import DockerBuilder
 from polyarch.client.api import BuildClient
+from polyarch.client.credentials import Credentials
 from tests.support.farm import POLYARCH, Farm, running_farm
 from tests.support.poll import poll_until
 from tests.support.services import free_port
@@ -35,11 +37,19 @@ def slow_context(tmp_path: Path, seconds: int) -> Path:
     return context
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def submit(farm: Farm, *args: str) -> tuple[asyncio.subprocess.Process, str]:
     """Starts `polyarch build` in the background; returns it and the build id it submitted."""
     proc = await asyncio.create_subprocess_exec(
         POLYARCH, "build", "--coordinator", farm.address, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ, POLYARCH_TOKEN_FILE=str(farm.admin_token_file)),
+        # a shell that ran the suite in the background left SIGINT ignored, and an ignored
+        # signal stays ignored across exec: give the CLI the Ctrl-C a terminal would
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     manager = farm.coordinator.manager
     assert manager is not None
@@ -157,11 +167,16 @@ async def test_sigterm_stops_the_coordinator_gracefully(tmp_path: Path) -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         POLYARCH, "coordinator", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path),
-        "--metrics-listen", "off",
+        "--metrics-listen", "off", "--agent-listen", f"127.0.0.1:{free_port()}",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        async with BuildClient(f"127.0.0.1:{port}", connect_timeout=30) as client:
+        token_file = tmp_path / "admin.token"
+        await poll_until(token_file.exists, timeout=30, message="admin token written")
+        credentials = Credentials(token=token_file.read_text().strip())
+        async with BuildClient(
+            f"127.0.0.1:{port}", connect_timeout=30, credentials=credentials
+        ) as client:
             assert await client.list_builds() == []  # serving, not just listening
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0

@@ -122,11 +122,16 @@ class CoordinatorProcess:
     """`polyarch coordinator` on the host; restartable on the same data dir and port."""
 
     listen: str
+    agent_listen: str
     data_dir: Path
     log_dir: Path
     metrics_listen: str
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin.token"
 
     @property
     def address(self) -> str:
@@ -143,7 +148,8 @@ class CoordinatorProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [POLYARCH, "coordinator", "--listen", self.listen, "--data-dir",
-                 str(self.data_dir), "--metrics-listen", self.metrics_listen],
+                 str(self.data_dir), "--metrics-listen", self.metrics_listen,
+                 "--agent-listen", self.agent_listen],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         host, _, port = self.listen.rpartition(":")
@@ -232,21 +238,37 @@ class Fleet:
     coordinator: CoordinatorProcess
     work_dir: Path
     agents: dict[str, AgentContainer] = field(default_factory=dict)
+    agent_token: str = ""
 
     @property
     def address(self) -> str:
         return self.coordinator.address
 
+    def _env(self) -> dict[str, str]:
+        return dict(
+            os.environ, POLYARCH_COORDINATOR=self.address,
+            POLYARCH_TOKEN_FILE=str(self.coordinator.admin_token_file),
+        )  # fmt: skip
+
     def cli(self, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        """The real `polyarch` CLI against this fleet's coordinator."""
-        env = dict(os.environ, POLYARCH_COORDINATOR=self.address)
+        """The real `polyarch` CLI against this fleet's coordinator, as its admin."""
         return subprocess.run(
-            [POLYARCH, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-        )
+            [POLYARCH, *args], env=self._env(), capture_output=True, text=True, timeout=timeout,
+            check=False,
+        )  # fmt: skip
+
+    def enrolment_token(self) -> str:
+        """One agent token for the fleet (`polyarch token create --role agent`)."""
+        if not self.agent_token:
+            done = self.cli("token", "create", "--role", "agent", "--description", "fleet")
+            if done.returncode != 0:
+                raise FleetError(f"token create exited {done.returncode}: {done.stderr}")
+            self.agent_token = done.stdout.strip()
+        return self.agent_token
 
     def popen_cli(self, *args: str) -> subprocess.Popen[str]:
         """The real `polyarch` CLI in the background (stdout and stderr piped)."""
-        env = dict(os.environ, POLYARCH_COORDINATOR=self.address)
+        env = self._env()
         return subprocess.Popen(
             [POLYARCH, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -288,14 +310,19 @@ class Fleet:
             container.with_volume_mapping(path, path, "ro")
         container.with_volume_mapping("/var/run/docker.sock", "/var/run/docker.sock", "rw")
         container.with_tmpfs_mount("/work").with_tmpfs_mount("/tmp")
+        # the enrolled identity outlives the container's restarts, as on a real host
+        state = self.work_dir / "agent-state" / name
+        state.mkdir(parents=True, exist_ok=True)
+        container.with_volume_mapping(str(state), "/state", "rw")
         container.with_name(f"{self.network.name}-{name}")
-        container.with_envs(HOME="/root", PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+        container.with_envs(HOME="/root", PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1",
+                            POLYARCH_TOKEN=self.enrolment_token())  # fmt: skip
         container.with_kwargs(labels={"polyarch-test": self.network.name})
         container.with_command([
             POLYARCH, "agent", "--coordinator", self.address, "--name", name,
             "--builder", "docker", "--docker-binary", DOCKER,
             "--native", AGENT_NATIVE, "--emulated", AGENT_EMULATED,
-            "--slots", str(slots), "--work-dir", "/work",
+            "--slots", str(slots), "--work-dir", "/work", "--state-dir", "/state",
         ])  # fmt: skip
         agent = AgentContainer(name, container, self.network.name)
         self.agents[name] = agent  # registered first, so teardown removes it even if start fails
@@ -347,7 +374,8 @@ def running_fleet(
         cleanup.callback(network.remove)
         gateway = _network_gateway(network)
         coordinator = CoordinatorProcess(
-            listen=f"{gateway}:{free_port(gateway)}", data_dir=work_dir / "coordinator",
+            listen=f"{gateway}:{free_port(gateway)}",
+            agent_listen=f"{gateway}:{free_port(gateway)}", data_dir=work_dir / "coordinator",
             log_dir=work_dir, metrics_listen=f"127.0.0.1:{free_port('127.0.0.1')}",
         )  # fmt: skip
         cleanup.callback(coordinator.stop)

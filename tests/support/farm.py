@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from polyarch.agent.builders.base import Builder
+from polyarch.agent.enrolment import enrol
 from polyarch.agent.runtime import Agent, AgentConfig
+from polyarch.client.credentials import Credentials
 from polyarch.coordinator.server import Coordinator, CoordinatorConfig
 from polyarch.proto.platforms import parse_platform
+from polyarch.proto.trust import ClientTrust, Role
 
 POLYARCH = str(Path(sys.executable).parent / "polyarch")
 
@@ -41,6 +44,35 @@ class Farm:
     def address(self) -> str:
         return self.coordinator.address
 
+    @property
+    def admin_token_file(self) -> Path:
+        return self.coordinator.config.data_dir / "admin.token"
+
+    @property
+    def admin_token(self) -> str:
+        return self.admin_token_file.read_text().strip()
+
+    def token(self, role: Role, ttl: float = 0) -> str:
+        """A new token of `role` (made directly in the coordinator, as `token create` would)."""
+        tokens = self.coordinator.tokens
+        assert tokens is not None, "the farm runs --insecure"
+        return str(tokens.create(role, ttl, f"test {role.value}"))
+
+    def credentials(self, token: str | None = None) -> Credentials:
+        """What a client of this farm presents: a token (admin by default), CA pinned by it."""
+        if self.coordinator.config.insecure:
+            return Credentials(insecure=True)
+        return Credentials(token=token or self.admin_token)
+
+    async def agent_channel(self, name: str) -> tuple[ClientTrust, str]:
+        """Enrols `name` with an agent token: (mTLS trust, agent channel address)."""
+        if self.coordinator.config.insecure:
+            return ClientTrust(insecure=True), self.address
+        credentials = self.credentials(self.token(Role.AGENT))
+        trust = await asyncio.to_thread(credentials.resolve, self.address)
+        identity = await enrol(self.address, trust, name, replace=True)
+        return identity.trust(), identity.agent_address
+
     async def add_agent(
         self,
         name: str,
@@ -49,11 +81,13 @@ class Farm:
         emulated: list[str] = [],  # noqa: B006 - never mutated
         slots: int = 2,
     ) -> Agent:
+        trust, channel_address = await self.agent_channel(name)
         config = AgentConfig(
             coordinator=self.address, name=name,
             native=[parse_platform(p) for p in native],
             emulated=[parse_platform(p) for p in emulated],
             slots=slots, work_dir=self.work_dir / "agents" / name, heartbeat_interval=1.0,
+            trust=trust, channel_address=channel_address,
         )  # fmt: skip
         agent = Agent(config, builder)
         task = asyncio.create_task(agent.run(), name=f"agent-{name}")
@@ -72,11 +106,12 @@ class Farm:
     ) -> asyncio.subprocess.Process:
         """A real `polyarch agent` process (docker builder, native linux/amd64)."""
         log = (self.work_dir / f"agent-{name}.log").open("wb")
+        env = dict(os.environ, POLYARCH_TOKEN=self.token(Role.AGENT))
         proc = await asyncio.create_subprocess_exec(
-            POLYARCH, "agent", "--coordinator", self.address, "--name", name,
+            POLYARCH, "agent", "--coordinator", self.address, "--name", name, "--replace",
             "--builder", "docker", "--docker-binary", docker_binary, "--native", "linux/amd64",
             "--emulated", "none", "--work-dir", str(self.work_dir / "agents" / name), *extra,
-            stdout=log, stderr=log,
+            stdout=log, stderr=log, env=env,
         )  # fmt: skip
         log.close()
         self.processes.append(proc)
@@ -92,6 +127,10 @@ class Farm:
     async def cli(self, *args: str, timeout: float = 600) -> CliResult:
         """Runs the real `polyarch` console script against this farm."""
         env = dict(os.environ, POLYARCH_COORDINATOR=self.address)
+        if self.coordinator.config.insecure:
+            env["POLYARCH_INSECURE"] = "1"
+        else:
+            env["POLYARCH_TOKEN_FILE"] = str(self.admin_token_file)
         proc = await asyncio.create_subprocess_exec(
             POLYARCH, *args, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

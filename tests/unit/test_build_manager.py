@@ -15,6 +15,7 @@ from polyarch.coordinator.fleet import AgentSession
 from polyarch.coordinator.index import ChildManifest, IndexResult
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.model import (
+    AlreadyExists,
     BuildSpec,
     BuildState,
     EmulationPolicy,
@@ -22,6 +23,7 @@ from polyarch.coordinator.model import (
     JobRecord,
     JobState,
     NotFound,
+    PermissionDenied,
     Unschedulable,
 )
 from polyarch.coordinator.store import MemoryStore
@@ -88,8 +90,16 @@ def spec(platforms: list[str], policy: EmulationPolicy = EmulationPolicy.FALLBAC
     )
 
 
+def fake_digest(seed: str) -> str:
+    """A well-formed digest (the coordinator refuses malformed ones) that names its seed."""
+    return "sha256:" + hashlib.sha256(seed.encode()).hexdigest()
+
+
 def pushed(job: agent_pb2.Assignment, digest: str) -> agent_pb2.JobResult:
-    return agent_pb2.JobResult(job_id=job.job_id, attempt=job.attempt, ok=True, digest=digest)
+    return agent_pb2.JobResult(
+        job_id=job.job_id, attempt=job.attempt, ok=True, digest=digest, size=512,
+        media_type="application/vnd.oci.image.manifest.v1+json",
+    )  # fmt: skip
 
 
 async def test_a_build_runs_on_agents_and_publishes_once_every_job_is_pushed(
@@ -104,11 +114,16 @@ async def test_a_build_runs_on_agents_and_publishes_once_every_job_is_pushed(
     assert all(j.attempt == 1 for j in jobs)
     for i, job in enumerate(jobs):
         manager.job_started(AgentEvent("amd", job.job_id, job.attempt))
-        manager.job_result(AgentEvent("amd", job.job_id, job.attempt), pushed(job, f"sha256:{i}"))
+        manager.job_result(
+            AgentEvent("amd", job.job_id, job.attempt), pushed(job, fake_digest(str(i)))
+        )
     await poll_until(lambda: manager.get(build.id)[0].state is BuildState.SUCCEEDED, timeout=5,
                      message="build did not succeed")  # fmt: skip
     assert publisher.published == [
-        (["127.0.0.1:5000/team/app:1"], {j.platform: f"sha256:{i}" for i, j in enumerate(jobs)})
+        (
+            ["127.0.0.1:5000/team/app:1"],
+            {j.platform: fake_digest(str(i)) for i, j in enumerate(jobs)},
+        )
     ]
     final, final_jobs = manager.get(build.id)
     assert final.index_digest == "sha256:" + "f" * 64
@@ -130,15 +145,15 @@ async def test_a_lost_agent_requeues_its_job_and_a_late_result_is_ignored(
     _, jobs = manager.get(build.id)
     assert jobs[0].requeue_reasons == ["agent first went silent (lease expired)"]
     # the old attempt's result arrives late: ignored, counted
-    manager.job_result(AgentEvent("first", job.job_id, 1), pushed(job, "sha256:stale"))
+    manager.job_result(AgentEvent("first", job.job_id, 1), pushed(job, fake_digest("stale")))
     assert manager.get(build.id)[1][0].state is JobState.ASSIGNED
     stale = manager.metrics.registry.get_sample_value(
         "polyarch_stale_agent_messages_total", {"kind": "result"}
     )
     assert stale == 1
-    manager.job_result(AgentEvent("second", job.job_id, 2), pushed(retry, "sha256:fresh"))
+    manager.job_result(AgentEvent("second", job.job_id, 2), pushed(retry, fake_digest("fresh")))
     await poll_until(lambda: bool(publisher.published), timeout=5, message="not published")
-    assert publisher.published[0][1] == {"linux/amd64": "sha256:fresh"}
+    assert publisher.published[0][1] == {"linux/amd64": fake_digest("fresh")}
 
 
 async def test_a_failed_platform_publishes_nothing_and_keeps_the_other_digest(
@@ -148,14 +163,14 @@ async def test_a_failed_platform_publishes_nothing_and_keeps_the_other_digest(
     build, _ = manager.submit(spec(["linux/amd64", "linux/arm64"]), "")
     jobs = {j.platform: j for j in assignments(agent)}
     amd, arm = jobs["linux/amd64"], jobs["linux/arm64"]
-    manager.job_result(AgentEvent("a", amd.job_id, 1), pushed(amd, "sha256:amd"))
+    manager.job_result(AgentEvent("a", amd.job_id, 1), pushed(amd, fake_digest("amd")))
     failure = agent_pb2.JobResult(job_id=arm.job_id, attempt=1, ok=False,
                                   error="exit code: 3", failed_step="[2/2] RUN false")  # fmt: skip
     manager.job_result(AgentEvent("a", arm.job_id, 1), failure)
     final, final_jobs = manager.get(build.id)
     assert final.state is BuildState.FAILED
     assert "linux/arm64 failed at step '[2/2] RUN false' on agent a" in final.error
-    assert {j.platform: j.digest for j in final_jobs}["linux/amd64"] == "sha256:amd"
+    assert {j.platform: j.digest for j in final_jobs}["linux/amd64"] == fake_digest("amd")
     assert publisher.published == []
     assert manager.scheduler.agents["a"].running == set()
 
@@ -217,7 +232,7 @@ async def test_cancel_stops_running_jobs_and_publishes_nothing(
             cancels.append(message.cancel)
     assert [(c.job_id, c.attempt) for c in cancels] == [(job.job_id, 1)]
     assert manager.get(build.id)[0].state is BuildState.CANCELLED
-    manager.job_result(AgentEvent("a", job.job_id, 1), pushed(job, "sha256:late"))
+    manager.job_result(AgentEvent("a", job.job_id, 1), pushed(job, fake_digest("late")))
     await asyncio.sleep(0)
     assert publisher.published == []
 
@@ -254,7 +269,7 @@ async def test_after_a_restart_a_returning_agent_keeps_its_job(
     assert after.scheduler.agent_of(job.job_id) == "a"
     clock.now += 60
     after.expire_orphans()
-    after.job_result(AgentEvent("a", job.job_id, 1), pushed(job, "sha256:kept"))
+    after.job_result(AgentEvent("a", job.job_id, 1), pushed(job, fake_digest("kept")))
     await poll_until(lambda: bool(publisher.published), timeout=5, message="not published")
     final, jobs = after.get(build.id)
     assert (final.state, jobs[0].attempt) == (BuildState.SUCCEEDED, 1)
@@ -298,16 +313,56 @@ async def test_an_agent_that_reconnects_keeps_the_attempt_it_still_runs(
     first = connect(manager, "a", ["linux/amd64"])
     build, _ = manager.submit(spec(["linux/amd64"]), "")
     (job,) = assignments(first)
-    # the new stream arrives before the old one is noticed dead
-    second = reconnect(manager, "a", job)
-    assert first.closed and assignments(second) == []
+    # a second stream for a connected name is refused; the live one is untouched
+    with pytest.raises(AlreadyExists, match="agent a is already connected"):
+        reconnect(manager, "a", job)
+    assert not first.closed and manager.sessions["a"] is first
     _, jobs = manager.get(build.id)
     assert (jobs[0].state, jobs[0].attempt, jobs[0].requeue_reasons) == (JobState.ASSIGNED, 1, [])
-    # the old stream was noticed first: the job was re-queued, then taken back
-    manager.detach_agent(second, "went silent (lease expired)")
+    # the old stream is noticed dead (lease): the job is re-queued, then taken back
+    manager.detach_agent(first, "went silent (lease expired)")
     assert manager.get(build.id)[1][0].state is JobState.QUEUED
     third = reconnect(manager, "a", job)
     assert assignments(third) == []
     _, jobs = manager.get(build.id)
     assert (jobs[0].state, jobs[0].attempt, jobs[0].agent) == (JobState.RUNNING, 1, "a")
     assert manager.scheduler.queue == {}
+
+
+async def test_an_idempotency_key_belongs_to_its_owner_and_its_request(
+    manager: BuildManager,
+) -> None:
+    connect(manager, "a", ["linux/amd64", "linux/arm64"])
+    first, existing = manager.submit(spec(["linux/amd64"]), "key", owner="token-a")
+    assert not existing
+    again, existing = manager.submit(spec(["linux/amd64"]), "key", owner="token-a")
+    assert existing and again.id == first.id
+    # another caller's identical key is another build: keys are scoped to their token
+    other, existing = manager.submit(spec(["linux/amd64"]), "key", owner="token-b")
+    assert not existing and other.id != first.id
+    with pytest.raises(AlreadyExists, match=f"already belongs to build {first.id}"):
+        manager.submit(spec(["linux/arm64"]), "key", owner="token-a")
+
+
+async def test_only_the_owner_or_an_admin_may_cancel(manager: BuildManager) -> None:
+    connect(manager, "a", ["linux/amd64"])
+    build, _ = manager.submit(spec(["linux/amd64"]), "", owner="token-a")
+    with pytest.raises(PermissionDenied, match="another token"):
+        manager.may_cancel(build.id, "token-b", is_admin=False)
+    manager.may_cancel(build.id, "token-a", is_admin=False)
+    manager.may_cancel(build.id, "token-b", is_admin=True)
+
+
+async def test_a_malformed_result_is_retried_then_fails_naming_the_agent(
+    manager: BuildManager,
+) -> None:
+    agent = connect(manager, "a", ["linux/amd64"])
+    build, _ = manager.submit(spec(["linux/amd64"]), "")
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        (job,) = assignments(agent)
+        assert job.attempt == attempt
+        forged = pushed(job, "sha256:not-a-digest")
+        manager.job_result(AgentEvent("a", job.job_id, job.attempt), forged)
+    final, jobs = manager.get(build.id)
+    assert final.state is BuildState.FAILED
+    assert "agent a reported a malformed digest" in jobs[0].error

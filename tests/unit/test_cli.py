@@ -149,6 +149,14 @@ class FakeCoordinator(build_pb2_grpc.BuildServiceServicer, fleet_pb2_grpc.FleetS
         )  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def plaintext(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake coordinator speaks plaintext, as a `--insecure` coordinator does."""
+    monkeypatch.setenv("POLYARCH_INSECURE", "1")
+    for name in ("POLYARCH_TOKEN", "POLYARCH_TOKEN_FILE", "POLYARCH_CA_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def coordinator() -> Iterator[tuple[str, FakeCoordinator]]:
     fake = FakeCoordinator()
