@@ -12,7 +12,7 @@ import grpc
 
 from polyarch.client.context import PackedContext
 from polyarch.client.credentials import Credentials
-from polyarch.proto.trust import PinMismatch, TokenFormatError, aio_channel
+from polyarch.proto.trust import ClientTrust, PinMismatch, TokenFormatError, aio_channel
 from polyarch.proto.v1 import (
     build_pb2,
     build_pb2_grpc,
@@ -101,6 +101,7 @@ class BuildClient:
         self._build: Any = None
         self._fleet: Any = None
         self._trust: Any = None
+        self._refused = ""
 
     async def __aenter__(self) -> BuildClient:
         await self.connect()
@@ -127,10 +128,10 @@ class BuildClient:
         if self._channel is not None:
             return
         try:
-            trust = await asyncio.wait_for(
-                asyncio.to_thread(self.credentials.resolve, self.address), self.connect_timeout
-            )
-        except (OSError, TimeoutError) as exc:
+            trust = await asyncio.wait_for(self._resolve_trust(), self.connect_timeout)
+        except TimeoutError:
+            raise self._unreachable(self._refused or "no answer") from None
+        except OSError as exc:
             raise self._unreachable(_reason(str(exc)) or "no answer") from None
         except PinMismatch as exc:
             raise PolyarchError(str(exc), grpc.StatusCode.UNAUTHENTICATED) from None
@@ -150,6 +151,16 @@ class BuildClient:
         except BaseException:
             await self.close()
             raise
+
+    async def _resolve_trust(self) -> ClientTrust:
+        """Credentials.resolve, retried while the coordinator refuses connections (as gRPC's
+        own connect does until the timeout): pinning the CA dials the coordinator."""
+        while True:
+            try:
+                return await asyncio.to_thread(self.credentials.resolve, self.address)
+            except ConnectionRefusedError:
+                self._refused = "connection refused"
+                await asyncio.sleep(0.2)
 
     async def _probe(self) -> str:
         """Why the channel is not ready: one fail-fast call reveals gRPC's last error."""

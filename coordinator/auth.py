@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -321,12 +322,12 @@ async def _until_invalid(
 ) -> AsyncIterator[Any]:
     """Relays a response stream, aborting it the moment the caller's token stops being valid."""
     invalid = asyncio.ensure_future(auth.tokens.until_invalid(current_principal()))
+    step: asyncio.Future[Any] | None = None
     try:
         while True:
             step = asyncio.ensure_future(anext(responses))
             done, _ = await asyncio.wait({step, invalid}, return_when=asyncio.FIRST_COMPLETED)
             if step not in done:
-                step.cancel()
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, invalid.result())
             try:
                 item = step.result()
@@ -335,6 +336,12 @@ async def _until_invalid(
             yield item
     finally:
         invalid.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+        if step is not None:
+            # retrieve its outcome, so nothing is logged as "never retrieved"
+            step.add_done_callback(lambda f: f.cancelled() or f.exception())
         aclose = getattr(responses, "aclose", None)
         if aclose is not None:
-            await aclose()
+            with contextlib.suppress(RuntimeError):  # still running in the cancelled step
+                await aclose()
