@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
     p.add_argument("--tls-client-ca", type=Path, metavar="PEM",
                    help="the CA agents' client certificates chain to")  # fmt: skip
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a limit, e.g. max_context_bytes=20GiB (repeatable; "
+                   "see polyarch.coordinator.limits.Limits)")  # fmt: skip
     p.set_defaults(handler=cmd_coordinator)
 
     p = commands.add_parser("agent", parents=[client, registries], help="run a build agent")

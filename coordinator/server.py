@@ -25,6 +25,7 @@ from polyarch.coordinator.builds import BuildManager
 from polyarch.coordinator.contexts import ContextStore
 from polyarch.coordinator.credentials import CredentialStore
 from polyarch.coordinator.fleet_servicer import FleetServicer
+from polyarch.coordinator.limits import Limits, LimitSyntaxError, with_overrides
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.pki import (
     CertificateAuthority,
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 # Exit codes of `polyarch coordinator`.
 EXIT_OK = 0
 EXIT_START_FAILED = 1
+EXIT_USAGE = 2
 
 # Keepalive: notice a silent network (no RST) within about 30 s even between heartbeats.
 _SERVER_OPTIONS = [
@@ -52,7 +54,6 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 16 << 20),
 ]
 
 
@@ -120,6 +121,7 @@ class CoordinatorConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    limits: Limits = field(default_factory=Limits)
     metrics_listen: str = ""
     insecure_registries: list[str] = field(default_factory=list)
     docker_config: Path | None = None
@@ -199,7 +201,11 @@ class Coordinator:
             if self.tokens.ensure_admin_token(cfg.data_dir / "admin.token"):
                 log.info("wrote the first admin token to %s", cfg.data_dir / "admin.token")
             interceptors.append(AuthInterceptor(Authenticator(self.tokens)))
-        server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=interceptors)
+        options = [
+            *_SERVER_OPTIONS,
+            ("grpc.max_receive_message_length", cfg.limits.max_request_bytes),
+        ]
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         manager = self.manager
         build_pb2_grpc.add_BuildServiceServicer_to_server(BuildServicer(manager), server)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(manager), server)
@@ -315,6 +321,11 @@ def run_coordinator(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        limits = with_overrides(Limits(), list(getattr(args, "limit", None) or []))
+    except LimitSyntaxError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     config = CoordinatorConfig(
         listen=args.listen,
         data_dir=Path(args.data_dir),
@@ -328,5 +339,6 @@ def run_coordinator(args: argparse.Namespace) -> int:
         tls_cert=getattr(args, "tls_cert", None),
         tls_key=getattr(args, "tls_key", None),
         tls_client_ca=getattr(args, "tls_client_ca", None),
+        limits=limits,
     )
     return asyncio.run(serve(config))
