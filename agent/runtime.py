@@ -21,6 +21,7 @@ from prometheus_client import start_http_server
 
 from polyarch.agent.builders.base import Builder, BuildFailed, BuildRequest, PushedImage
 from polyarch.agent.context_unpack import check_tar_safety
+from polyarch.agent.job_credentials import write_job_credentials
 from polyarch.agent.metrics import AgentMetrics
 from polyarch.agent.workspace import Workspace
 from polyarch.proto.platforms import Platform, parse_platform
@@ -244,12 +245,15 @@ class Agent:
             context_dir = await self.workspace.fetch_context(stub, job.context_digest, job_dir)
             step = "build"
             insecure = registry_is_insecure(job.repository, self.config.insecure_registries)
+            own = write_job_credentials(job_dir, job)
             request = BuildRequest(
                 context_dir=context_dir, dockerfile=job.dockerfile or "Dockerfile",
                 platform=parse_platform(job.platform), image=f"{job.repository}:{job.push_tag}",
                 build_args=dict(job.build_args), target=job.target, labels=dict(job.labels),
                 insecure_registry=insecure,
                 cache_from=list(job.cache_from), cache_to=list(job.cache_to),
+                secrets=own.secrets, docker_config_dir=own.docker_config_dir,
+                auth_file=own.auth_file,
             )  # fmt: skip
 
             def on_line(line: str) -> None:
@@ -292,11 +296,14 @@ class Agent:
     async def _describe_pushed(self, job: agent_pb2.Assignment, pushed: PushedImage) -> PushedImage:
         """Size and media type from the registry, for builders that report only the digest
         (buildah): the coordinator refuses results without them."""
-        from polyarch.coordinator.credentials import CredentialStore
+        from polyarch.coordinator.build_credentials import LayeredCredentialStore
+        from polyarch.coordinator.credentials import Credentials, CredentialStore
         from polyarch.coordinator.registry import RegistryClient, RegistryError
 
         registry, _, repository = job.repository.partition("/")
-        credentials = await asyncio.to_thread(CredentialStore.from_docker_config)
+        host = await asyncio.to_thread(CredentialStore.from_docker_config)
+        own = {a.registry: Credentials(a.username, a.password) for a in job.registry_auths}
+        credentials = LayeredCredentialStore(own, host)
         async with RegistryClient(credentials, self.config.insecure_registries) as client:
             try:
                 found = await client.head_manifest(registry, repository, pushed.digest)

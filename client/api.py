@@ -235,8 +235,13 @@ class BuildClient:
         idempotency_key: str = "",
         cache_from: Iterable[str] = (),
         cache_to: Iterable[str] = (),
+        registry_auths: Iterable[tuple[str, str, str]] = (),
+        secrets: Mapping[str, bytes] | None = None,
     ) -> build_pb2.SubmitBuildResponse:
-        """Submits a build; the response's `existing` says the idempotency key matched one."""
+        """Submits a build; the response's `existing` says the idempotency key matched one.
+
+        registry_auths (registry, username, password) and secrets travel with this build only
+        and are held in the coordinator's memory, never stored."""
         request = build_pb2.SubmitBuildRequest(
             context_digest=context_digest,
             dockerfile=dockerfile,
@@ -249,6 +254,11 @@ class BuildClient:
             idempotency_key=idempotency_key,
             cache_from=list(cache_from),
             cache_to=list(cache_to),
+            registry_auths=[
+                common_pb2.RegistryAuth(registry=r, username=u, password=p)
+                for r, u, p in registry_auths
+            ],
+            secrets=[common_pb2.BuildSecret(id=k, value=v) for k, v in (secrets or {}).items()],
         )
         return await self._call(self._stub().SubmitBuild, request)
 

@@ -36,6 +36,12 @@ from polyarch.client.api import (
     CoordinatorUnreachable,
     PolyarchError,
 )
+from polyarch.client.build_secrets import (
+    SecretSpecError,
+    parse_secret,
+    registries_of,
+    registry_auths_for,
+)
 from polyarch.client.context import ContextError, pack_context
 from polyarch.client.credentials import (
     CredentialsError,
@@ -179,6 +185,9 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
     build_args = _pairs(args.build_arg, "--build-arg", from_env=True)
     labels = _pairs(args.label, "--label", from_env=False)
     quiet = args.progress == "quiet"
+    secrets = dict(parse_secret(spec) for spec in args.secret or [])
+    registries = registries_of(tags, [*(args.cache_from or []), *(args.cache_to or [])])
+    registry_auths = registry_auths_for(registries)
     packed = pack_context(args.context, args.file)
 
     async def run() -> build_pb2.Build:
@@ -199,6 +208,8 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
                 idempotency_key=args.idempotency_key or str(uuid.uuid4()),
                 cache_from=args.cache_from or [],
                 cache_to=args.cache_to or [],
+                registry_auths=registry_auths,
+                secrets=secrets,
             )
             session.build_id = response.build.id
             if not quiet:
@@ -423,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulation", choices=list(EMULATION), default="fallback")
     p.add_argument("--cache-from", action="append", metavar="SPEC")
     p.add_argument("--cache-to", action="append", metavar="SPEC")
+    p.add_argument("--secret", action="append", metavar="id=ID,src=FILE|env=VAR",
+                   help="a build secret for RUN --mount=type=secret (repeatable)")  # fmt: skip
     p.add_argument("--metadata-file", metavar="FILE", help="buildx-style JSON, on success")
     p.add_argument("--idempotency-key", metavar="KEY", help="default: a new UUID per run")
     p.add_argument("--progress", choices=["plain", "quiet"], default="plain")
@@ -473,7 +486,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args, session)
         return code
-    except (UsageError, ContextError, DockerignoreError, PlatformError, CredentialsError) as exc:
+    except (
+        UsageError, ContextError, DockerignoreError, PlatformError, CredentialsError,
+        SecretSpecError,
+    ) as exc:  # fmt: skip
         _err(f"polyarch: error: {exc}")
         return EXIT_USAGE
     except CoordinatorUnreachable as exc:

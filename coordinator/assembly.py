@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from polyarch.coordinator.build_credentials import BuildCredentials, LayeredCredentialStore
 from polyarch.coordinator.index import IndexResult, assemble_index
 from polyarch.coordinator.model import BuildSpec, JobRecord, push_tag
 from polyarch.coordinator.registry import RegistryClient, RegistryError, parse_reference
@@ -14,13 +15,20 @@ class IndexPublisher:
     def __init__(self, client: RegistryClient) -> None:
         self.client = client
 
-    async def publish(self, spec: BuildSpec, jobs: list[JobRecord]) -> IndexResult:
+    async def publish(
+        self, spec: BuildSpec, jobs: list[JobRecord], own: BuildCredentials | None = None
+    ) -> IndexResult:
+        client = self.client
+        if own is not None and own.registry_auths:
+            client = self.client.with_credentials(
+                LayeredCredentialStore(own.registry_auths, self.client.credentials)
+            )
         for job in jobs:
-            await self.check_pushed(spec, job)
+            await self.check_pushed(client, spec, job)
         children = {parse_platform(job.platform): job.digest for job in jobs}
         tags = [parse_reference(tag).tag for tag in spec.tags]
         result = await assemble_index(
-            self.client, spec.registry, spec.repository, children, [t for t in tags if t]
+            client, spec.registry, spec.repository, children, [t for t in tags if t]
         )
         # The registry's word on each child (media type, size) replaces the agent's report.
         verified = {child.platform: child for child in result.children}
@@ -30,12 +38,13 @@ class IndexPublisher:
                 job.media_type, job.size = child.media_type, child.size
         return result
 
-    async def check_pushed(self, spec: BuildSpec, job: JobRecord) -> None:
+    @staticmethod
+    async def check_pushed(client: RegistryClient, spec: BuildSpec, job: JobRecord) -> None:
         """The job's own per-job tag must hold the digest its agent reported: an agent cannot
         point the index at some other image of the repository (an old release, say)."""
         tag = push_tag(job.build_id, job.platform, job.attempt)
         try:
-            held = await self.client.head_manifest(spec.registry, spec.repository, tag)
+            held = await client.head_manifest(spec.registry, spec.repository, tag)
         except RegistryError as exc:
             raise RegistryError(
                 f"{job.platform}: the per-job tag {tag} cannot be read ({exc}); agent "

@@ -9,6 +9,7 @@ import grpc
 
 from polyarch.coordinator import convert
 from polyarch.coordinator.auth import current_principal
+from polyarch.coordinator.build_credentials import check_build_credentials
 from polyarch.coordinator.builds import BuildManager
 from polyarch.coordinator.contexts import check_digest
 from polyarch.coordinator.errors import domain_errors, status_code
@@ -70,7 +71,11 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
             cache_to=list(request.cache_to),
         )
         owner = current_principal().token_id
-        build, existing = self.manager.submit(spec, request.idempotency_key, owner)
+        credentials = check_build_credentials(
+            [(a.registry, a.username, a.password) for a in request.registry_auths],
+            [(secret.id, secret.value) for secret in request.secrets],
+        )
+        build, existing = self.manager.submit(spec, request.idempotency_key, owner, credentials)
         _, jobs = self.manager.get(build.id)
         return build_pb2.SubmitBuildResponse(
             build=convert.build_message(build, jobs), existing=existing

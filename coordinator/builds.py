@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 from polyarch.coordinator import convert
+from polyarch.coordinator.build_credentials import BuildCredentials, CredentialVault
 from polyarch.coordinator.completion import Completion, Publisher
 from polyarch.coordinator.contexts import ContextStore
 from polyarch.coordinator.events import EventHub
@@ -36,7 +37,7 @@ from polyarch.coordinator.store import DuplicateIdempotencyKey, StateStore
 from polyarch.coordinator.validation import describe_unschedulable, validate_spec
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 from polyarch.proto.trust import NAME_PATTERN
-from polyarch.proto.v1 import agent_pb2, build_pb2
+from polyarch.proto.v1 import agent_pb2, build_pb2, common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,10 @@ class BuildManager:
         self.drained: set[str] = set()
         self.hub = EventHub()
         self.ledger = BuildLedger(store, self.hub, metrics, clock)
-        self.completion = Completion(self.ledger, publisher, metrics)
+        # per-build registry credentials and secrets: memory only, gone when the build ends
+        self.vault = CredentialVault()
+        self.ledger.on_finished.append(self.vault.drop)
+        self.completion = Completion(self.ledger, publisher, metrics, self.vault.get)
         # recovered jobs that were on an agent -> when to stop waiting for it to reconnect
         self._orphans: dict[str, float] = {}
         metrics.watch_fleet(self.fleet_snapshot)
@@ -111,6 +115,9 @@ class BuildManager:
         for build in self.store.unfinished_builds():
             jobs = self.store.jobs_of(build.id)
             self.ledger.track(build, jobs)
+            if build.spec.secret_ids:
+                self._fail_for_lost_secrets(build, jobs)
+                continue
             for job in jobs:
                 if job.state in (JobState.ASSIGNED, JobState.RUNNING):
                     self._orphans[job.id] = deadline
@@ -118,6 +125,18 @@ class BuildManager:
                     self._enqueue(build, job)
             self.completion.check(build)
         self.dispatch()
+
+    def _fail_for_lost_secrets(self, build: BuildRecord, jobs: list[JobRecord]) -> None:
+        """Secrets live in memory only: after a restart the build cannot go on."""
+        reason = (
+            "the coordinator restarted, and this build's secrets "
+            f"({', '.join(build.spec.secret_ids)}) were held in memory only: resubmit it"
+        )
+        for job in jobs:
+            if not job.state.terminal:
+                job.error, job.failed_step = reason, "restart"
+                self.ledger.set_job(build, job, JobState.FAILED, reason)
+        self.ledger.finish(build, BuildState.FAILED, reason)
 
     def expire_orphans(self) -> None:
         """Re-queues recovered jobs whose agent did not come back to claim them in time."""
@@ -140,18 +159,30 @@ class BuildManager:
 
     # ---- client API ---------------------------------------------------------
     def submit(
-        self, spec: BuildSpec, idempotency_key: str, owner: str = ""
+        self,
+        spec: BuildSpec,
+        idempotency_key: str,
+        owner: str = "",
+        credentials: BuildCredentials | None = None,
     ) -> tuple[BuildRecord, bool]:
         """Validates and records a build; returns it and whether it already existed.
 
         An idempotency key belongs to its owner (the submitting token) and to one request:
-        the same key with a different request raises AlreadyExists naming the first build."""
+        the same key with a different request raises AlreadyExists naming the first build.
+        `credentials` stay in memory (the vault) for the assigned agents and the assembly;
+        a retried submit brings them again, e.g. after a coordinator restart."""
+        credentials = credentials or BuildCredentials()
+        spec.secret_ids = sorted(credentials.secrets)
+        spec.credential_registries = sorted(credentials.registry_auths)
         wanted = request_hash(spec)
         key = f"{owner}/{idempotency_key}" if idempotency_key else ""
         if key:
             existing = self.store.find_by_idempotency_key(key)
             if existing is not None:
-                return self._same_request(existing, wanted, idempotency_key), True
+                found = self._same_request(existing, wanted, idempotency_key)
+                if self.ledger.is_active(found.id):
+                    self.vault.put(found.id, credentials)
+                return found, True
         platforms = self._validate(spec)
         now = self.clock()
         build = BuildRecord(
@@ -174,6 +205,7 @@ class BuildManager:
             assert first is not None
             return self._same_request(first, wanted, idempotency_key), True
         self.metrics.builds_submitted.inc()
+        self.vault.put(build.id, credentials)
         self.ledger.track(build, list(jobs.values()))
         for job in jobs.values():
             self.metrics.job_transitions.labels(state=JobState.QUEUED.value).inc()
@@ -422,7 +454,13 @@ class BuildManager:
 
     def _assignment(self, build: BuildRecord, job: JobRecord) -> agent_pb2.Assignment:
         spec = build.spec
+        own = self.vault.get(build.id) or BuildCredentials()
         return agent_pb2.Assignment(
+            registry_auths=[
+                common_pb2.RegistryAuth(registry=r, username=c.username, password=c.password)
+                for r, c in sorted(own.registry_auths.items())
+            ],
+            secrets=[common_pb2.BuildSecret(id=i, value=v) for i, v in sorted(own.secrets.items())],
             job_id=job.id, attempt=job.attempt, build_id=build.id, platform=job.platform,
             mode=convert.MODES[job.mode or Mode.NATIVE], context_digest=spec.context_digest,
             dockerfile=spec.dockerfile, build_args=spec.build_args, target=spec.target,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
+from polyarch.coordinator.build_credentials import BuildCredentials
 from polyarch.coordinator.index import IndexResult
 from polyarch.coordinator.ledger import BuildLedger
 from polyarch.coordinator.metrics import CoordinatorMetrics
@@ -16,9 +18,12 @@ log = logging.getLogger(__name__)
 
 
 class Publisher(Protocol):
-    """Verifies a build's images and pushes its index (assembly.IndexPublisher in production)."""
+    """Verifies a build's images and pushes its index (assembly.IndexPublisher in production),
+    with the build's own registry credentials over the farm's when it brought some."""
 
-    async def publish(self, spec: BuildSpec, jobs: list[JobRecord]) -> IndexResult: ...
+    async def publish(
+        self, spec: BuildSpec, jobs: list[JobRecord], own: BuildCredentials | None = None
+    ) -> IndexResult: ...
 
 
 def failure_summary(failed: list[JobRecord]) -> str:
@@ -36,11 +41,16 @@ class Completion:
     """Watches for builds whose jobs have all ended and finishes them exactly once."""
 
     def __init__(
-        self, ledger: BuildLedger, publisher: Publisher, metrics: CoordinatorMetrics
+        self,
+        ledger: BuildLedger,
+        publisher: Publisher,
+        metrics: CoordinatorMetrics,
+        credentials_of: Callable[[str], BuildCredentials | None] = lambda _build_id: None,
     ) -> None:
         self.ledger = ledger
         self.publisher = publisher
         self.metrics = metrics
+        self.credentials_of = credentials_of
         self._assemblies: dict[str, asyncio.Task[None]] = {}
 
     def check(self, build: BuildRecord) -> None:
@@ -74,7 +84,7 @@ class Completion:
         _, jobs = self.ledger.get(build.id)
         started = time.monotonic()
         try:
-            result = await self.publisher.publish(build.spec, jobs)
+            result = await self.publisher.publish(build.spec, jobs, self.credentials_of(build.id))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure ends the build with its reason

@@ -29,6 +29,8 @@ class BuildLedger:
         self.clock = clock
         self._active: dict[str, tuple[BuildRecord, dict[str, JobRecord]]] = {}
         self._build_of_job: dict[str, str] = {}
+        # called with the build id once a build has ended (e.g. to forget its credentials)
+        self.on_finished: list[Callable[[str], None]] = []
 
     def track(self, build: BuildRecord, jobs: list[JobRecord]) -> None:
         """Adds an unfinished build (just submitted, or reloaded after a restart)."""
@@ -90,3 +92,5 @@ class BuildLedger:
         for job_id in jobs:
             self._build_of_job.pop(job_id, None)
             self.hub.forget_job(job_id)
+        for hook in self.on_finished:
+            hook(build.id)

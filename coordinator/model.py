@@ -95,6 +95,10 @@ class BuildSpec:
     # registry host and repository the tags share, e.g. ("127.0.0.1:5000", "team/app")
     registry: str = ""
     repository: str = ""
+    # what the build brought in memory (the values never reach the store): secret ids and
+    # the registries it has its own credentials for
+    secret_ids: list[str] = field(default_factory=list)
+    credential_registries: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import ipaddress
 import json
@@ -238,6 +239,15 @@ class RegistryClient:
             timeout=httpx.Timeout(timeout), follow_redirects=True, transport=transport
         )
         self._auth = Authenticator(credentials, self._http)
+        self.credentials = credentials
+
+    def with_credentials(self, credentials: CredentialStore) -> RegistryClient:
+        """The same client (connections, retries, insecure list) speaking with other
+        credentials, and its own token cache, so one build's tokens serve no other."""
+        clone = copy.copy(self)
+        clone._auth = Authenticator(credentials, self._http)
+        clone.credentials = credentials
+        return clone
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -60,6 +60,10 @@ class BuildRequest:
     insecure_registry: bool = False  # plain HTTP / no TLS verification for the push registry
     cache_from: Sequence[str] = ()
     cache_to: Sequence[str] = ()
+    # this job's own credentials (agent/job_credentials.py): files under its job folder
+    secrets: Mapping[str, Path] = field(default_factory=dict)  # secret id -> file
+    docker_config_dir: Path | None = None
+    auth_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -190,3 +194,11 @@ async def push_with_retries(
         )
         await asyncio.sleep(delay)
     raise AssertionError("unreachable: the last attempt always returns")
+
+
+def secret_flags(secrets: Mapping[str, Path]) -> list[str]:
+    """`--secret id=ID,src=FILE` for each secret, as docker (BuildKit) and buildah take them."""
+    argv: list[str] = []
+    for secret_id in sorted(secrets):
+        argv += ["--secret", f"id={secret_id},src={secrets[secret_id]}"]
+    return argv

@@ -22,6 +22,7 @@ from polyarch.agent.builders.base import (
     missing_dockerfile_failure,
     push_with_retries,
     resolve_dockerfile,
+    secret_flags,
 )
 from polyarch.agent.builders.buildah_storage import StorageUsers, default_run_root
 from polyarch.agent.builders.process import (
@@ -168,6 +169,9 @@ class BuildahBuilder:
         if request.target:
             argv += ["--target", request.target]
         argv += key_value_flags("--label", request.labels)
+        argv += secret_flags(request.secrets)
+        if request.auth_file is not None:
+            argv += ["--authfile", str(request.auth_file)]
         notes: list[str] = []
         for flag, specs in (("--cache-from", request.cache_from), ("--cache-to", request.cache_to)):
             for spec in specs:
@@ -182,6 +186,8 @@ class BuildahBuilder:
     def push_command(self, request: BuildRequest, digest_file: Path) -> list[str]:
         argv = [*self._base(request.platform), "push", "--digestfile", str(digest_file)]
         argv += ["--format", "oci"]
+        if request.auth_file is not None:
+            argv += ["--authfile", str(request.auth_file)]
         if request.insecure_registry:
             argv.append("--tls-verify=false")
         return [*argv, request.image, f"docker://{request.image}"]

@@ -20,6 +20,7 @@ from polyarch.agent.builders.base import (
     missing_dockerfile_failure,
     push_with_retries,
     resolve_dockerfile,
+    secret_flags,
 )
 from polyarch.agent.builders.process import ProcessNotFound, ProcessResult, run_captured
 from polyarch.agent.builders.process import run_streaming as _run_streaming
@@ -142,6 +143,7 @@ class DockerBuilder:
         if request.target:
             argv += ["--target", request.target]
         argv += key_value_flags("--label", request.labels)
+        argv += secret_flags(request.secrets)
         for spec in request.cache_from:
             ref = cache_reference(spec)
             if ref:
@@ -163,14 +165,15 @@ class DockerBuilder:
         argv, notes = self.build_command(request, str(dockerfile))
         for note in notes:
             on_line(f"polyarch: {note}")
-        built = await self._run(argv, on_line, "build")
+        env = dict(self._env)
+        if request.docker_config_dir is not None:
+            env["DOCKER_CONFIG"] = str(request.docker_config_dir)  # this job's credentials
+        built = await self._run(argv, on_line, "build", env)
         if not built.ok:
             raise parse_buildkit_failure(built.lines, request.dockerfile)
         try:
-            pushed = await push_with_retries(
-                lambda: self._run([self.docker_binary, "push", request.image], on_line, "push"),
-                on_line,
-            )
+            push = [self.docker_binary, "push", request.image]
+            pushed = await push_with_retries(lambda: self._run(push, on_line, "push", env), on_line)
             if not pushed.ok:
                 raise BuildFailed("push", last_meaningful_line(pushed.lines), True)
             found = parse_push_digest(pushed.lines)
@@ -182,10 +185,14 @@ class DockerBuilder:
         return PushedImage(digest=digest, size=size, media_type=DOCKER_MANIFEST_V2)
 
     async def _run(
-        self, argv: list[str], on_line: Callable[[str], None], step: str
+        self,
+        argv: list[str],
+        on_line: Callable[[str], None],
+        step: str,
+        env: dict[str, str] | None = None,
     ) -> ProcessResult:
         try:
-            return await _run_streaming(argv, on_line, env=self._env)
+            return await _run_streaming(argv, on_line, env=env or self._env)
         except ProcessNotFound as exc:
             raise BuildFailed(step, f"cannot run {exc.program}: {exc.reason}", True) from exc
 

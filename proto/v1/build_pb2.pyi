@@ -35,7 +35,7 @@ class UploadContextResponse(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., already_present: _Optional[bool] = ...) -> None: ...
 
 class SubmitBuildRequest(_message.Message):
-    __slots__ = ("context_digest", "dockerfile", "platforms", "tags", "build_args", "target", "labels", "emulation", "idempotency_key", "cache_from", "cache_to")
+    __slots__ = ("context_digest", "dockerfile", "platforms", "tags", "build_args", "target", "labels", "emulation", "idempotency_key", "cache_from", "cache_to", "registry_auths", "secrets")
     class BuildArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,8 @@ class SubmitBuildRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     CACHE_FROM_FIELD_NUMBER: _ClassVar[int]
     CACHE_TO_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_AUTHS_FIELD_NUMBER: _ClassVar[int]
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
     context_digest: str
     dockerfile: str
     platforms: _containers.RepeatedScalarFieldContainer[str]
@@ -72,7 +74,9 @@ class SubmitBuildRequest(_message.Message):
     idempotency_key: str
     cache_from: _containers.RepeatedScalarFieldContainer[str]
     cache_to: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., platforms: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., build_args: _Optional[_Mapping[str, str]] = ..., target: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., emulation: _Optional[_Union[_common_pb2.EmulationPolicy, str]] = ..., idempotency_key: _Optional[str] = ..., cache_from: _Optional[_Iterable[str]] = ..., cache_to: _Optional[_Iterable[str]] = ...) -> None: ...
+    registry_auths: _containers.RepeatedCompositeFieldContainer[_common_pb2.RegistryAuth]
+    secrets: _containers.RepeatedCompositeFieldContainer[_common_pb2.BuildSecret]
+    def __init__(self, context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., platforms: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., build_args: _Optional[_Mapping[str, str]] = ..., target: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., emulation: _Optional[_Union[_common_pb2.EmulationPolicy, str]] = ..., idempotency_key: _Optional[str] = ..., cache_from: _Optional[_Iterable[str]] = ..., cache_to: _Optional[_Iterable[str]] = ..., registry_auths: _Optional[_Iterable[_Union[_common_pb2.RegistryAuth, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[_common_pb2.BuildSecret, _Mapping]]] = ...) -> None: ...
 
 class SubmitBuildResponse(_message.Message):
     __slots__ = ("build", "existing")

@@ -68,3 +68,21 @@ class ContextChunk(_message.Message):
     size: int
     data: bytes
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class RegistryAuth(_message.Message):
+    __slots__ = ("registry", "username", "password")
+    REGISTRY_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    registry: str
+    username: str
+    password: str
+    def __init__(self, registry: _Optional[str] = ..., username: _Optional[str] = ..., password: _Optional[str] = ...) -> None: ...
+
+class BuildSecret(_message.Message):
+    __slots__ = ("id", "value")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    value: bytes
+    def __init__(self, id: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...

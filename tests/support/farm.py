@@ -124,9 +124,12 @@ class Farm:
         _, jobs = manager.get(build_id)
         return any(j.platform == platform and j.state.value == "running" for j in jobs)
 
-    async def cli(self, *args: str, timeout: float = 600) -> CliResult:
-        """Runs the real `polyarch` console script against this farm."""
-        env = dict(os.environ, POLYARCH_COORDINATOR=self.address)
+    async def cli(
+        self, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+    ) -> CliResult:
+        """Runs the real `polyarch` console script against this farm (as its admin, unless
+        args carry a --token); `env` adds to the environment."""
+        env = dict(os.environ, POLYARCH_COORDINATOR=self.address, **(env or {}))
         if self.coordinator.config.insecure:
             env["POLYARCH_INSECURE"] = "1"
         else:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from polyarch.coordinator.build_credentials import BuildCredentials, check_build_credentials
 from polyarch.coordinator.builds import MAX_ATTEMPTS, AgentEvent, BuildManager
 from polyarch.coordinator.contexts import ContextStore
 from polyarch.coordinator.fleet import AgentSession
@@ -40,10 +41,14 @@ class RecordingPublisher:
 
     def __init__(self) -> None:
         self.published: list[tuple[list[str], dict[str, str]]] = []
+        self.credentials: list[BuildCredentials | None] = []
 
-    async def publish(self, spec: BuildSpec, jobs: list[JobRecord]) -> IndexResult:
+    async def publish(
+        self, spec: BuildSpec, jobs: list[JobRecord], own: BuildCredentials | None = None
+    ) -> IndexResult:
         children = {j.platform: j.digest for j in jobs}
         self.published.append((list(spec.tags), children))
+        self.credentials.append(own)
         return IndexResult(
             digest="sha256:" + "f" * 64,
             media_type="application/vnd.oci.image.index.v1+json",
@@ -366,3 +371,48 @@ async def test_a_malformed_result_is_retried_then_fails_naming_the_agent(
     final, jobs = manager.get(build.id)
     assert final.state is BuildState.FAILED
     assert "agent a reported a malformed digest" in jobs[0].error
+
+
+async def test_build_credentials_reach_only_its_assignments_and_are_never_stored(
+    manager: BuildManager, publisher: RecordingPublisher, tmp_path: Path
+) -> None:
+    agent = connect(manager, "a", ["linux/amd64", "linux/arm64"])
+    own = check_build_credentials(
+        [("127.0.0.1:5000", "ci-bot", "pw-per-build-123")], [("npm", b"npm-secret-456")]
+    )
+    mine, _ = manager.submit(spec(["linux/amd64"]), "", credentials=own)
+    other, _ = manager.submit(spec(["linux/arm64"]), "")
+    by_build = {job.build_id: job for job in assignments(agent)}
+    assert [(a.registry, a.username, a.password) for a in by_build[mine.id].registry_auths] == [
+        ("127.0.0.1:5000", "ci-bot", "pw-per-build-123")
+    ]
+    assert [(s.id, s.value) for s in by_build[mine.id].secrets] == [("npm", b"npm-secret-456")]
+    assert not by_build[other.id].registry_auths and not by_build[other.id].secrets
+    assert "pw-per-build" not in repr(manager.vault.get(mine.id))
+    stored = manager.store.get_build(mine.id)
+    assert stored is not None and stored.spec.secret_ids == ["npm"]
+    assert "pw-per-build" not in repr(stored) and "npm-secret" not in repr(stored)
+
+    job = by_build[mine.id]
+    manager.job_started(AgentEvent("a", job.job_id, job.attempt))
+    manager.job_result(AgentEvent("a", job.job_id, job.attempt), pushed(job, fake_digest("c")))
+    await poll_until(lambda: manager.get(mine.id)[0].state is BuildState.SUCCEEDED, timeout=5,
+                     message="build did not succeed")  # fmt: skip
+    assert publisher.credentials[-1] is own  # the assembly speaks with the build's credentials
+    assert manager.vault.get(mine.id) is None  # and forgets them once the build ends
+
+
+async def test_after_a_restart_a_build_whose_secrets_are_gone_fails_asking_to_resubmit(
+    manager: BuildManager, tmp_path: Path
+) -> None:
+    connect(manager, "a", ["linux/amd64"])
+    own = check_build_credentials([], [("token", b"s3cr3t")])
+    build, _ = manager.submit(spec(["linux/amd64"]), "", credentials=own)
+    after = BuildManager(
+        manager.store, manager.contexts, RecordingPublisher(), CoordinatorMetrics()
+    )
+    after.recover(reattach_grace=10)
+    final, jobs = after.get(build.id)
+    assert final.state is BuildState.FAILED
+    assert "secrets (token) were held in memory only: resubmit it" in final.error
+    assert all(job.state is JobState.FAILED for job in jobs)
