@@ -392,6 +392,8 @@ async def agent_trust(args: argparse.Namespace, work_dir: Path) -> tuple[ClientT
     credentials = credentials_from_args(args, require_token=False)
     if credentials.insecure:
         return ClientTrust(insecure=True), args.coordinator
+    if getattr(args, "tls_cert", None):
+        return operator_identity(args, credentials.ca_pem, credentials.server_name)
     store = IdentityStore(Path(args.state_dir) if args.state_dir else work_dir / "state")
     identity = None if args.replace else store.load(args.name, args.coordinator)
     if identity is None:
@@ -409,6 +411,31 @@ async def agent_trust(args: argparse.Namespace, work_dir: Path) -> tuple[ClientT
 
 class IdentityRefusedAtStart(Exception):
     """No identity and no way to get one."""
+
+
+def operator_identity(
+    args: argparse.Namespace, ca_pem: bytes | None, server_name: str | None
+) -> tuple[ClientTrust, str]:
+    """A client certificate from the operator's PKI (--tls-cert/--tls-key, --ca-file): no
+    enrolment; the certificate's name must be --name."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    if not args.tls_key or ca_pem is None:
+        raise IdentityRefusedAtStart("--tls-cert needs --tls-key and --ca-file")
+    cert_pem = Path(args.tls_cert).read_bytes()
+    names = x509.load_pem_x509_certificate(cert_pem).subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME
+    )
+    if not names or names[0].value != args.name:
+        raise IdentityRefusedAtStart(f"{args.tls_cert} is not a certificate for {args.name}")
+    host, _, port = args.coordinator.rpartition(":")
+    address = args.agent_channel or f"{host}:{int(port) + 1}"
+    trust = ClientTrust(
+        root_pem=ca_pem, client_key_pem=Path(args.tls_key).read_bytes(),
+        client_cert_pem=cert_pem, server_name=server_name,
+    )  # fmt: skip
+    return trust, address
 
 
 def run_agent(args: argparse.Namespace) -> int:

@@ -416,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enrolment key and certificate (default: WORK_DIR/state)")  # fmt: skip
     p.add_argument("--replace", action="store_true",
                    help="re-enrol a name that is already enrolled")  # fmt: skip
+    p.add_argument("--tls-cert", metavar="PEM",
+                   help="a client cert from the operator's PKI (no enrolment)")  # fmt: skip
+    p.add_argument("--tls-key", metavar="PEM", help="its key")
+    p.add_argument("--agent-channel", type=_address, metavar="HOST:PORT",
+                   help="the coordinator's agent port (default: its port + 1)")  # fmt: skip
     p.set_defaults(handler=cmd_agent)
 
     p = commands.add_parser(

@@ -170,10 +170,15 @@ def certificate_identity(pem: bytes) -> tuple[str, str]:
 
 
 class Authenticator:
-    """Turns an RPC's metadata and TLS peer into a Principal, or raises."""
+    """Turns an RPC's metadata and TLS peer into a Principal, or raises.
 
-    def __init__(self, tokens: TokenBook) -> None:
+    With the coordinator's own CA an agent's certificate must be its current enrolment; with
+    an operator's PKI (require_enrolment=False) the TLS layer's verification against the
+    operator's client CA is the whole proof, and the certificate's name is the agent's."""
+
+    def __init__(self, tokens: TokenBook, require_enrolment: bool = True) -> None:
         self.tokens = tokens
+        self.require_enrolment = require_enrolment
 
     def principal(self, requirement: Requirement, context: Any) -> Principal:
         if requirement is Access.AGENT_CERT:
@@ -202,6 +207,8 @@ class Authenticator:
         name, fingerprint = certificate_identity(pems[0])
         if not NAME_PATTERN.match(name):
             raise Unauthenticated("the client certificate names no valid agent")
+        if not self.require_enrolment:
+            return Principal(role=Role.AGENT, agent_name=name)
         enrolment = self.tokens.store.get_enrolment(name)
         if enrolment is None or not hmac.compare_digest(enrolment.cert_sha256, fingerprint):
             raise Unauthenticated(

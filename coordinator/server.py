@@ -200,7 +200,8 @@ class Coordinator:
             self.tokens = TokenBook(self._trust_store, self.server_tls.ca_sha256)
             if self.tokens.ensure_admin_token(cfg.data_dir / "admin.token"):
                 log.info("wrote the first admin token to %s", cfg.data_dir / "admin.token")
-            interceptors.append(AuthInterceptor(Authenticator(self.tokens)))
+            authenticator = Authenticator(self.tokens, require_enrolment=authority is not None)
+            interceptors.append(AuthInterceptor(authenticator))
         options = [
             *_SERVER_OPTIONS,
             ("grpc.max_receive_message_length", cfg.limits.max_request_bytes),

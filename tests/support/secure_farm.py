@@ -48,7 +48,13 @@ class SecureCoordinator:
 
     @property
     def ca_pem(self) -> bytes:
-        return (self.data_dir / "tls" / "ca.pem").read_bytes()
+        """The coordinator's own CA, or (an operator's PKI) the root its admin token pins."""
+        own = self.data_dir / "tls" / "ca.pem"
+        if own.exists():
+            return own.read_bytes()
+        pinned = Credentials(token=self.admin_token).resolve(self.address).root_pem
+        assert pinned is not None
+        return pinned
 
     def alive(self) -> bool:
         return self.proc.poll() is None
