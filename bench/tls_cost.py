@@ -3,7 +3,8 @@
 Both coordinators run side by side in this process on 127.0.0.1, each with one real docker
 agent; rounds alternate between them so drift hits both alike.
 
-    .venv/bin/python bench/tls_cost.py --submits 300 --builds 5
+    .venv/bin/python bench/tls_cost.py --submits 300 --builds 5 \
+        --platforms linux/amd64,linux/arm64,linux/arm/v7
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ async def start(work: Path, insecure: bool) -> Farm:
     coordinator = Coordinator(config)
     await coordinator.start()
     farm = Farm(coordinator, work)
-    await farm.add_agent("a", DockerBuilder(services.docker_binary()), native=["linux/amd64"])
+    await farm.add_agent(
+        "a", DockerBuilder(services.docker_binary()), native=["linux/amd64"],
+        emulated=["linux/arm64", "linux/arm/v7"], slots=3,
+    )  # fmt: skip
     return farm
 
 
@@ -63,9 +67,9 @@ async def submit_latencies(farm: Farm, count: int) -> list[float]:
     return seconds
 
 
-async def build_seconds(farm: Farm, context: Path, tag: str, base: str) -> float:
+async def build_seconds(farm: Farm, context: Path, tag: str, base: str, platforms: str) -> float:
     began = time.perf_counter()
-    done = await farm.cli("build", "--platform", "linux/amd64", "-t", tag, "--progress", "quiet",
+    done = await farm.cli("build", "--platform", platforms, "-t", tag, "--progress", "quiet",
                           "--build-arg", f"BASE={base}", "--build-arg",
                           f"NONCE={secrets.token_hex(8)}", str(context))  # fmt: skip
     if done.returncode != 0:
@@ -77,6 +81,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--submits", type=int, default=300)
     parser.add_argument("--builds", type=int, default=5)
+    parser.add_argument("--platforms", default="linux/amd64",
+                        help="the demo's: linux/amd64,linux/arm64,linux/arm/v7")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -97,7 +103,8 @@ async def main() -> None:
             for n in range(args.builds):
                 for name, farm in farms.items():
                     tag = f"{registry.address}/bench/tls-{name}:{n}"
-                    builds[name].append(await build_seconds(farm, context, tag, base))
+                    seconds = await build_seconds(farm, context, tag, base, args.platforms)
+                    builds[name].append(seconds)
             print(f"{'':10} {'submit p50':>11} {'submit p99':>11} {'build median':>13}")
             for name in farms:
                 ordered = sorted(submits[name])
