@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -14,6 +15,7 @@ from polyarch.coordinator.builds import BuildManager
 from polyarch.coordinator.contexts import check_digest
 from polyarch.coordinator.errors import domain_errors, status_code
 from polyarch.coordinator.model import BuildSpec, InvalidRequest, PolyarchError
+from polyarch.coordinator.uploads import timed
 from polyarch.proto.trust import Role
 from polyarch.proto.v1 import build_pb2, build_pb2_grpc, common_pb2
 
@@ -37,19 +39,32 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
         request_iterator: AsyncIterator[common_pb2.ContextChunk],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> build_pb2.UploadContextResponse:
-        first = await anext(request_iterator, None)
-        if first is None or not first.digest or first.size < 0:
-            raise InvalidRequest("the first upload chunk must carry the context digest and size")
+        contexts = self.manager.contexts
+        limits = contexts.limits
         metrics = self.manager.metrics
+        # The slot is claimed before the first chunk is awaited, so a caller over its cap is
+        # refused at once; the idle limit covers the wait for that first chunk too.
+        caller = current_principal().token_id
+        with contexts.uploads.claim(caller):
+            timed_messages = timed(
+                request_iterator, limits.upload_idle_seconds, limits.upload_deadline_seconds
+            )
+            async with contextlib.aclosing(timed_messages) as messages:
+                first = await anext(messages, None)
+                if first is None or not first.digest or first.size < 0:
+                    raise InvalidRequest(
+                        "the first upload chunk must carry the context digest and size"
+                    )
 
-        async def chunks() -> AsyncIterator[bytes]:
-            metrics.context_bytes_received.inc(len(first.data))
-            yield first.data
-            async for chunk in request_iterator:
-                metrics.context_bytes_received.inc(len(chunk.data))
-                yield chunk.data
+                async def chunks() -> AsyncGenerator[bytes, None]:
+                    metrics.context_bytes_received.inc(len(first.data))
+                    yield first.data
+                    async for chunk in messages:
+                        metrics.context_bytes_received.inc(len(chunk.data))
+                        yield chunk.data
 
-        stored = await self.manager.contexts.write(first.digest, first.size, chunks())
+                async with contextlib.aclosing(chunks()) as data:
+                    stored = await contexts.write(first.digest, first.size, data)
         return build_pb2.UploadContextResponse(
             digest=first.digest, size=first.size, already_present=not stored
         )

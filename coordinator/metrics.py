@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -108,6 +108,22 @@ class CoordinatorMetrics:
             "polyarch_job_requeues", "Jobs put back in the queue, by reason.", ["reason"],
             registry=r,
         )  # fmt: skip
+
+        self.contexts_deleted = Counter(
+            "polyarch_contexts_deleted", "Unused build contexts deleted by garbage collection.",
+            registry=r,
+        )  # fmt: skip
+        self.context_bytes_deleted = Counter(
+            "polyarch_context_bytes_deleted", "Bytes of build contexts garbage-collected.",
+            registry=r,
+        )  # fmt: skip
+        # Read at scrape time through set_function (wired by the coordinator).
+        self.context_store_bytes = Gauge(
+            "polyarch_context_store_bytes", "Bytes of build contexts stored.", registry=r
+        )
+        self.context_uploads_in_flight = Gauge(
+            "polyarch_context_uploads_in_flight", "Context uploads being received.", registry=r
+        )
 
     def watch_fleet(self, snapshot: Callable[[], FleetSnapshot]) -> None:
         """Registers the gauges that read live state at scrape time."""

@@ -22,6 +22,7 @@ from polyarch.coordinator.assembly import IndexPublisher
 from polyarch.coordinator.auth import Authenticator, AuthInterceptor, TokenBook
 from polyarch.coordinator.build_servicer import BuildServicer
 from polyarch.coordinator.builds import BuildManager
+from polyarch.coordinator.context_gc import DEFAULT_INTERVAL, ContextCollector, digests_in_use
 from polyarch.coordinator.contexts import ContextStore
 from polyarch.coordinator.credentials import CredentialStore
 from polyarch.coordinator.fleet_servicer import FleetServicer
@@ -128,6 +129,8 @@ class CoordinatorConfig:
     # An agent silent for this long loses its jobs to the queue (agents heartbeat every 3 s).
     agent_timeout: float = 10.0
     registry_timeout: float = 30.0
+    # How often unused contexts are garbage-collected (the limits say which go).
+    context_gc_interval: float = DEFAULT_INTERVAL
 
 
 class Coordinator:
@@ -145,6 +148,7 @@ class Coordinator:
         self._store: SQLiteStore | None = None
         self._registry: RegistryClient | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._context_gc: asyncio.Task[None] | None = None
         self._trust_store: SQLiteTrustStore | None = None
         self.manager: BuildManager | None = None
         self.tokens: TokenBook | None = None
@@ -180,10 +184,12 @@ class Coordinator:
             timeout=cfg.registry_timeout,
             on_request_error=lambda kind: self.metrics.registry_errors.labels(kind=kind).inc(),
         )
+        contexts = ContextStore(cfg.data_dir / "contexts", cfg.limits)
         self.manager = BuildManager(
-            self._store, ContextStore(cfg.data_dir / "contexts"),
-            IndexPublisher(self._registry), self.metrics,
-        )  # fmt: skip
+            self._store, contexts, IndexPublisher(self._registry), self.metrics
+        )
+        self.metrics.context_store_bytes.set_function(lambda: contexts.stored_bytes)
+        self.metrics.context_uploads_in_flight.set_function(lambda: contexts.uploads.in_flight)
         self.manager.recover(reattach_grace=cfg.agent_timeout)
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         authority: CertificateAuthority | None = None
@@ -228,6 +234,9 @@ class Coordinator:
             )
             self.metrics_port = self._metrics_server.server_port
         self._watchdog = asyncio.create_task(self._expire_silent_agents(), name="agent-watchdog")
+        self._context_gc = asyncio.create_task(
+            self._collector(contexts).run(cfg.context_gc_interval), name="context-gc"
+        )
         log.info(
             "coordinator listening on port %d, agents on %d (%s; data in %s)", self.port,
             self.agent_port, "PLAINTEXT" if cfg.insecure else "TLS", cfg.data_dir,
@@ -253,6 +262,16 @@ class Coordinator:
             raise OSError(f"cannot listen on {cfg.listen} and {agent_listen}")
         return api, agents
 
+    def _collector(self, contexts: ContextStore) -> ContextCollector:
+        manager = self.manager
+        assert manager is not None
+
+        def deleted(count: int, size: int) -> None:
+            self.metrics.contexts_deleted.inc(count)
+            self.metrics.context_bytes_deleted.inc(size)
+
+        return ContextCollector(contexts, lambda: digests_in_use(manager.ledger), deleted)
+
     async def _expire_silent_agents(self) -> None:
         assert self.manager is not None
         interval = min(1.0, self.config.agent_timeout / 4)
@@ -271,8 +290,9 @@ class Coordinator:
             return
         self.status = Status.CLOSING
         try:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
+            for task in (self._watchdog, self._context_gc):
+                if task is not None:
+                    task.cancel()
             if self.manager is not None:
                 for session in list(self.manager.sessions.values()):
                     session.close()
