@@ -207,6 +207,12 @@ class BuildClient:
         )
         if stat.present:
             return False
+        if 0 < stat.max_bytes < packed.size:
+            raise PolyarchError(
+                f"the build context is {packed.size} bytes; this coordinator accepts at most "
+                f"{stat.max_bytes} (its --limit max_context_bytes): trim it with .dockerignore",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
 
         async def chunks() -> AsyncIterator[common_pb2.ContextChunk]:
             with packed.path.open("rb") as source:
@@ -218,6 +224,14 @@ class BuildClient:
         try:
             response = await self._stub().UploadContext(chunks())
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INTERNAL and "from Core" in (exc.details() or ""):
+                # grpc/grpc#36066: a server that ends an upload early (a limit) while the
+                # client still writes can surface as this instead of the server's status
+                raise PolyarchError(
+                    "the coordinator ended the upload early: a limit on concurrent uploads "
+                    "or on time between chunks was reached; try again",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                ) from None
             raise self._error(exc) from None
         return not response.already_present
 

@@ -30,8 +30,12 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
     async def StatContext(
         self, request: build_pb2.StatContextRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> build_pb2.StatContextResponse:
-        size = self.manager.contexts.size_of(check_digest(request.digest))
-        return build_pb2.StatContextResponse(present=size is not None, size=size or 0)
+        contexts = self.manager.contexts
+        size = contexts.size_of(check_digest(request.digest))
+        return build_pb2.StatContextResponse(
+            present=size is not None, size=size or 0,
+            max_bytes=contexts.limits.max_context_bytes,
+        )  # fmt: skip
 
     @domain_errors
     async def UploadContext(

@@ -17,12 +17,14 @@ class StatContextRequest(_message.Message):
     def __init__(self, digest: _Optional[str] = ...) -> None: ...
 
 class StatContextResponse(_message.Message):
-    __slots__ = ("present", "size")
+    __slots__ = ("present", "size", "max_bytes")
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     present: bool
     size: int
-    def __init__(self, present: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
+    max_bytes: int
+    def __init__(self, present: _Optional[bool] = ..., size: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class UploadContextResponse(_message.Message):
     __slots__ = ("digest", "size", "already_present")

@@ -44,10 +44,13 @@ class FakeCoordinator(build_pb2_grpc.BuildServiceServicer, fleet_pb2_grpc.FleetS
     contexts: dict[str, bytes] = field(default_factory=dict)
     submitted: list[build_pb2.SubmitBuildRequest] = field(default_factory=list)
     builds: dict[str, build_pb2.Build] = field(default_factory=dict)
+    max_context_bytes: int = 0  # 0: says no limit, as an older coordinator would
 
     def StatContext(self, request: Any, context: Any) -> build_pb2.StatContextResponse:
         data = self.contexts.get(request.digest)
-        return build_pb2.StatContextResponse(present=data is not None, size=len(data or b""))
+        return build_pb2.StatContextResponse(
+            present=data is not None, size=len(data or b""), max_bytes=self.max_context_bytes
+        )
 
     def UploadContext(self, request_iterator: Any, context: Any) -> Any:
         chunks = list(request_iterator)
@@ -471,3 +474,16 @@ def test_builds_table_says_why_a_job_was_requeued() -> None:
     lines = render.builds_table([build])
     assert "attempt 2" in lines[2]
     assert lines[3] == "      linux/arm64 re-queued: agent agent-a went silent (lease expired)"
+
+
+def test_a_context_over_the_coordinators_limit_is_refused_before_uploading(
+    coordinator: tuple[str, FakeCoordinator],
+    context_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    address, fake = coordinator
+    fake.max_context_bytes = 10
+    assert cli.main(build_argv(address, context_dir)) == 1
+    err = capsys.readouterr().err
+    assert "accepts at most 10" in err and "max_context_bytes" in err
+    assert fake.contexts == {} and fake.submitted == []
