@@ -292,6 +292,10 @@ class Agent:
         finally:
             if job_dir is not None:
                 await asyncio.to_thread(shutil.rmtree, job_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                trimmed = await self.workspace.trim_cache()
+                if trimmed:
+                    log.info("context cache: deleted %d unused context(s)", len(trimmed))
 
     async def _describe_pushed(self, job: agent_pb2.Assignment, pushed: PushedImage) -> PushedImage:
         """Size and media type from the registry, for builders that report only the digest

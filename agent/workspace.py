@@ -9,11 +9,14 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from polyarch.agent.builders.base import BuildFailed
 from polyarch.agent.context_unpack import ContextRefused, unpack_context
+from polyarch.coordinator.context_gc import select_for_deletion
+from polyarch.coordinator.contexts import StoredContext
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
 
 # Job ids and digests come from the coordinator (possibly over plaintext) and become path
@@ -45,14 +48,30 @@ def check_digest(digest: str) -> None:
         )  # fmt: skip
 
 
-class Workspace:
-    """Caches contexts under root/contexts/<hex>.tar and unpacks one copy per job attempt."""
+# The agent's context cache: unused contexts older than this, then oldest first over the size.
+CACHE_MAX_AGE_SECONDS = 7 * 86400.0
+CACHE_MAX_BYTES = 20 << 30
 
-    def __init__(self, root: Path, on_bytes: Callable[[int], None] = lambda _n: None) -> None:
+
+class Workspace:
+    """Caches contexts under root/contexts/<hex>.tar and unpacks one copy per job attempt;
+    the cache is trimmed after each job (too old, then oldest first over its size)."""
+
+    def __init__(
+        self,
+        root: Path,
+        on_bytes: Callable[[int], None] = lambda _n: None,
+        cache_max_age: float = CACHE_MAX_AGE_SECONDS,
+        cache_max_bytes: int = CACHE_MAX_BYTES,
+    ) -> None:
         self.root = root
         self._on_bytes = on_bytes
+        self.cache_max_age = cache_max_age
+        self.cache_max_bytes = cache_max_bytes
         # one download per digest at a time: concurrent jobs of one build share the context
         self._downloads: dict[str, asyncio.Lock] = {}
+        # digests being downloaded or unpacked now: never trimmed
+        self._in_use: dict[str, int] = {}
         (root / "contexts").mkdir(parents=True, exist_ok=True)
         (root / "jobs").mkdir(parents=True, exist_ok=True)
 
@@ -72,17 +91,53 @@ class Workspace:
         check_digest(digest)
         hexdigest = digest.removeprefix("sha256:")
         cached = self.root / "contexts" / f"{hexdigest}.tar"
-        async with self._downloads.setdefault(digest, asyncio.Lock()):
-            if not cached.exists():
-                await self._download(stub, digest, cached)
-        target = job_dir / "context"
-        target.mkdir()
+        self._in_use[digest] = self._in_use.get(digest, 0) + 1
         try:
-            await asyncio.to_thread(unpack_context, cached, target)
-        except ContextRefused as exc:
-            # the archive is what the client sent: another agent would refuse it too
-            raise BuildFailed("unpack context", str(exc), infrastructure=False) from exc
+            async with self._downloads.setdefault(digest, asyncio.Lock()):
+                if not cached.exists():
+                    await self._download(stub, digest, cached)
+                else:
+                    os.utime(cached)  # last used now: the cache trims the least recent
+            target = job_dir / "context"
+            target.mkdir()
+            try:
+                await asyncio.to_thread(unpack_context, cached, target)
+            except ContextRefused as exc:
+                # the archive is what the client sent: another agent would refuse it too
+                raise BuildFailed("unpack context", str(exc), infrastructure=False) from exc
+        finally:
+            self._in_use[digest] -= 1
+            if not self._in_use[digest]:
+                del self._in_use[digest]
         return target
+
+    async def trim_cache(self, now: float | None = None) -> list[str]:
+        """Deletes cached contexts no job is fetching or unpacking: older than the max age,
+        then oldest first while the cache is over its size. Returns the digests deleted."""
+        entries = await asyncio.to_thread(self._cached_entries)
+        chosen = select_for_deletion(
+            entries, set(self._in_use), time.time() if now is None else now,
+            self.cache_max_age, self.cache_max_bytes,
+        )  # fmt: skip
+        deleted = []
+        for entry in chosen:
+            if entry.digest in self._in_use:  # a job started using it since the scan
+                continue
+            path = self.root / "contexts" / f"{entry.digest.removeprefix('sha256:')}.tar"
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(path.unlink)
+                deleted.append(entry.digest)
+            self._downloads.pop(entry.digest, None)
+        return deleted
+
+    def _cached_entries(self) -> list[StoredContext]:
+        entries = []
+        for path in (self.root / "contexts").glob("*.tar"):
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                digest = "sha256:" + path.name.removesuffix(".tar")
+                entries.append(StoredContext(digest, stat.st_size, stat.st_mtime))
+        return entries
 
     async def _download(
         self, stub: agent_pb2_grpc.AgentServiceStub, digest: str, cached: Path

@@ -152,3 +152,21 @@ async def test_an_unsafe_context_digest_is_refused_before_touching_disk(
     assert stub.calls == 0
     assert list((tmp_path / "contexts").iterdir()) == []
     assert list(job_dir.iterdir()) == []
+
+
+async def test_the_context_cache_is_trimmed_by_age_then_size_never_while_in_use(
+    tmp_path: Path,
+) -> None:
+    workspace = Workspace(tmp_path / "agent", cache_max_age=100.0, cache_max_bytes=25)
+    contexts = tmp_path / "agent" / "contexts"
+    now = 10_000.0
+    ages = {"a": 500.0, "b": 50.0, "c": 40.0, "d": 10.0}  # seconds since last use
+    for name, age in ages.items():
+        path = contexts / f"{name * 64}.tar"
+        path.write_bytes(b"x" * 10)
+        os.utime(path, (now - age, now - age))
+    workspace._in_use["sha256:" + "b" * 64] = 1  # a job is unpacking b right now
+    deleted = await workspace.trim_cache(now=now)
+    # a: too old; then over 25 bytes: b is in use, so c (the oldest unused) goes
+    assert deleted == ["sha256:" + "a" * 64, "sha256:" + "c" * 64]
+    assert sorted(p.name[0] for p in contexts.glob("*.tar")) == ["b", "d"]
