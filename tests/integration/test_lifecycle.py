@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,19 +38,22 @@ def slow_context(tmp_path: Path, seconds: int) -> Path:
     return context
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# A shell that ran the suite in the background left SIGINT ignored, and an ignored signal
+# stays ignored across exec. This launcher restores the default (as a terminal gives) and
+# execs the CLI. Not preexec_fn: that forks a process whose gRPC threads must not fork.
+_WITH_DEFAULT_SIGINT = [
+    sys.executable, "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]  # fmt: skip
 
 
 async def submit(farm: Farm, *args: str) -> tuple[asyncio.subprocess.Process, str]:
     """Starts `polyarch build` in the background; returns it and the build id it submitted."""
     proc = await asyncio.create_subprocess_exec(
-        POLYARCH, "build", "--coordinator", farm.address, *args,
+        *_WITH_DEFAULT_SIGINT, POLYARCH, "build", "--coordinator", farm.address, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env=dict(os.environ, POLYARCH_TOKEN_FILE=str(farm.admin_token_file)),
-        # a shell that ran the suite in the background left SIGINT ignored, and an ignored
-        # signal stays ignored across exec: give the CLI the Ctrl-C a terminal would
-        preexec_fn=_default_sigint,
     )  # fmt: skip
     manager = farm.coordinator.manager
     assert manager is not None
