@@ -15,6 +15,7 @@ from polyarch.coordinator.contexts import ContextStore
 from polyarch.coordinator.events import EventHub
 from polyarch.coordinator.fleet import AgentSession, snapshot_fleet
 from polyarch.coordinator.ledger import BuildLedger
+from polyarch.coordinator.limits import Limits
 from polyarch.coordinator.metrics import CoordinatorMetrics, FleetSnapshot
 from polyarch.coordinator.model import (
     AlreadyExists,
@@ -82,7 +83,9 @@ class BuildManager:
         publisher: Publisher,
         metrics: CoordinatorMetrics,
         clock: Callable[[], float] = time.time,
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits or Limits()
         self.store = store
         self.contexts = contexts
         self.publisher = publisher
@@ -495,7 +498,7 @@ class BuildManager:
 
     def _validate(self, spec: BuildSpec) -> list[Platform]:
         """Checks a submission; fills in the registry and repository its tags share."""
-        platforms = validate_spec(spec, self.contexts)
+        platforms = validate_spec(spec, self.contexts, self.limits)
         unschedulable = [
             p for p in platforms if not self.scheduler.eligible_modes(p, spec.emulation)
         ]

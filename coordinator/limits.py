@@ -35,6 +35,8 @@ class Limits:
     max_labels: int = 256
     max_key_bytes: int = 256  # a build arg's or label's name
     max_value_bytes: int = 64 * KIB  # a build arg's or label's value
+    max_args_and_labels_bytes: int = 1 * MIB  # all build args and labels of a build together
+    max_path_bytes: int = 4 * KIB  # the dockerfile path, the target stage name
     max_list_page: int = 200  # builds per ListBuilds page
     # running builds
     job_timeout_seconds: float = 3 * 3600.0  # the coordinator's own bound on one attempt

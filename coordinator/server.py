@@ -182,7 +182,7 @@ class Coordinator:
         )
         self.manager = BuildManager(
             self._store, ContextStore(cfg.data_dir / "contexts"),
-            IndexPublisher(self._registry), self.metrics,
+            IndexPublisher(self._registry), self.metrics, limits=cfg.limits,
         )  # fmt: skip
         self.manager.recover(reattach_grace=cfg.agent_timeout)
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
