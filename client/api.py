@@ -313,10 +313,18 @@ class BuildClient:
         )
 
     async def list_builds(self, limit: int = 0) -> list[build_pb2.Build]:
-        response = await self._call(
-            self._stub().ListBuilds, build_pb2.ListBuildsRequest(limit=limit)
-        )
-        return list(response.builds)
+        """Up to `limit` builds, newest first, following pages (0: one page of the default)."""
+        builds: list[build_pb2.Build] = []
+        token = ""
+        while True:
+            wanted = limit - len(builds) if limit > 0 else 0
+            # limit too: a coordinator from before pagination reads only that
+            request = build_pb2.ListBuildsRequest(limit=wanted, page_size=wanted, page_token=token)
+            response = await self._call(self._stub().ListBuilds, request)
+            builds.extend(response.builds)
+            token = response.next_page_token
+            if not token or limit <= 0 or len(builds) >= limit or not response.builds:
+                return builds[:limit] if limit > 0 else builds
 
     # -- fleet API -------------------------------------------------------------------------
 
