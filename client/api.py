@@ -302,6 +302,12 @@ class BuildClient:
                 await asyncio.sleep(RECONNECT_DELAY)
                 with contextlib.suppress(CoordinatorUnreachable):
                     await self.connect()
+            except PolyarchError as exc:
+                # the coordinator cut off a watch that fell too far behind: watch again
+                if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                if on_lost is not None:
+                    on_lost(f"{exc}; watching build {build_id} again")
 
     async def get_build(self, build_id: str) -> build_pb2.Build:
         return await self._call(self._stub().GetBuild, build_pb2.GetBuildRequest(build_id=build_id))

@@ -25,6 +25,7 @@ from polyarch.coordinator.model import (
     InvalidRequest,
     JobRecord,
     JobState,
+    LimitExceeded,
     Mode,
     NotFound,
     PermissionDenied,
@@ -95,7 +96,7 @@ class BuildManager:
         self.sessions: dict[str, AgentSession] = {}
         # names an operator drained: the drain survives the agent reconnecting
         self.drained: set[str] = set()
-        self.hub = EventHub()
+        self.hub = EventHub(self.limits)
         self.ledger = BuildLedger(store, self.hub, metrics, clock)
         self.completion = Completion(self.ledger, publisher, metrics)
         # recovered jobs that were on an agent -> when to stop waiting for it to reconnect
@@ -240,6 +241,8 @@ class BuildManager:
                 return
             while (event := await queue.get()) is not None:
                 yield event
+            if queue.cut_off:
+                raise LimitExceeded(queue.cut_off)
         finally:
             self.hub.unsubscribe(build_id, queue)
 
