@@ -35,6 +35,7 @@ from polyarch.coordinator.model import (
 )
 from polyarch.coordinator.scheduler import AgentView, QueuedJob, Scheduler
 from polyarch.coordinator.store import DuplicateIdempotencyKey, StateStore
+from polyarch.coordinator.timeouts import AttemptClock, timeout_reason
 from polyarch.coordinator.validation import describe_unschedulable, validate_spec
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 from polyarch.proto.trust import NAME_PATTERN
@@ -101,6 +102,7 @@ class BuildManager:
         self.completion = Completion(self.ledger, publisher, metrics)
         # recovered jobs that were on an agent -> when to stop waiting for it to reconnect
         self._orphans: dict[str, float] = {}
+        self._attempts = AttemptClock()
         metrics.watch_fleet(self.fleet_snapshot)
 
     # ---- lifecycle ----------------------------------------------------------
@@ -135,6 +137,22 @@ class BuildManager:
                 build, job = found
                 reason = f"agent {job.agent} did not return after a restart"
                 self._requeue(build, job, reason, kind="restart")
+        self.dispatch()
+
+    def expire_overdue_jobs(self) -> None:
+        """Cancels, on their agents, attempts without a result after job_timeout_seconds and
+        re-queues them as infrastructure failures (counted against MAX_ATTEMPTS); a late
+        result of such an attempt is stale and ignored. Driven by the lease watchdog."""
+        limit = self.limits.job_timeout_seconds
+        live = [(b, j) for b, jobs in self.ledger.active() for j in jobs]
+        for build, job in self._attempts.overdue(live, self.clock(), limit):
+            reason, agent = timeout_reason(limit), job.agent
+            if agent in self.sessions:
+                self.sessions[agent].send(agent_pb2.CoordinatorMessage(
+                    cancel=agent_pb2.CancelJob(job_id=job.id, attempt=job.attempt,
+                                               reason=reason)))  # fmt: skip
+            log.warning("job %s attempt %d on %s: %s", job.id, job.attempt, agent, reason)
+            self._requeue(build, job, f"{reason} on {agent}", avoid=agent, kind="infrastructure")
         self.dispatch()
 
     async def close(self) -> None:

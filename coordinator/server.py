@@ -262,6 +262,7 @@ class Coordinator:
                 if session.last_seen < deadline:
                     self.manager.detach_agent(session, "went silent (lease expired)")
             self.manager.expire_orphans()
+            self.manager.expire_overdue_jobs()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stops in a fixed order: watchdog, listeners, builds, clients, store. Idempotent."""
