@@ -58,7 +58,7 @@ def parse_size(text: str) -> int:
 
 
 def with_overrides(base: Limits, assignments: list[str]) -> Limits:
-    """`base` with NAME=VALUE assignments applied (sizes for *_bytes, seconds for *_seconds)."""
+    """`base` with NAME=VALUE assignments applied (sizes for *_bytes*, seconds for *_seconds)."""
     fields = {f.name: f for f in dataclasses.fields(Limits)}
     changes: dict[str, float | int] = {}
     for assignment in assignments:
@@ -68,7 +68,7 @@ def with_overrides(base: Limits, assignments: list[str]) -> Limits:
             known = ", ".join(sorted(fields))
             raise LimitSyntaxError(f"unknown limit {name!r} (known: {known})")
         try:
-            if name.endswith("_bytes"):
+            if "_bytes" in name:  # max_log_bytes_per_job is a size too
                 changes[name] = parse_size(value)
             elif name.endswith("_seconds"):
                 changes[name] = float(value)
