@@ -98,7 +98,12 @@ class EventHub:
 
     def publish(self, build_id: str, event: build_pb2.BuildEvent) -> None:
         if event.HasField("log"):
-            event.log.line = clip_line(event.log.line)
+            # a new message, not an assignment: a protobuf arena keeps a replaced string
+            # until the whole message goes, so the long line would live on in the tail
+            log = event.log
+            event = build_pb2.BuildEvent(log=build_pb2.LogLine(
+                job_id=log.job_id, platform=log.platform, attempt=log.attempt,
+                line=clip_line(log.line)))  # fmt: skip
             self._keep(event.log)
         size = event.ByteSize()
         for watcher in list(self._subscribers.get(build_id, ())):
