@@ -326,6 +326,12 @@ class BuildClient:
                 await asyncio.sleep(RECONNECT_DELAY)
                 with contextlib.suppress(CoordinatorUnreachable):
                     await self.connect()
+            except PolyarchError as exc:
+                # the coordinator cut off a watch that fell too far behind: watch again
+                if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                if on_lost is not None:
+                    on_lost(f"{exc}; watching build {build_id} again")
 
     async def get_build(self, build_id: str) -> build_pb2.Build:
         return await self._call(self._stub().GetBuild, build_pb2.GetBuildRequest(build_id=build_id))
@@ -337,10 +343,18 @@ class BuildClient:
         )
 
     async def list_builds(self, limit: int = 0) -> list[build_pb2.Build]:
-        response = await self._call(
-            self._stub().ListBuilds, build_pb2.ListBuildsRequest(limit=limit)
-        )
-        return list(response.builds)
+        """Up to `limit` builds, newest first, following pages (0: one page of the default)."""
+        builds: list[build_pb2.Build] = []
+        token = ""
+        while True:
+            wanted = limit - len(builds) if limit > 0 else 0
+            # limit too: a coordinator from before pagination reads only that
+            request = build_pb2.ListBuildsRequest(limit=wanted, page_size=wanted, page_token=token)
+            response = await self._call(self._stub().ListBuilds, request)
+            builds.extend(response.builds)
+            token = response.next_page_token
+            if not token or limit <= 0 or len(builds) >= limit or not response.builds:
+                return builds[:limit] if limit > 0 else builds
 
     # -- fleet API -------------------------------------------------------------------------
 

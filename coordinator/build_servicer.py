@@ -14,12 +14,11 @@ from polyarch.coordinator.build_credentials import check_build_credentials
 from polyarch.coordinator.builds import BuildManager
 from polyarch.coordinator.contexts import check_digest
 from polyarch.coordinator.errors import domain_errors, status_code
+from polyarch.coordinator.listing import list_page
 from polyarch.coordinator.model import BuildSpec, InvalidRequest, PolyarchError
 from polyarch.coordinator.uploads import timed
 from polyarch.proto.trust import Role
 from polyarch.proto.v1 import build_pb2, build_pb2_grpc, common_pb2
-
-DEFAULT_LIST_LIMIT = 50
 
 
 class BuildServicer(build_pb2_grpc.BuildServiceServicer):
@@ -128,7 +127,5 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
     async def ListBuilds(
         self, request: build_pb2.ListBuildsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> build_pb2.ListBuildsResponse:
-        limit = request.limit if request.limit > 0 else DEFAULT_LIST_LIMIT
-        return build_pb2.ListBuildsResponse(
-            builds=[convert.build_message(b, j) for b, j in self.manager.list_builds(limit)]
-        )
+        manager = self.manager
+        return list_page(manager.store, manager.get, request, manager.limits)

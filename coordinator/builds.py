@@ -16,6 +16,7 @@ from polyarch.coordinator.contexts import ContextStore
 from polyarch.coordinator.events import EventHub
 from polyarch.coordinator.fleet import AgentSession, snapshot_fleet
 from polyarch.coordinator.ledger import BuildLedger
+from polyarch.coordinator.limits import Limits
 from polyarch.coordinator.metrics import CoordinatorMetrics, FleetSnapshot
 from polyarch.coordinator.model import (
     AlreadyExists,
@@ -25,6 +26,7 @@ from polyarch.coordinator.model import (
     InvalidRequest,
     JobRecord,
     JobState,
+    LimitExceeded,
     Mode,
     NotFound,
     PermissionDenied,
@@ -34,6 +36,7 @@ from polyarch.coordinator.model import (
 )
 from polyarch.coordinator.scheduler import AgentView, QueuedJob, Scheduler
 from polyarch.coordinator.store import DuplicateIdempotencyKey, StateStore
+from polyarch.coordinator.timeouts import AttemptClock, timeout_reason
 from polyarch.coordinator.validation import describe_unschedulable, validate_spec
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 from polyarch.proto.trust import NAME_PATTERN
@@ -83,7 +86,9 @@ class BuildManager:
         publisher: Publisher,
         metrics: CoordinatorMetrics,
         clock: Callable[[], float] = time.time,
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits or Limits()
         self.store = store
         self.contexts = contexts
         self.publisher = publisher
@@ -93,7 +98,7 @@ class BuildManager:
         self.sessions: dict[str, AgentSession] = {}
         # names an operator drained: the drain survives the agent reconnecting
         self.drained: set[str] = set()
-        self.hub = EventHub()
+        self.hub = EventHub(self.limits)
         self.ledger = BuildLedger(store, self.hub, metrics, clock)
         # per-build registry credentials and secrets: memory only, gone when the build ends
         self.vault = CredentialVault()
@@ -101,6 +106,7 @@ class BuildManager:
         self.completion = Completion(self.ledger, publisher, metrics, self.vault.get)
         # recovered jobs that were on an agent -> when to stop waiting for it to reconnect
         self._orphans: dict[str, float] = {}
+        self._attempts = AttemptClock()
         metrics.watch_fleet(self.fleet_snapshot)
 
     # ---- lifecycle ----------------------------------------------------------
@@ -150,6 +156,22 @@ class BuildManager:
                 build, job = found
                 reason = f"agent {job.agent} did not return after a restart"
                 self._requeue(build, job, reason, kind="restart")
+        self.dispatch()
+
+    def expire_overdue_jobs(self) -> None:
+        """Cancels, on their agents, attempts without a result after job_timeout_seconds and
+        re-queues them as infrastructure failures (counted against MAX_ATTEMPTS); a late
+        result of such an attempt is stale and ignored. Driven by the lease watchdog."""
+        limit = self.limits.job_timeout_seconds
+        live = [(b, j) for b, jobs in self.ledger.active() for j in jobs]
+        for build, job in self._attempts.overdue(live, self.clock(), limit):
+            reason, agent = timeout_reason(limit), job.agent
+            if agent in self.sessions:
+                self.sessions[agent].send(agent_pb2.CoordinatorMessage(
+                    cancel=agent_pb2.CancelJob(job_id=job.id, attempt=job.attempt,
+                                               reason=reason)))  # fmt: skip
+            log.warning("job %s attempt %d on %s: %s", job.id, job.attempt, agent, reason)
+            self._requeue(build, job, f"{reason} on {agent}", avoid=agent, kind="infrastructure")
         self.dispatch()
 
     async def close(self) -> None:
@@ -269,6 +291,8 @@ class BuildManager:
                 return
             while (event := await queue.get()) is not None:
                 yield event
+            if queue.cut_off:
+                raise LimitExceeded(queue.cut_off)
         finally:
             self.hub.unsubscribe(build_id, queue)
 
@@ -533,7 +557,7 @@ class BuildManager:
 
     def _validate(self, spec: BuildSpec) -> list[Platform]:
         """Checks a submission; fills in the registry and repository its tags share."""
-        platforms = validate_spec(spec, self.contexts)
+        platforms = validate_spec(spec, self.contexts, self.limits)
         unschedulable = [
             p for p in platforms if not self.scheduler.eligible_modes(p, spec.emulation)
         ]

@@ -1,60 +1,160 @@
-"""Fan-out of build events to watchers, with a bounded log tail per job for late joiners."""
+"""Fan-out of build events to watchers, with per-job log tails and watcher backlogs in bytes."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
+from dataclasses import dataclass, field
 
+from polyarch.coordinator.limits import KIB, Limits
 from polyarch.proto.v1 import build_pb2
 
-LOG_TAIL_LINES = 200
-# A watcher that falls this far behind is cut off rather than growing memory without bound.
+# One log line is kept and sent up to this size; the rest is replaced by a marker.
+MAX_LINE_BYTES = 16 * KIB
+# Charged per kept line on top of its text: a million empty lines still cost a million objects.
+LINE_OVERHEAD_BYTES = 256
+# A watcher this many events behind is cut off even if they are small (each is an object).
 WATCHER_QUEUE_LIMIT = 10_000
 
 
-class EventHub:
-    """Publishes BuildEvents per build id to any number of subscriber queues."""
+def clip_line(line: str) -> str:
+    """The line, or its first MAX_LINE_BYTES with a marker saying how much was cut."""
+    data = line.encode()
+    if len(data) <= MAX_LINE_BYTES:
+        return line
+    kept = data[:MAX_LINE_BYTES].decode(errors="ignore")
+    return f"{kept} [polyarch: line truncated, {len(data) - len(kept.encode())} more bytes]"
+
+
+@dataclass
+class _Tail:
+    """The newest lines of one job's log, at most `budget` bytes of them."""
+
+    lines: deque[build_pb2.LogLine] = field(default_factory=deque)
+    bytes: int = 0
+    dropped: int = 0  # bytes of text dropped from the front
+
+
+class Watcher:
+    """One watcher's undelivered events and their size: the queue a watch reads from."""
 
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[asyncio.Queue[build_pb2.BuildEvent | None]]] = {}
-        self._tails: dict[str, deque[build_pb2.LogLine]] = {}
+        self._queue: asyncio.Queue[tuple[build_pb2.BuildEvent, int] | None] = asyncio.Queue()
+        self.backlog_bytes = 0
+        # why the hub ended this watch early ("" unless it was cut off)
+        self.cut_off = ""
 
-    def subscribe(self, build_id: str) -> asyncio.Queue[build_pb2.BuildEvent | None]:
-        queue: asyncio.Queue[build_pb2.BuildEvent | None] = asyncio.Queue(WATCHER_QUEUE_LIMIT)
-        self._subscribers.setdefault(build_id, set()).add(queue)
-        return queue
+    async def get(self) -> build_pb2.BuildEvent | None:
+        """The next event; None once the build ended or the watcher was cut off."""
+        item = await self._queue.get()
+        if item is None:
+            return None
+        event, size = item
+        self.backlog_bytes -= size
+        return event
 
-    def unsubscribe(self, build_id: str, queue: asyncio.Queue[build_pb2.BuildEvent | None]) -> None:
+    def put(self, event: build_pb2.BuildEvent, size: int) -> None:
+        self.backlog_bytes += size
+        self._queue.put_nowait((event, size))
+
+    def close(self) -> None:
+        """No more events: the watch ends once it has read what is queued."""
+        self._queue.put_nowait(None)
+
+    def cut(self, reason: str) -> None:
+        """Ends the watch now, dropping what it has not read."""
+        self.cut_off = reason
+        while not self._queue.empty():  # what it will never read is freed now
+            self._queue.get_nowait()
+        self.backlog_bytes = 0
+        self._queue.put_nowait(None)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+
+class EventHub:
+    """Publishes BuildEvents per build id to any number of watchers."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        limits = limits or Limits()
+        self.max_log_bytes = limits.max_log_bytes_per_job
+        self.max_backlog_bytes = limits.max_watcher_backlog_bytes
+        self._subscribers: dict[str, set[Watcher]] = {}
+        self._tails: dict[str, _Tail] = {}
+
+    def subscribe(self, build_id: str) -> Watcher:
+        watcher = Watcher()
+        self._subscribers.setdefault(build_id, set()).add(watcher)
+        return watcher
+
+    def unsubscribe(self, build_id: str, watcher: Watcher) -> None:
         subscribers = self._subscribers.get(build_id)
         if subscribers is not None:
-            subscribers.discard(queue)
+            subscribers.discard(watcher)
             if not subscribers:
                 del self._subscribers[build_id]
 
     def publish(self, build_id: str, event: build_pb2.BuildEvent) -> None:
         if event.HasField("log"):
-            tail = self._tails.setdefault(event.log.job_id, deque(maxlen=LOG_TAIL_LINES))
-            tail.append(event.log)
-        for queue in list(self._subscribers.get(build_id, ())):
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:
-                # a watcher this far behind is ended; it can watch again for a fresh snapshot
-                self.unsubscribe(build_id, queue)
-                while not queue.empty():
-                    queue.get_nowait()
-                queue.put_nowait(None)
+            # a new message, not an assignment: a protobuf arena keeps a replaced string
+            # until the whole message goes, so the long line would live on in the tail
+            log = event.log
+            event = build_pb2.BuildEvent(log=build_pb2.LogLine(
+                job_id=log.job_id, platform=log.platform, attempt=log.attempt,
+                line=clip_line(log.line)))  # fmt: skip
+            self._keep(event.log)
+        size = event.ByteSize()
+        for watcher in list(self._subscribers.get(build_id, ())):
+            behind = watcher.backlog_bytes + size
+            if behind > self.max_backlog_bytes or watcher.pending >= WATCHER_QUEUE_LIMIT:
+                # ended rather than buffered without bound; it can watch again for a snapshot
+                self.unsubscribe(build_id, watcher)
+                watcher.cut(
+                    f"this watch fell {behind} bytes ({watcher.pending + 1} events) behind; "
+                    f"the limit is {self.max_backlog_bytes} bytes (max_watcher_backlog_bytes) "
+                    f"or {WATCHER_QUEUE_LIMIT} events: watch again"
+                )
+            else:
+                watcher.put(event, size)
 
     def finish(self, build_id: str) -> None:
         """Tells every watcher of the build that nothing more will come."""
-        for queue in list(self._subscribers.get(build_id, ())):
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(None)
+        for watcher in list(self._subscribers.get(build_id, ())):
+            watcher.close()
 
     def log_tail(self, job_id: str, lines: int) -> list[build_pb2.LogLine]:
+        """The job's last `lines` kept lines, after a marker when older text was dropped."""
         tail = self._tails.get(job_id)
-        return list(tail)[-lines:] if tail and lines > 0 else []
+        if tail is None or lines <= 0 or not tail.lines:
+            return []
+        kept = list(tail.lines)[-lines:]
+        if tail.dropped and len(kept) == len(tail.lines):
+            first = kept[0]
+            marker = build_pb2.LogLine(
+                job_id=first.job_id, platform=first.platform, attempt=first.attempt,
+                line=f"[polyarch: {tail.dropped} bytes of earlier log dropped "
+                "(max_log_bytes_per_job)]",
+            )  # fmt: skip
+            kept.insert(0, marker)
+        return kept
+
+    def tail_bytes(self, job_id: str) -> int:
+        """What the job's kept log costs, as charged against max_log_bytes_per_job."""
+        tail = self._tails.get(job_id)
+        return tail.bytes if tail is not None else 0
 
     def forget_job(self, job_id: str) -> None:
         self._tails.pop(job_id, None)
+
+    def _keep(self, line: build_pb2.LogLine) -> None:
+        """Appends a line to its job's tail, dropping the oldest beyond the byte budget."""
+        tail = self._tails.setdefault(line.job_id, _Tail())
+        tail.lines.append(line)
+        tail.bytes += len(line.line.encode()) + LINE_OVERHEAD_BYTES
+        while tail.bytes > self.max_log_bytes and len(tail.lines) > 1:
+            old = tail.lines.popleft()
+            text = len(old.line.encode())
+            tail.bytes -= text + LINE_OVERHEAD_BYTES
+            tail.dropped += text

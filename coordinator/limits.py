@@ -35,6 +35,8 @@ class Limits:
     max_labels: int = 256
     max_key_bytes: int = 256  # a build arg's or label's name
     max_value_bytes: int = 64 * KIB  # a build arg's or label's value
+    max_args_and_labels_bytes: int = 1 * MIB  # all build args and labels of a build together
+    max_path_bytes: int = 4 * KIB  # the dockerfile path, the target stage name
     max_list_page: int = 200  # builds per ListBuilds page
     # running builds
     job_timeout_seconds: float = 3 * 3600.0  # the coordinator's own bound on one attempt
@@ -56,7 +58,7 @@ def parse_size(text: str) -> int:
 
 
 def with_overrides(base: Limits, assignments: list[str]) -> Limits:
-    """`base` with NAME=VALUE assignments applied (sizes for *_bytes, seconds for *_seconds)."""
+    """`base` with NAME=VALUE assignments applied (sizes for *_bytes*, seconds for *_seconds)."""
     fields = {f.name: f for f in dataclasses.fields(Limits)}
     changes: dict[str, float | int] = {}
     for assignment in assignments:
@@ -66,7 +68,7 @@ def with_overrides(base: Limits, assignments: list[str]) -> Limits:
             known = ", ".join(sorted(fields))
             raise LimitSyntaxError(f"unknown limit {name!r} (known: {known})")
         try:
-            if name.endswith("_bytes"):
+            if "_bytes" in name:  # max_log_bytes_per_job is a size too
                 changes[name] = parse_size(value)
             elif name.endswith("_seconds"):
                 changes[name] = float(value)

@@ -186,8 +186,9 @@ class Coordinator:
         )
         contexts = ContextStore(cfg.data_dir / "contexts", cfg.limits)
         self.manager = BuildManager(
-            self._store, contexts, IndexPublisher(self._registry), self.metrics
-        )
+            self._store, contexts, IndexPublisher(self._registry), self.metrics,
+            limits=cfg.limits,
+        )  # fmt: skip
         self.metrics.context_store_bytes.set_function(lambda: contexts.stored_bytes)
         self.metrics.context_uploads_in_flight.set_function(lambda: contexts.uploads.in_flight)
         self.manager.recover(reattach_grace=cfg.agent_timeout)
@@ -282,6 +283,7 @@ class Coordinator:
                 if session.last_seen < deadline:
                     self.manager.detach_agent(session, "went silent (lease expired)")
             self.manager.expire_orphans()
+            self.manager.expire_overdue_jobs()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stops in a fixed order: watchdog, listeners, builds, clients, store. Idempotent."""

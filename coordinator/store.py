@@ -39,6 +39,9 @@ class StateStore(Protocol):
       transition (job id, attempt, state, reason, time) when the state changed.
     - Reads return copies: mutating them changes nothing until saved.
     - list_builds is newest first; unfinished_builds is oldest first.
+    - list_builds_page orders by (created_at, id), newest first, and returns up to `limit`
+      builds strictly after the cursor `before` (a (created_at, id) pair; None: the newest),
+      so pages never repeat or skip a build, even among builds created at the same time.
     """
 
     def create_build(self, build: BuildRecord, jobs: list[JobRecord]) -> None: ...
@@ -48,6 +51,9 @@ class StateStore(Protocol):
     def find_by_idempotency_key(self, key: str) -> BuildRecord | None: ...
     def jobs_of(self, build_id: str) -> list[JobRecord]: ...
     def list_builds(self, limit: int) -> list[BuildRecord]: ...
+    def list_builds_page(
+        self, limit: int, before: tuple[float, str] | None = None
+    ) -> list[BuildRecord]: ...
     def unfinished_builds(self) -> list[BuildRecord]: ...
     def transitions(self, job_id: str) -> list[tuple[int, str, str]]: ...
     def close(self) -> None: ...
@@ -97,6 +103,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     requeue_reasons TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_build ON jobs(build_id);
+CREATE INDEX IF NOT EXISTS builds_by_created ON builds(created_at, id);
 CREATE TABLE IF NOT EXISTS job_transitions (
     job_id TEXT NOT NULL,
     attempt INTEGER NOT NULL,
@@ -198,6 +205,17 @@ class SQLiteStore:
         rows = self._query(
             f"SELECT {_BUILD_COLUMNS} FROM builds ORDER BY created_at DESC, rowid DESC LIMIT ?",
             (limit,),
+        )
+        return [self._build_from_row(r) for r in rows]
+
+    def list_builds_page(
+        self, limit: int, before: tuple[float, str] | None = None
+    ) -> list[BuildRecord]:
+        where, args = ("WHERE (created_at, id) < (?, ?)", before) if before else ("", ())
+        rows = self._query(
+            f"SELECT {_BUILD_COLUMNS} FROM builds {where} ORDER BY created_at DESC, id DESC "
+            "LIMIT ?",
+            (*args, limit),
         )
         return [self._build_from_row(r) for r in rows]
 
@@ -320,6 +338,13 @@ class MemoryStore:
     def list_builds(self, limit: int) -> list[BuildRecord]:
         ordered = sorted(enumerate(self._builds.values()), key=lambda p: (p[1].created_at, p[0]))
         return [copy.deepcopy(b) for _, b in reversed(ordered)][:limit]
+
+    def list_builds_page(
+        self, limit: int, before: tuple[float, str] | None = None
+    ) -> list[BuildRecord]:
+        ordered = sorted(self._builds.values(), key=lambda b: (b.created_at, b.id), reverse=True)
+        after = [b for b in ordered if before is None or (b.created_at, b.id) < before]
+        return [copy.deepcopy(b) for b in after[:limit]]
 
     def unfinished_builds(self) -> list[BuildRecord]:
         ordered = sorted(self._builds.values(), key=lambda b: b.created_at)

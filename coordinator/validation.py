@@ -5,15 +5,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import PurePosixPath
 
+from polyarch.coordinator.caps import check_caps
 from polyarch.coordinator.contexts import ContextStore, check_digest
 from polyarch.coordinator.fleet import AgentSession
+from polyarch.coordinator.limits import Limits
 from polyarch.coordinator.model import BuildSpec, EmulationPolicy, InvalidRequest, NotFound
 from polyarch.coordinator.registry import ReferenceError, parse_reference
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 
+DEFAULT_LIMITS = Limits()
 
-def validate_spec(spec: BuildSpec, contexts: ContextStore) -> list[Platform]:
+
+def validate_spec(
+    spec: BuildSpec, contexts: ContextStore, limits: Limits = DEFAULT_LIMITS
+) -> list[Platform]:
     """Validates a spec in place (normalising platforms, dockerfile, registry/repository)."""
+    check_caps(spec, limits)
     check_digest(spec.context_digest)
     if contexts.size_of(spec.context_digest) is None:
         raise NotFound(f"context {spec.context_digest} is not on the coordinator; upload it first")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -91,6 +92,8 @@ class SecureCoordinator:
     def cli(self, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
         env = {"POLYARCH_COORDINATOR": self.address, "PATH": "/usr/bin:/bin",
                "POLYARCH_TOKEN": token or self.admin_token}  # fmt: skip
+        if "PYTHONPATH" in os.environ:  # a worktree's code, as the coordinator runs it
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         return subprocess.run(
             [POLYARCH, *args], env=env, capture_output=True, text=True, timeout=120, check=False
         )

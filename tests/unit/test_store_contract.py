@@ -82,6 +82,40 @@ def test_builds_without_a_key_never_collide(store: StateStore) -> None:
     assert [b.id for b in store.list_builds(1)] == ["b2"]
 
 
+def test_pages_are_newest_first_and_hold_every_build_exactly_once(store: StateStore) -> None:
+    """Builds created at the same instant are ordered by id, so a cursor never skips one."""
+    times = [5.0, 3.0, 5.0, 1.0, 3.0, 5.0, 2.0]
+    for i, at in enumerate(times):
+        store.create_build(*make_build(f"b{i}", at))
+    expected = [b.id for b in sorted(
+        (make_build(f"b{i}", at)[0] for i, at in enumerate(times)),
+        key=lambda b: (b.created_at, b.id), reverse=True)]  # fmt: skip
+    seen: list[str] = []
+    before: tuple[float, str] | None = None
+    while page := store.list_builds_page(3, before):
+        assert len(page) <= 3
+        seen += [b.id for b in page]
+        before = (page[-1].created_at, page[-1].id)
+    assert seen == expected
+    assert store.list_builds_page(2) == store.list_builds_page(2, None)
+    assert [b.id for b in store.list_builds_page(10, (3.0, "b4"))] == ["b1", "b6", "b3"]
+    assert store.list_builds_page(10, (1.0, "b3")) == []
+
+
+def test_a_page_is_a_copy_and_later_builds_do_not_shift_an_open_cursor(
+    store: StateStore,
+) -> None:
+    for i in range(4):
+        store.create_build(*make_build(f"b{i}", float(i)))
+    first = store.list_builds_page(2)
+    first[0].error = "changed only in the copy"
+    store.create_build(*make_build("b9", 9.0))  # newer than the cursor: not on later pages
+    rest = store.list_builds_page(10, (first[-1].created_at, first[-1].id))
+    assert [b.id for b in first + rest] == ["b3", "b2", "b1", "b0"]
+    stored = store.get_build("b3")
+    assert stored is not None and stored.error == ""
+
+
 def test_saved_changes_persist_and_reads_are_copies(store: StateStore) -> None:
     build, jobs = make_build("b1", 1.0)
     store.create_build(build, jobs)
