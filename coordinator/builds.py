@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # A job whose agent vanished is tried this many times in all before it fails.
 MAX_ATTEMPTS = 3
+MAX_AGENT_SLOTS = 64
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 # What an agent may report having pushed: one platform's image manifest.
 IMAGE_MANIFEST_TYPES = frozenset(
@@ -309,8 +310,11 @@ class BuildManager:
             emulated = frozenset(parse_platform(p) for p in hello.emulated_platforms) - native
         except PlatformError as exc:
             raise InvalidRequest(f"agent {hello.name}: {exc}") from None
-        if hello.slots < 1:
-            raise InvalidRequest(f"agent {hello.name}: slots must be at least 1")
+        if not 1 <= hello.slots <= MAX_AGENT_SLOTS:
+            # an agent claiming a thousand slots would draw the whole queue to itself
+            raise InvalidRequest(
+                f"agent {hello.name}: slots must be between 1 and {MAX_AGENT_SLOTS}"
+            )
         old = self.sessions.get(hello.name)
         if old is not None:
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(old.connected_at))

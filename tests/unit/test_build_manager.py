@@ -416,3 +416,11 @@ async def test_after_a_restart_a_build_whose_secrets_are_gone_fails_asking_to_re
     assert final.state is BuildState.FAILED
     assert "secrets (token) were held in memory only: resubmit it" in final.error
     assert all(job.state is JobState.FAILED for job in jobs)
+
+
+async def test_an_agent_claiming_absurd_slots_is_refused(manager: BuildManager) -> None:
+    hello = agent_pb2.AgentHello(name="greedy", builder="sim", native_platforms=["linux/amd64"],
+                                 slots=1000)  # fmt: skip
+    with pytest.raises(InvalidRequest, match="slots must be between 1 and 64"):
+        manager.attach_agent(hello, "sim")
+    assert "greedy" not in manager.sessions
