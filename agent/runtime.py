@@ -207,8 +207,13 @@ class Agent:
             log.info("connected to coordinator %s as %s", self.config.coordinator, self.config.name)
         elif kind == "assign":
             job = message.assign
-            if job.job_id in self.jobs:
-                return
+            current = self.jobs.get(job.job_id)
+            if current is not None and current[0] >= job.attempt:
+                return  # this attempt (or a newer one) already runs here
+            if current is not None:
+                # an older attempt is still winding down (its result already went out, or the
+                # coordinator gave up on it): the new attempt must not wait for, or be lost to, it
+                current[1].cancel()
             task = asyncio.create_task(self._run_job(stub, job), name=f"job-{job.job_id}")
             self.jobs[job.job_id] = (job.attempt, task)
             self.metrics.slots_in_use.set(len(self.jobs))
