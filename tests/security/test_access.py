@@ -304,9 +304,11 @@ async def test_a_replaced_enrolment_cuts_the_old_certificate_off(
     # can surface as INTERNAL in grpcio's asyncio client (grpc/grpc#36066)
     async with aio_channel(old.agent_address, old.trust()) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await agent_pb2_grpc.AgentServiceStub(channel).FetchContext(
-                agent_pb2.FetchContextRequest(digest="sha256:" + "0" * 64)
-            ).read()
+            await (
+                agent_pb2_grpc.AgentServiceStub(channel)
+                .FetchContext(agent_pb2.FetchContextRequest(digest="sha256:" + "0" * 64))
+                .read()
+            )
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "no longer enrolled" in (refused.value.details() or "")
     async with agent_stream(coordinator, new) as (_, fresh):

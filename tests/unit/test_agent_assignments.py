@@ -32,9 +32,7 @@ class Stub:
 
     def FetchContext(
         self, request: agent_pb2.FetchContextRequest
-    ) -> AsyncIterator[
-        common_pb2.ContextChunk
-    ]:
+    ) -> AsyncIterator[common_pb2.ContextChunk]:
         async def chunks() -> AsyncIterator[common_pb2.ContextChunk]:
             yield common_pb2.ContextChunk(data=self.context)
 
