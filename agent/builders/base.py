@@ -41,6 +41,9 @@ _TRANSIENT_PUSH_PATTERNS = (
     re.compile(r"(Internal Server Error|Bad Gateway|Service Unavailable|Gateway Timeout)"),
     re.compile(r"connection reset by peer|broken pipe|unexpected EOF|i/o timeout", re.I),
     re.compile(r"TLS handshake timeout|too many requests|\b429\b", re.I),
+    # a concurrent push of the same layers had not committed the blob yet when this
+    # manifest went up (distribution 2.8, two slots pushing identical images)
+    re.compile(r"manifest blob unknown|blob unknown to registry", re.I),
 )
 PUSH_ATTEMPTS = 3
 PUSH_RETRY_BASE_SECONDS = 0.5

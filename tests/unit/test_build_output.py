@@ -308,6 +308,7 @@ def test_transient_push_failures() -> None:
     assert push_failure_is_transient(
         ["read tcp 127.0.0.1:1->127.0.0.1:2: connection reset by peer"]
     )
+    assert push_failure_is_transient(["manifest blob unknown: blob unknown to registry"])
     assert not push_failure_is_transient(["unauthorized: authentication required"])
     assert not push_failure_is_transient(["denied: requested access to the resource is denied"])
 
