@@ -53,6 +53,7 @@ from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
 from polyarch.proto.v1 import build_pb2, common_pb2, trust_pb2
 
 _T = TypeVar("_T")
+MAX_AGENT_SLOTS = 64  # the coordinator refuses more (coordinator.builds.MAX_AGENT_SLOTS)
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 EMULATION = {
     "fallback": common_pb2.EMULATION_POLICY_FALLBACK,
@@ -102,6 +103,13 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return int(text)
+
+
+def _slots(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_AGENT_SLOTS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_AGENT_SLOTS} slots, got {value}")
+    return value
 
 
 def _platforms(values: list[str] | None, flag: str) -> list[Platform]:
@@ -404,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--native", action="append", metavar="PLATFORMS", help="default: detected")
     p.add_argument("--emulated", action="append", metavar="PLATFORMS",
                    help="built under QEMU (default: binfmt_misc; none: none)")  # fmt: skip
-    p.add_argument("--slots", type=_positive, default=2, help="concurrent jobs (default 2)")
+    p.add_argument("--slots", type=_slots, default=2, help="concurrent jobs, 1-64 (default 2)")
     p.add_argument("--docker-binary", default="docker", metavar="PATH")
     p.add_argument("--work-dir", type=Path, metavar="DIR")
     p.add_argument("--job-timeout", type=float, default=7200.0, metavar="SECONDS",
