@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import random
 import shutil
@@ -25,12 +24,13 @@ from polyarch.agent.job_credentials import write_job_credentials
 from polyarch.agent.metrics import AgentMetrics
 from polyarch.agent.workspace import Workspace
 from polyarch.proto.platforms import Platform, parse_platform
+from polyarch.proto.registries import polyarch_version, registry_is_plain_http
 from polyarch.proto.trust import ClientTrust, aio_channel
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+VERSION = polyarch_version()
 # Exit codes of `polyarch agent`.
 EXIT_OK = 0
 EXIT_BUILDER_UNAVAILABLE = 2
@@ -71,17 +71,8 @@ class IdentityRefused(Exception):
 
 
 def registry_is_insecure(repository: str, insecure: list[str]) -> bool:
-    """Plain HTTP for loopback registries (as Docker does) and for those listed as insecure."""
-    host = repository.split("/", 1)[0]
-    if host in insecure:
-        return True
-    name = host.rsplit(":", 1)[0].strip("[]") if host.count(":") <= 1 or "]" in host else host
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    """Plain HTTP for the repository's registry (loopback, or named with --insecure-registry)."""
+    return registry_is_plain_http(repository.split("/", 1)[0], insecure)
 
 
 class Agent:
@@ -202,6 +193,10 @@ class Agent:
     ) -> None:
         kind = message.WhichOneof("message")
         if kind == "welcome":
+            if message.welcome.heartbeat_interval_ms > 0:
+                # the coordinator owns the lease, so it sets the pace (floor: 100 ms)
+                interval = max(0.1, message.welcome.heartbeat_interval_ms / 1000)
+                self.config.heartbeat_interval = interval
             self.connected.set()
             self.metrics.connected.set(1)
             log.info("connected to coordinator %s as %s", self.config.coordinator, self.config.name)

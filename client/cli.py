@@ -50,6 +50,7 @@ from polyarch.client.credentials import (
 )
 from polyarch.client.dockerignore import DockerignoreError
 from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
+from polyarch.proto.registries import polyarch_version
 from polyarch.proto.v1 import build_pb2, common_pb2, trust_pb2
 
 _T = TypeVar("_T")
@@ -363,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polyarch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"polyarch {polyarch_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(

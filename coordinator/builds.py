@@ -39,6 +39,7 @@ from polyarch.coordinator.store import DuplicateIdempotencyKey, StateStore
 from polyarch.coordinator.timeouts import AttemptClock, timeout_reason
 from polyarch.coordinator.validation import describe_unschedulable, validate_spec
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
+from polyarch.proto.registries import polyarch_version
 from polyarch.proto.trust import NAME_PATTERN
 from polyarch.proto.v1 import agent_pb2, build_pb2, common_pb2
 
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 # A job whose agent vanished is tried this many times in all before it fails.
 MAX_ATTEMPTS = 3
 MAX_AGENT_SLOTS = 64
+# Agents heartbeat this often (told in Welcome); a lease is three missed heartbeats.
+LEASE_HEARTBEATS = 3
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 # What an agent may report having pushed: one platform's image manifest.
 IMAGE_MANIFEST_TYPES = frozenset(
@@ -101,6 +104,8 @@ class BuildManager:
         self.drained: set[str] = set()
         self.hub = EventHub(self.limits)
         self.ledger = BuildLedger(store, self.hub, metrics, clock)
+        # what Welcome tells agents; the server sets it from its lease (agent_timeout / 3)
+        self.heartbeat_interval = 3.0
         # per-build registry credentials and secrets: memory only, gone when the build ends
         self.vault = CredentialVault()
         self.ledger.on_finished.append(self.vault.drop)
@@ -334,7 +339,12 @@ class BuildManager:
         )
         self._adopt(session, hello.running)
         session.send(
-            agent_pb2.CoordinatorMessage(welcome=agent_pb2.Welcome(coordinator_version="0.1.0"))
+            agent_pb2.CoordinatorMessage(
+                welcome=agent_pb2.Welcome(
+                    coordinator_version=polyarch_version(),
+                    heartbeat_interval_ms=int(self.heartbeat_interval * 1000),
+                )
+            )
         )
         log.info("agent %s connected from %s (native %s, emulated %s)", hello.name, peer,
                  sorted(map(str, native)), sorted(map(str, emulated)))  # fmt: skip

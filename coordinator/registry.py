@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
-import ipaddress
 import json
 import random
 import re
@@ -22,6 +21,7 @@ from polyarch.coordinator.credentials import (
     AuthFailure,
     CredentialStore,
 )
+from polyarch.proto.registries import registry_is_plain_http
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -188,18 +188,7 @@ def registry_errors_text(body: bytes) -> str:
 
 def registry_scheme(registry: str, insecure: Iterable[str] = ()) -> str:
     """`http` for loopback registries and ones listed insecure, `https` otherwise."""
-    host = registry
-    if host.startswith("["):
-        host = host[1 : host.index("]")] if "]" in host else host
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    insecure_set = set(insecure)
-    if registry in insecure_set or host in insecure_set or host == "localhost":
-        return "http"
-    try:
-        return "http" if ipaddress.ip_address(host).is_loopback else "https"
-    except ValueError:
-        return "https"
+    return "http" if registry_is_plain_http(registry, insecure) else "https"
 
 
 def backoff_delay(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:

@@ -21,7 +21,7 @@ from polyarch.coordinator.agent_servicer import AgentServicer
 from polyarch.coordinator.assembly import IndexPublisher
 from polyarch.coordinator.auth import Authenticator, AuthInterceptor, TokenBook
 from polyarch.coordinator.build_servicer import BuildServicer
-from polyarch.coordinator.builds import BuildManager
+from polyarch.coordinator.builds import LEASE_HEARTBEATS, BuildManager
 from polyarch.coordinator.context_gc import DEFAULT_INTERVAL, ContextCollector, digests_in_use
 from polyarch.coordinator.contexts import ContextStore
 from polyarch.coordinator.credentials import CredentialStore
@@ -191,6 +191,8 @@ class Coordinator:
         )  # fmt: skip
         self.metrics.context_store_bytes.set_function(lambda: contexts.stored_bytes)
         self.metrics.context_uploads_in_flight.set_function(lambda: contexts.uploads.in_flight)
+        # a lease is LEASE_HEARTBEATS missed heartbeats: agents learn the interval in Welcome
+        self.manager.heartbeat_interval = cfg.agent_timeout / LEASE_HEARTBEATS
         self.manager.recover(reattach_grace=cfg.agent_timeout)
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         authority: CertificateAuthority | None = None

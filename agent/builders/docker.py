@@ -24,6 +24,7 @@ from polyarch.agent.builders.base import (
 )
 from polyarch.agent.builders.process import ProcessNotFound, ProcessResult, run_captured
 from polyarch.agent.builders.process import run_streaming as _run_streaming
+from polyarch.proto.registries import is_loopback_registry
 
 # The first docker client major version whose `docker build` needs the buildx plugin.
 BUILDX_REQUIRED_FROM = 23
@@ -72,11 +73,6 @@ def parse_push_digest(lines: Sequence[str]) -> tuple[str, int] | None:
         if match:
             return match.group(1), int(match.group(2))
     return None
-
-
-def _is_loopback(image: str) -> bool:
-    host = image.split("/", 1)[0].rsplit(":", 1)[0] if "/" in image else ""
-    return host in ("localhost", "[::1]") or host.startswith("127.")
 
 
 def parse_client_version(text: str) -> tuple[int, str, str]:
@@ -150,7 +146,7 @@ class DockerBuilder:
                 argv += ["--cache-from", ref]
             else:
                 notes.append(f"cache source {spec!r} names no image reference; skipped")
-        if request.insecure_registry and not _is_loopback(request.image):
+        if request.insecure_registry and not is_loopback_registry(request.image.split("/", 1)[0]):
             notes.append(
                 "plain-HTTP registries other than 127.0.0.0/8 must be listed in dockerd's "
                 "insecure-registries (daemon.json); the docker CLI has no per-push switch"

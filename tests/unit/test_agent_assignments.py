@@ -94,3 +94,14 @@ async def test_a_newer_attempt_replaces_one_still_winding_down(tmp_path: Path) -
         if message.WhichOneof("message") == "result":
             results.append((message.result.attempt, message.result.ok))
     assert (2, True) in results
+
+
+def test_the_agent_heartbeats_at_the_pace_the_coordinator_sets(tmp_path: Path) -> None:
+    config = AgentConfig(
+        coordinator="unused:1", name="a", native=[parse_platform("linux/amd64")],
+        emulated=[], work_dir=tmp_path / "agent", heartbeat_interval=3.0,
+    )  # fmt: skip
+    agent = Agent(config, HeldBuilder())
+    welcome = agent_pb2.CoordinatorMessage(welcome=agent_pb2.Welcome(heartbeat_interval_ms=1500))
+    agent._handle(Stub(b""), welcome)  # type: ignore[arg-type]
+    assert agent.config.heartbeat_interval == 1.5 and agent.connected.is_set()

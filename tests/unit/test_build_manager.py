@@ -424,3 +424,10 @@ async def test_an_agent_claiming_absurd_slots_is_refused(manager: BuildManager) 
     with pytest.raises(InvalidRequest, match="slots must be between 1 and 64"):
         manager.attach_agent(hello, "sim")
     assert "greedy" not in manager.sessions
+
+
+async def test_the_welcome_tells_agents_how_often_to_heartbeat(manager: BuildManager) -> None:
+    manager.heartbeat_interval = 2.5
+    session = connect(manager, "a", ["linux/amd64"])
+    welcome = session.outbox.get_nowait()
+    assert welcome is not None and welcome.welcome.heartbeat_interval_ms == 2500

@@ -1,0 +1,42 @@
+"""Shared rules about registries and versions: which hosts speak plain HTTP, what we are."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from importlib import metadata
+
+
+def registry_host(registry: str) -> str:
+    """The host of `host`, `host:port` or `[v6]:port` (a registry as image references name it)."""
+    if registry.startswith("["):
+        return registry[1 : registry.index("]")] if "]" in registry else registry
+    if registry.count(":") == 1:
+        return registry.split(":", 1)[0]
+    return registry
+
+
+def is_loopback_registry(registry: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1: the registries Docker speaks plain HTTP to."""
+    host = registry_host(registry)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def registry_is_plain_http(registry: str, insecure: Iterable[str] = ()) -> bool:
+    """Plain HTTP for loopback registries (as Docker does) and those named insecure
+    (by `host:port` or by host)."""
+    named = set(insecure)
+    return registry in named or registry_host(registry) in named or is_loopback_registry(registry)
+
+
+def polyarch_version() -> str:
+    """The installed package's version: one source for `--version`, hellos and welcomes."""
+    try:
+        return metadata.version("polyarch")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
