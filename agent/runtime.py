@@ -105,6 +105,8 @@ class Agent:
                 if exc.code() in (
                     grpc.StatusCode.UNAUTHENTICATED,
                     grpc.StatusCode.PERMISSION_DENIED,
+                    # the hello itself is wrong (name, slots, platforms): retrying won't help
+                    grpc.StatusCode.INVALID_ARGUMENT,
                 ):
                     raise IdentityRefused(_describe(exc)) from None
                 log.warning("coordinator stream ended: %s", _describe(exc))

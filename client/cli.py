@@ -51,6 +51,7 @@ from polyarch.client.credentials import (
 from polyarch.client.dockerignore import DockerignoreError
 from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
 from polyarch.proto.registries import polyarch_version
+from polyarch.proto.trust import NAME_PATTERN
 from polyarch.proto.v1 import build_pb2, common_pb2, trust_pb2
 
 _T = TypeVar("_T")
@@ -104,6 +105,15 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return int(text)
+
+
+def _agent_name(text: str) -> str:
+    if not NAME_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid agent name {text!r}: letters, digits, '.', '_' and '-', at most 63, "
+            "starting with a letter or digit"
+        )
+    return text
 
 
 def _slots(text: str) -> int:
@@ -409,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_coordinator)
 
     p = commands.add_parser("agent", parents=[client, registries], help="run a build agent")
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", required=True, type=_agent_name,
+                   help="letters, digits, '.', '_', '-' (at most 63)")  # fmt: skip
     p.add_argument("--builder", required=True, choices=["docker", "buildah"])
     p.add_argument("--native", action="append", metavar="PLATFORMS", help="default: detected")
     p.add_argument("--emulated", action="append", metavar="PLATFORMS",

@@ -179,6 +179,7 @@ class Authenticator:
     def __init__(self, tokens: TokenBook, require_enrolment: bool = True) -> None:
         self.tokens = tokens
         self.require_enrolment = require_enrolment
+        self.on_refused: Callable[[str], None] = lambda _reason: None
 
     def principal(self, requirement: Requirement, context: Any) -> Principal:
         if requirement is Access.AGENT_CERT:
@@ -235,10 +236,13 @@ else:  # generic only in the stubs
 
 class AuthInterceptor(_Interceptor):
     """Checks every RPC against METHOD_ACCESS before its servicer runs; streams end when their
-    token is revoked or expires."""
+    token is revoked or expires. `on_refused(reason)` counts refusals (a metric)."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(
+        self, authenticator: Authenticator, on_refused: Callable[[str], None] = lambda _r: None
+    ) -> None:
         self.auth = authenticator
+        self.auth.on_refused = on_refused
 
     async def intercept_service(
         self,
@@ -263,6 +267,8 @@ async def _authorize(auth: Authenticator, requirement: Requirement | None, conte
             raise PermissionDenied("this method is not open to any caller")
         _current.set(auth.principal(requirement, context))
     except PolyarchError as exc:
+        # bounded label: the kind of refusal, never the caller or the token
+        auth.on_refused("unauthenticated" if isinstance(exc, Unauthenticated) else "forbidden")
         await context.abort(status_code(exc), str(exc))
 
 

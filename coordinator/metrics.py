@@ -66,6 +66,10 @@ class CoordinatorMetrics:
         self.builds_submitted = Counter(
             "polyarch_builds_submitted", "Builds accepted by SubmitBuild.", registry=r
         )
+        self.auth_refusals = Counter(
+            "polyarch_auth_refusals", "Calls refused by authentication or role, by reason.",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.builds_finished = Counter(
             "polyarch_builds_finished", "Builds that ended, by result.", ["result"], registry=r
         )

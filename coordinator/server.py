@@ -210,7 +210,10 @@ class Coordinator:
             if self.tokens.ensure_admin_token(cfg.data_dir / "admin.token"):
                 log.info("wrote the first admin token to %s", cfg.data_dir / "admin.token")
             authenticator = Authenticator(self.tokens, require_enrolment=authority is not None)
-            interceptors.append(AuthInterceptor(authenticator))
+            refusals = self.metrics.auth_refusals
+            interceptors.append(
+                AuthInterceptor(authenticator, lambda why: refusals.labels(reason=why).inc())
+            )
         options = [
             *_SERVER_OPTIONS,
             ("grpc.max_receive_message_length", cfg.limits.max_request_bytes),

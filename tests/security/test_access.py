@@ -397,6 +397,16 @@ async def test_no_secret_reaches_logs_database_listing_or_metrics(
             for row in db.execute(f"SELECT * FROM {table}")
         )  # fmt: skip
     assert len(coordinator.secrets_used) >= len(Role) + 2
+    from prometheus_client.parser import text_string_to_metric_families
+
+    refusals = {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(haystacks["metrics"])
+        if family.name == "polyarch_auth_refusals"
+        for sample in family.samples
+        if sample.name == "polyarch_auth_refusals_total"
+    }
+    assert refusals.get("unauthenticated", 0) >= 2 and refusals.get("forbidden", 0) >= 1
     for token in [*coordinator.secrets_used, coordinator.admin_token]:
         secret = token.split("_")[3]
         for where, text in haystacks.items():
