@@ -113,7 +113,7 @@ class BuildManager:
         # recovered jobs that were on an agent -> when to stop waiting for it to reconnect
         self._orphans: dict[str, float] = {}
         self._attempts = AttemptClock()
-        metrics.watch_fleet(self.fleet_snapshot)
+        metrics.watch_fleet()
 
     # ---- lifecycle ----------------------------------------------------------
     def recover(self, reattach_grace: float) -> None:
@@ -338,6 +338,7 @@ class BuildManager:
             AgentView(hello.name, native, emulated, hello.slots, draining=session.draining)
         )
         self._adopt(session, hello.running)
+        self.publish_fleet()
         session.send(
             agent_pb2.CoordinatorMessage(
                 welcome=agent_pb2.Welcome(
@@ -383,6 +384,7 @@ class BuildManager:
                               avoid=session.name)  # fmt: skip
         log.info("agent %s disconnected: %s", session.name, reason)
         self.dispatch()
+        self.publish_fleet()
 
     def running_jobs(self, agent: str) -> list[JobRecord]:
         """The non-terminal jobs currently assigned to an agent."""
@@ -583,3 +585,8 @@ class BuildManager:
 
     def fleet_snapshot(self) -> FleetSnapshot:
         return snapshot_fleet(self.sessions.values(), self.scheduler, self.ledger)
+
+    def publish_fleet(self) -> None:
+        """Hands the metrics a fresh snapshot (the watchdog does, every tick, and agents'
+        arrivals and departures do)."""
+        self.metrics.publish_fleet(self.fleet_snapshot())

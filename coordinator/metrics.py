@@ -16,7 +16,8 @@ _WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 @dataclass(frozen=True)
 class FleetSnapshot:
-    """The live numbers the gauges report, taken at scrape time."""
+    """The numbers the fleet gauges report, as the event loop last published them (its dicts
+    are fresh copies, never changed after publishing)."""
 
     queued_by_platform: dict[str, int]
     # (state, architecture) -> agents
@@ -26,12 +27,18 @@ class FleetSnapshot:
     builds_by_state: dict[str, int]
 
 
+EMPTY_FLEET = FleetSnapshot({}, {}, {}, {})
+
+
 class _FleetCollector(Collector):
-    def __init__(self, snapshot: Callable[[], FleetSnapshot]) -> None:
-        self._snapshot = snapshot
+    """Reads the last published snapshot: the scrape runs on the HTTP server's thread and
+    must never iterate the loop's live dicts."""
+
+    def __init__(self, latest: Callable[[], FleetSnapshot]) -> None:
+        self._latest = latest
 
     def collect(self) -> Iterable[Metric]:
-        snap = self._snapshot()
+        snap = self._latest()
         depth = GaugeMetricFamily(
             "polyarch_queue_depth", "Jobs waiting for an agent.", labels=["platform"]
         )
@@ -129,6 +136,11 @@ class CoordinatorMetrics:
             "polyarch_context_uploads_in_flight", "Context uploads being received.", registry=r
         )
 
-    def watch_fleet(self, snapshot: Callable[[], FleetSnapshot]) -> None:
-        """Registers the gauges that read live state at scrape time."""
-        self.registry.register(_FleetCollector(snapshot))
+    def watch_fleet(self) -> None:
+        """Registers the fleet gauges; they report what publish_fleet last handed over."""
+        self._fleet = EMPTY_FLEET
+        self.registry.register(_FleetCollector(lambda: self._fleet))
+
+    def publish_fleet(self, snapshot: FleetSnapshot) -> None:
+        """Called on the event loop; one reference assignment, atomic for the scrape thread."""
+        self._fleet = snapshot

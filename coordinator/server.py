@@ -289,6 +289,8 @@ class Coordinator:
                     self.manager.detach_agent(session, "went silent (lease expired)")
             self.manager.expire_orphans()
             self.manager.expire_overdue_jobs()
+            # the scrape thread reads this copy, never the loop's live state
+            self.manager.publish_fleet()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stops in a fixed order: watchdog, listeners, builds, clients, store. Idempotent."""

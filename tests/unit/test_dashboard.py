@@ -39,8 +39,9 @@ PROMQL_WORDS = {
 def exported_metric_names() -> set[str]:
     """Every series name the coordinator and agent registries expose, as Prometheus sees it."""
     coordinator = CoordinatorMetrics()
-    coordinator.watch_fleet(
-        lambda: FleetSnapshot(
+    coordinator.watch_fleet()
+    coordinator.publish_fleet(
+        FleetSnapshot(
             queued_by_platform={"linux/arm64": 2},
             agents_by_state={("ready", "amd64"): 1},
             slots={"builder-1": (2, 1)},
