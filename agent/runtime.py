@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import random
 import shutil
 import signal
 import time
@@ -24,7 +23,7 @@ from polyarch.agent.job_credentials import write_job_credentials
 from polyarch.agent.metrics import AgentMetrics
 from polyarch.agent.workspace import Workspace
 from polyarch.proto.platforms import Platform, parse_platform
-from polyarch.proto.registries import polyarch_version, registry_is_plain_http
+from polyarch.proto.registries import backoff_delay, polyarch_version, registry_is_plain_http
 from polyarch.proto.trust import ClientTrust, aio_channel
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
 
@@ -121,9 +120,9 @@ class Agent:
             if self._stopping.is_set():
                 break
             attempt += 1
-            delay = min(self.config.reconnect_max_delay, 0.25 * 2**attempt)
+            delay = backoff_delay(attempt, 0.25, cap=self.config.reconnect_max_delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.5, 1.0))
+                await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def shutdown(self, grace: float = 0.0) -> None:
         """Drains: tells the coordinator, lets running builds finish for up to `grace`

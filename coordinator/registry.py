@@ -6,7 +6,6 @@ import asyncio
 import copy
 import hashlib
 import json
-import random
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from polyarch.coordinator.credentials import (
     AuthFailure,
     CredentialStore,
 )
-from polyarch.proto.registries import registry_is_plain_http
+from polyarch.proto.registries import backoff_delay, registry_is_plain_http
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -189,11 +188,6 @@ def registry_errors_text(body: bytes) -> str:
 def registry_scheme(registry: str, insecure: Iterable[str] = ()) -> str:
     """`http` for loopback registries and ones listed insecure, `https` otherwise."""
     return "http" if registry_is_plain_http(registry, insecure) else "https"
-
-
-def backoff_delay(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
-    """Full-jitter exponential backoff for retry number `attempt` (0-based)."""
-    return random.uniform(base / 2, min(cap, base * (2**attempt)))
 
 
 def _label_for_status(status: int) -> str:

@@ -1,8 +1,9 @@
-"""Shared rules about registries and versions: which hosts speak plain HTTP, what we are."""
+"""Shared rules: which registries speak plain HTTP, how retries back off, what version we are."""
 
 from __future__ import annotations
 
 import ipaddress
+import random
 from collections.abc import Iterable
 from importlib import metadata
 
@@ -40,3 +41,9 @@ def polyarch_version() -> str:
         return metadata.version("polyarch")
     except metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+def backoff_delay(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
+    """Full-jitter exponential backoff for retry number `attempt` (0-based): the one rule for
+    registry requests, pushes and reconnects."""
+    return random.uniform(base / 2, min(cap, base * (2**attempt)))

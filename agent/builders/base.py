@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import Protocol
 
 from polyarch.agent.builders.process import ProcessResult
 from polyarch.proto.platforms import Platform
+from polyarch.proto.registries import backoff_delay
 
 DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST_V1 = "application/vnd.oci.image.manifest.v1+json"
@@ -190,7 +190,7 @@ async def push_with_retries(
         result = await push()
         if result.ok or attempt == PUSH_ATTEMPTS or not push_failure_is_transient(result.lines):
             return result
-        delay = PUSH_RETRY_BASE_SECONDS * 2 ** (attempt - 1) * random.uniform(1.0, 1.5)
+        delay = backoff_delay(attempt, PUSH_RETRY_BASE_SECONDS, cap=10.0)
         on_line(
             f"polyarch: push attempt {attempt} failed ({last_meaningful_line(result.lines)}); "
             f"retrying in {delay:.1f} s"
