@@ -245,13 +245,17 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
         _err(*render.failure_summary(build))
         return EXIT_FAILED
     code = 0
-    if args.metadata_file:
+    outputs = [
+        (args.metadata_file, json.dumps(render.build_metadata(build), indent=2) + "\n"),
+        (args.iidfile, build.index_digest),  # buildx writes the digest without a newline
+    ]
+    for path, text in outputs:
+        if not path:
+            continue
         try:
-            Path(args.metadata_file).write_text(
-                json.dumps(render.build_metadata(build), indent=2) + "\n", encoding="utf-8"
-            )
+            Path(path).write_text(text, encoding="utf-8")
         except OSError as exc:
-            _err(f"polyarch: error: cannot write {args.metadata_file}: {exc.strerror}")
+            _err(f"polyarch: error: cannot write {path}: {exc.strerror}")
             code = EXIT_FAILED
     print(build.index_digest, flush=True)  # the last (and only) line on stdout
     return code
@@ -463,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret", action="append", metavar="id=ID,src=FILE|env=VAR",
                    help="a build secret for RUN --mount=type=secret (repeatable)")  # fmt: skip
     p.add_argument("--metadata-file", metavar="FILE", help="buildx-style JSON, on success")
+    p.add_argument("--iidfile", metavar="FILE", help="write the image index digest, on success")
+    p.add_argument("--push", action="store_true",
+                   help="push the result (the default, and today the only output)")  # fmt: skip
     p.add_argument("--idempotency-key", metavar="KEY", help="default: a new UUID per run")
     p.add_argument("--progress", choices=["plain", "quiet"], default="plain")
     p.add_argument("--cancel-on-interrupt", action="store_true",

@@ -205,8 +205,11 @@ def test_successful_build_renders_progress_and_prints_the_digest_last(
 ) -> None:
     address, fake = coordinator
     metadata = tmp_path / "meta.json"
-    argv = build_argv(address, context_dir, "--metadata-file", str(metadata), "--build-arg", "V=1")
+    iidfile = tmp_path / "iid"
+    argv = build_argv(address, context_dir, "--metadata-file", str(metadata), "--build-arg", "V=1",
+                      "--iidfile", str(iidfile), "--push")  # fmt: skip
     assert cli.main(argv) == 0
+    assert iidfile.read_text() == INDEX  # as buildx: the index digest, no newline
     out, err = capsys.readouterr()
     assert out.splitlines() == [INDEX]
     assert "bytes) uploaded" in err
