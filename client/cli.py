@@ -49,6 +49,7 @@ from polyarch.client.credentials import (
     credentials_from_args,
 )
 from polyarch.client.dockerignore import DockerignoreError
+from polyarch.coordinator.config import add_coordinator_flags
 from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
 from polyarch.proto.registries import polyarch_version
 from polyarch.proto.trust import NAME_PATTERN
@@ -398,28 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     p = commands.add_parser("coordinator", parents=[registries], help="run the coordinator")
-    p.add_argument("--listen", type=_address, default=DEFAULT_COORDINATOR, metavar="ADDR")
-    p.add_argument("--data-dir", type=Path, required=True, metavar="DIR")
-    p.add_argument(
-        "--metrics-listen", type=_optional_address, default="127.0.0.1:9600", metavar="ADDR",
-        help="Prometheus endpoint (default 127.0.0.1:9600; 'off' disables)",
-    )  # fmt: skip
-    p.add_argument("--docker-config", type=Path, metavar="PATH", help="registry credentials")
-    p.add_argument("--agent-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="re-queue the jobs of an agent silent this long (default 10)")  # fmt: skip
-    p.add_argument("--agent-listen", type=_address, metavar="ADDR",
-                   help="the agents' mTLS port (default: --listen's host, port + 1)")  # fmt: skip
-    p.add_argument("--advertise", action="append", default=[], metavar="HOST[,HOST]",
-                   help="names clients and agents dial, for the server certificate")  # fmt: skip
-    p.add_argument("--insecure", action="store_true",
-                   help="plaintext, no tokens (loopback listen addresses only)")  # fmt: skip
-    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="an operator's server chain")
-    p.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
-    p.add_argument("--tls-client-ca", type=Path, metavar="PEM",
-                   help="the CA agents' client certificates chain to")  # fmt: skip
-    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a limit, e.g. max_context_bytes=20GiB (repeatable; "
-                   "see polyarch.coordinator.limits.Limits)")  # fmt: skip
+    add_coordinator_flags(p)
     p.set_defaults(handler=cmd_coordinator)
 
     p = commands.add_parser("agent", parents=[client, registries], help="run a build agent")

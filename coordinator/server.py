@@ -10,8 +10,6 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,11 +20,11 @@ from polyarch.coordinator.assembly import IndexPublisher
 from polyarch.coordinator.auth import Authenticator, AuthInterceptor, TokenBook
 from polyarch.coordinator.build_servicer import BuildServicer
 from polyarch.coordinator.builds import LEASE_HEARTBEATS, BuildManager
-from polyarch.coordinator.context_gc import DEFAULT_INTERVAL, ContextCollector, digests_in_use
+from polyarch.coordinator.config import ConfigError, CoordinatorConfig, config_from
+from polyarch.coordinator.context_gc import ContextCollector, digests_in_use
 from polyarch.coordinator.contexts import ContextStore
 from polyarch.coordinator.credentials import CredentialStore
 from polyarch.coordinator.fleet_servicer import FleetServicer
-from polyarch.coordinator.limits import Limits, LimitSyntaxError, with_overrides
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.pki import (
     CertificateAuthority,
@@ -106,31 +104,6 @@ class Status(enum.Enum):
     RUNNING = "running"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-@dataclass
-class CoordinatorConfig:
-    listen: str = "127.0.0.1:7600"
-    data_dir: Path = Path("polyarch-data")
-    # The agent channel (mTLS); "" = the listen host, listen port + 1 (port 0 stays 0).
-    agent_listen: str = ""
-    # Plaintext, no tokens: refused unless every listen address is loopback.
-    insecure: bool = False
-    # Extra names or addresses for the server certificate (what clients and agents dial).
-    advertise: list[str] = field(default_factory=list)
-    # An operator's PKI instead of the coordinator's own CA (all three together).
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    limits: Limits = field(default_factory=Limits)
-    metrics_listen: str = ""
-    insecure_registries: list[str] = field(default_factory=list)
-    docker_config: Path | None = None
-    # An agent silent for this long loses its jobs to the queue (agents heartbeat every 3 s).
-    agent_timeout: float = 10.0
-    registry_timeout: float = 30.0
-    # How often unused contexts are garbage-collected (the limits say which go).
-    context_gc_interval: float = DEFAULT_INTERVAL
 
 
 class Coordinator:
@@ -352,23 +325,8 @@ def run_coordinator(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        limits = with_overrides(Limits(), list(getattr(args, "limit", None) or []))
-    except LimitSyntaxError as exc:
+        config = config_from(args)
+    except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    config = CoordinatorConfig(
-        listen=args.listen,
-        data_dir=Path(args.data_dir),
-        metrics_listen=args.metrics_listen or "",
-        insecure_registries=list(getattr(args, "insecure_registry", None) or []),
-        docker_config=Path(args.docker_config) if getattr(args, "docker_config", None) else None,
-        agent_timeout=float(getattr(args, "agent_timeout", 10.0)),
-        agent_listen=getattr(args, "agent_listen", None) or "",
-        insecure=bool(getattr(args, "insecure", False)),
-        advertise=[h.strip() for a in getattr(args, "advertise", []) for h in a.split(",") if h],
-        tls_cert=getattr(args, "tls_cert", None),
-        tls_key=getattr(args, "tls_key", None),
-        tls_client_ca=getattr(args, "tls_client_ca", None),
-        limits=limits,
-    )
     return asyncio.run(serve(config))

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from polyarch.client import api, cli, render
+from polyarch.coordinator.config import ConfigError, config_from
 from polyarch.proto.v1 import (
     build_pb2,
     build_pb2_grpc,
@@ -462,10 +463,38 @@ def test_coordinator_flags_are_handed_to_run_coordinator(
     monkeypatch.setitem(sys.modules, "polyarch.coordinator.server", server)
     argv = ["coordinator", "--data-dir", str(tmp_path), "--insecure-registry", "localhost:5000"]
     assert cli.main([*argv, "--metrics-listen", "off"]) == 0
-    args = seen[0]
-    assert (args.listen, args.data_dir, args.metrics_listen) == ("127.0.0.1:7600", tmp_path, None)
-    assert args.insecure_registry == ["localhost:5000"]
+    config = config_from(seen[0])
+    assert (config.listen, config.data_dir, config.metrics_listen) == (
+        "127.0.0.1:7600", tmp_path, ""
+    )  # fmt: skip
+    assert config.insecure_registries == ["localhost:5000"]
     assert cli.main(["coordinator", "--data-dir", str(tmp_path), "--listen", "nonsense"]) == 2
+
+
+def test_coordinator_config_is_defaults_then_file_then_flags(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[Any] = []
+    server = types.ModuleType("polyarch.coordinator.server")
+    server.run_coordinator = recorder(seen)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "polyarch.coordinator.server", server)
+    config_file = tmp_path / "coordinator.toml"
+    config_file.write_text(
+        '[coordinator]\nlisten = "0.0.0.0:7700"\ndata_dir = "/srv/polyarch"\n'
+        'advertise = ["farm.example"]\nagent_timeout = 20\n'
+        '[coordinator.limits]\nmax_tags = 16\nmax_context_bytes = "1GiB"\n'
+    )
+    argv = ["coordinator", "--config", str(config_file), "--listen", "127.0.0.1:7800",
+            "--limit", "max_tags=4"]  # fmt: skip
+    assert cli.main(argv) == 0
+    config = config_from(seen[0])
+    assert config.listen == "127.0.0.1:7800"  # the flag wins over the file
+    assert config.data_dir == Path("/srv/polyarch") and config.advertise == ["farm.example"]
+    assert config.agent_timeout == 20.0 and config.metrics_listen == "127.0.0.1:9600"
+    assert config.limits.max_tags == 4 and config.limits.max_context_bytes == 1 << 30
+    config_file.write_text('[coordinator]\nlistn = "typo"\n')
+    with pytest.raises(ConfigError, match=r"unknown coordinator setting.*listn"):
+        config_from(seen[0])
 
 
 def test_builds_table_says_why_a_job_was_requeued() -> None:

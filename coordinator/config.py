@@ -1,0 +1,151 @@
+"""The coordinator's configuration: one dataclass of defaults, then a TOML file, then flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from polyarch.coordinator.limits import Limits, LimitSyntaxError, with_overrides
+
+
+class ConfigError(ValueError):
+    """A config file or flag that names an unknown setting or has a bad value."""
+
+
+@dataclass
+class CoordinatorConfig:
+    """Every setting of `polyarch coordinator`, with its default. A `--config FILE` (TOML,
+    table [coordinator], keys as the field names, limits in [coordinator.limits]) overrides
+    these; flags override the file."""
+
+    listen: str = "127.0.0.1:7600"
+    data_dir: Path = Path("/var/lib/polyarch")
+    # The agent channel (mTLS); "" = the listen host, listen port + 1 (port 0 stays 0).
+    agent_listen: str = ""
+    # Plaintext, no tokens: refused unless every listen address is loopback.
+    insecure: bool = False
+    # Extra names or addresses for the server certificate (what clients and agents dial).
+    advertise: list[str] = field(default_factory=list)
+    # An operator's PKI instead of the coordinator's own CA (all three together).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    limits: Limits = field(default_factory=Limits)
+    # Prometheus text on plain HTTP; "" turns it off.
+    metrics_listen: str = "127.0.0.1:9600"
+    insecure_registries: list[str] = field(default_factory=list)
+    docker_config: Path | None = None
+    # An agent silent this long loses its jobs to the queue; agents heartbeat three times
+    # per lease (the coordinator tells them the interval).
+    agent_timeout: float = 10.0
+    registry_timeout: float = 30.0
+    # How often unused contexts are garbage-collected (the limits say which go).
+    context_gc_interval: float = 600.0
+
+
+_PATHS = {"data_dir", "tls_cert", "tls_key", "tls_client_ca", "docker_config"}
+_LISTS = {"advertise", "insecure_registries"}
+_FLOATS = {"agent_timeout", "registry_timeout", "context_gc_interval"}
+# flag attribute on the argparse namespace -> config field (where they differ)
+_FLAG_FIELDS = {"insecure_registry": "insecure_registries"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name in _PATHS:
+        return None if value in (None, "") else Path(str(value))
+    if name in _LISTS:
+        items = value if isinstance(value, list) else [value]
+        return [h.strip() for item in items for h in str(item).split(",") if h.strip()]
+    if name in _FLOATS:
+        return float(value)
+    if name == "insecure":
+        if not isinstance(value, bool):
+            raise ConfigError(f"insecure must be true or false, not {value!r}")
+        return value
+    return str(value)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The [coordinator] table of a TOML file, checked against the known settings."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = data.get("coordinator", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [coordinator] must be a table")
+    known = {f.name for f in dataclasses.fields(CoordinatorConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown coordinator setting(s) {', '.join(unknown)}")
+    return table
+
+
+def config_from(args: argparse.Namespace) -> CoordinatorConfig:
+    """Defaults, then --config FILE, then the flags given on the command line."""
+    values: dict[str, Any] = {}
+    limit_assignments: list[str] = []
+    if getattr(args, "config", None):
+        table = read_config_file(Path(args.config))
+        limits_table = table.pop("limits", {})
+        if not isinstance(limits_table, dict):
+            raise ConfigError(f"{args.config}: [coordinator.limits] must be a table")
+        limit_assignments += [f"{key}={value}" for key, value in limits_table.items()]
+        values.update({key: _coerce(key, value) for key, value in table.items()})
+    for name in (f.name for f in dataclasses.fields(CoordinatorConfig)):
+        flag = next((a for a, f in _FLAG_FIELDS.items() if f == name), name)
+        given = getattr(args, flag, None)
+        if name == "insecure" and given is False:
+            continue  # store_true: absent
+        if given is not None and given != []:
+            values[name] = _coerce(name, given)
+    try:
+        values["limits"] = with_overrides(Limits(), [*limit_assignments, *(args.limit or [])])
+    except LimitSyntaxError as exc:
+        raise ConfigError(str(exc)) from None
+    return CoordinatorConfig(**values)
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def _address_or_off(text: str) -> str:
+    return "" if text in ("", "off", "none") else _address(text)
+
+
+def add_coordinator_flags(parser: argparse.ArgumentParser) -> None:
+    """`polyarch coordinator`'s flags. None of them has a default here: an absent flag leaves
+    the config file's value, or CoordinatorConfig's default (named in the help)."""
+    d = CoordinatorConfig()
+    add = parser.add_argument
+    add("--config", type=Path, metavar="FILE", help="a TOML file with a [coordinator] table")
+    add("--listen", type=_address, metavar="ADDR", help=f"clients' TLS port (default {d.listen})")
+    add("--data-dir", type=Path, metavar="DIR", help=f"state, CA, tokens (default {d.data_dir})")
+    add("--metrics-listen", type=_address_or_off, metavar="ADDR",
+        help=f"Prometheus endpoint (default {d.metrics_listen}; 'off' disables)")  # fmt: skip
+    add("--docker-config", type=Path, metavar="PATH", help="the farm's registry credentials")
+    add("--agent-timeout", type=float, metavar="SECONDS",
+        help=f"an agent's lease (default {d.agent_timeout:g})")  # fmt: skip
+    add("--agent-listen", type=_address, metavar="ADDR",
+        help="the agents' mTLS port (default: --listen's host, port + 1)")  # fmt: skip
+    add("--advertise", action="append", metavar="HOST[,HOST]",
+        help="names clients and agents dial, for the server certificate")  # fmt: skip
+    add("--insecure", action="store_true",
+        help="plaintext, no tokens (loopback listen addresses only)")  # fmt: skip
+    add("--tls-cert", type=Path, metavar="PEM", help="an operator's server chain")
+    add("--tls-key", type=Path, metavar="PEM", help="its private key")
+    add("--tls-client-ca", type=Path, metavar="PEM",
+        help="the CA agents' client certificates chain to")  # fmt: skip
+    add("--limit", action="append", default=[], metavar="NAME=VALUE",
+        help="override a limit, e.g. max_context_bytes=20GiB (repeatable; "
+        "see polyarch.coordinator.limits.Limits)")  # fmt: skip
