@@ -148,6 +148,18 @@ class TokenBook:
             raise Unauthenticated(f"token {record.id} expired")
         return Principal(role=record.role, token_id=record.id, expires_at=record.expires_at)
 
+    def invalid_now(self, principal: Principal) -> str:
+        """Why the principal's token stopped being valid since it was checked ("" if it is
+        still valid): from memory, so it is cheap per streamed message."""
+        if not principal.token_id:
+            return ""
+        revoked = self._revoked.get(principal.token_id)
+        if revoked is not None and revoked.is_set():
+            return f"token {principal.token_id} was revoked"
+        if principal.expires_at is not None and self.clock() >= principal.expires_at:
+            return f"token {principal.token_id} expired"
+        return ""
+
     async def until_invalid(self, principal: Principal) -> str:
         """Returns (why) once the principal's token is revoked or expires; agents: never."""
         if not principal.token_id:
@@ -277,12 +289,11 @@ def _wrap(handler: Any, requirement: Requirement | None, auth: Authenticator) ->
     # grpc.aio's are async, hence Any
     def guarded_requests(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         async def checked() -> AsyncIterator[Any]:
+            principal = current_principal()
             async for item in requests:
-                principal = current_principal()
-                if principal.token_id:
-                    record = auth.tokens.store.get_token(principal.token_id)
-                    if record is None or not record.usable(auth.tokens.clock()):
-                        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "token revoked")
+                why = auth.tokens.invalid_now(principal)
+                if why:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
                 yield item
 
         return checked()

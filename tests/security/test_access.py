@@ -172,7 +172,7 @@ async def test_health_needs_no_token_and_reflection_does(
         assert code == want
 
 
-async def test_expired_and_revoked_tokens_are_refused_on_open_streams_too(
+async def test_expired_and_revoked_tokens_are_refused_at_once(
     coordinator: SecureCoordinator, after_each_probe: None
 ) -> None:
     short = await coordinator.token(Role.READ, ttl=1)
@@ -180,18 +180,11 @@ async def test_expired_and_revoked_tokens_are_refused_on_open_streams_too(
     codes = await _codes(coordinator, short)
     assert codes["/polyarch.v1.FleetService/ListAgents"] == grpc.StatusCode.UNAUTHENTICATED
 
+    # a revoked token on a stream already open: test_a_revoked_token_ends_a_watch_...
     ci = await coordinator.token(Role.CI)
-    async with coordinator.channel(ci) as channel:
-        watch = build_pb2_grpc.BuildServiceStub(channel).WatchBuild(
-            build_pb2.WatchBuildRequest(build_id="no-such-build-yet")
-        )
-        revoke = coordinator.cli("token", "revoke", ci.split("_")[2])
-        assert revoke.returncode == 0, revoke.stderr
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in watch:
-                pass
-        # NOT_FOUND would mean the watch never started; either way it is over now
-        assert caught.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND)
+    assert (await _codes(coordinator, ci))["/polyarch.v1.BuildService/ListBuilds"] not in DENIED
+    revoke = coordinator.cli("token", "revoke", ci.split("_")[2])
+    assert revoke.returncode == 0, revoke.stderr
     codes = await _codes(coordinator, ci)
     assert codes["/polyarch.v1.BuildService/ListBuilds"] == grpc.StatusCode.UNAUTHENTICATED
 

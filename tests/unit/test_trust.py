@@ -75,7 +75,10 @@ def test_the_token_book_keeps_hashes_and_refuses_revoked_and_expired_tokens() ->
         book.authenticate(str(text))
 
     forever = book.create(Role.READ)
+    held = book.authenticate(str(forever))
+    assert book.invalid_now(held) == ""
     book.revoke(forever.token_id)
+    assert "revoked" in book.invalid_now(held)  # an open upload stream stops at its next chunk
     with pytest.raises(Unauthenticated, match="revoked"):
         book.authenticate(str(forever))
     with pytest.raises(Unauthenticated, match="malformed"):
