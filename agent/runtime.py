@@ -301,9 +301,9 @@ class Agent:
     async def _describe_pushed(self, job: agent_pb2.Assignment, pushed: PushedImage) -> PushedImage:
         """Size and media type from the registry, for builders that report only the digest
         (buildah): the coordinator refuses results without them."""
-        from polyarch.coordinator.build_credentials import LayeredCredentialStore
-        from polyarch.coordinator.credentials import Credentials, CredentialStore
-        from polyarch.coordinator.registry import RegistryClient, RegistryError
+        from polyarch.coordinator.registry.build_credentials import LayeredCredentialStore
+        from polyarch.coordinator.registry.client import RegistryClient, RegistryError
+        from polyarch.coordinator.registry.credentials import Credentials, CredentialStore
 
         registry, _, repository = job.repository.partition("/")
         host = await asyncio.to_thread(CredentialStore.from_docker_config)

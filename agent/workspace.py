@@ -15,8 +15,8 @@ from pathlib import Path
 
 from polyarch.agent.builders.base import BuildFailed
 from polyarch.agent.context_unpack import ContextRefused, unpack_context
-from polyarch.coordinator.context_gc import select_for_deletion
-from polyarch.coordinator.contexts import StoredContext
+from polyarch.coordinator.contexts.gc import select_for_deletion
+from polyarch.coordinator.contexts.store import StoredContext
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
 
 # Job ids and digests come from the coordinator (possibly over plaintext) and become path

@@ -15,28 +15,28 @@ from typing import Any
 import grpc
 from prometheus_client import start_http_server
 
-from polyarch.coordinator.agent_servicer import AgentServicer
-from polyarch.coordinator.assembly import IndexPublisher
-from polyarch.coordinator.auth import Authenticator, AuthInterceptor, TokenBook
-from polyarch.coordinator.build_servicer import BuildServicer
-from polyarch.coordinator.builds import LEASE_HEARTBEATS, BuildManager
 from polyarch.coordinator.config import ConfigError, CoordinatorConfig, config_from
-from polyarch.coordinator.context_gc import ContextCollector, digests_in_use
-from polyarch.coordinator.contexts import ContextStore
-from polyarch.coordinator.credentials import CredentialStore
-from polyarch.coordinator.fleet_servicer import FleetServicer
+from polyarch.coordinator.contexts.gc import ContextCollector, digests_in_use
+from polyarch.coordinator.contexts.store import ContextStore
+from polyarch.coordinator.core.manager import LEASE_HEARTBEATS, BuildManager
+from polyarch.coordinator.core.store import SQLiteStore
 from polyarch.coordinator.metrics import CoordinatorMetrics
-from polyarch.coordinator.pki import (
+from polyarch.coordinator.registry.assembly import IndexPublisher
+from polyarch.coordinator.registry.client import RegistryClient
+from polyarch.coordinator.registry.credentials import CredentialStore
+from polyarch.coordinator.trust.auth import Authenticator, AuthInterceptor, TokenBook
+from polyarch.coordinator.trust.pki import (
     CertificateAuthority,
     ServerTLS,
     host_of,
     operator_tls,
     server_names,
 )
-from polyarch.coordinator.registry import RegistryClient
-from polyarch.coordinator.store import SQLiteStore
-from polyarch.coordinator.trust_servicer import TrustServicer
-from polyarch.coordinator.trust_store import SQLiteTrustStore, create_private_database
+from polyarch.coordinator.trust.store import SQLiteTrustStore, create_private_database
+from polyarch.coordinator.wire.agent_servicer import AgentServicer
+from polyarch.coordinator.wire.build_servicer import BuildServicer
+from polyarch.coordinator.wire.fleet_servicer import FleetServicer
+from polyarch.coordinator.wire.trust_servicer import TrustServicer
 from polyarch.proto.v1 import agent_pb2_grpc, build_pb2_grpc, fleet_pb2_grpc, trust_pb2_grpc
 
 log = logging.getLogger(__name__)

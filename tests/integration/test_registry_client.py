@@ -15,9 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from polyarch.coordinator.credentials import CredentialStore
-from polyarch.coordinator.index import PlatformMismatch, assemble_index
-from polyarch.coordinator.registry import (
+from polyarch.coordinator.registry.client import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
@@ -27,6 +25,8 @@ from polyarch.coordinator.registry import (
     RegistryClient,
     RegistryUnreachable,
 )
+from polyarch.coordinator.registry.credentials import CredentialStore
+from polyarch.coordinator.registry.index import PlatformMismatch, assemble_index
 from polyarch.proto.platforms import Platform, parse_platform
 from tests.support.services import Registry, free_port
 

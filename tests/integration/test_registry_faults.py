@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from polyarch.coordinator.index import assemble_index
-from polyarch.coordinator.registry import RegistryClient, RegistryError
+from polyarch.coordinator.registry.client import RegistryClient, RegistryError
+from polyarch.coordinator.registry.index import assemble_index
 from polyarch.proto.platforms import parse_platform
 from tests.support.faulty_proxy import FaultyProxy
 from tests.support.verify import index_platforms, skopeo_raw

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from polyarch.coordinator.auth import METHOD_ACCESS
+from polyarch.coordinator.trust.auth import METHOD_ACCESS
 from polyarch.proto.trust import ClientTrust, Role, aio_channel
 from polyarch.proto.v1 import (
     agent_pb2,
@@ -131,7 +131,7 @@ async def test_plaintext_and_a_foreign_ca_get_no_service(
                 fleet_pb2.ListAgentsRequest(), timeout=5
             )
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    from polyarch.coordinator.pki import CertificateAuthority, server_names
+    from polyarch.coordinator.trust.pki import CertificateAuthority, server_names
 
     other = CertificateAuthority(tmp_path / "other").ensure(server_names([], []))
     trust = ClientTrust(root_pem=other.client_ca_pem, token=coordinator.admin_token)

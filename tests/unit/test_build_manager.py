@@ -9,13 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from polyarch.coordinator.build_credentials import BuildCredentials, check_build_credentials
-from polyarch.coordinator.builds import MAX_ATTEMPTS, AgentEvent, BuildManager
-from polyarch.coordinator.contexts import ContextStore
-from polyarch.coordinator.fleet import AgentSession
-from polyarch.coordinator.index import ChildManifest, IndexResult
-from polyarch.coordinator.metrics import CoordinatorMetrics
-from polyarch.coordinator.model import (
+from polyarch.coordinator.contexts.store import ContextStore
+from polyarch.coordinator.core.fleet import AgentSession
+from polyarch.coordinator.core.manager import MAX_ATTEMPTS, AgentEvent, BuildManager
+from polyarch.coordinator.core.model import (
     AlreadyExists,
     BuildSpec,
     BuildState,
@@ -27,7 +24,13 @@ from polyarch.coordinator.model import (
     PermissionDenied,
     Unschedulable,
 )
-from polyarch.coordinator.store import MemoryStore
+from polyarch.coordinator.core.store import MemoryStore
+from polyarch.coordinator.metrics import CoordinatorMetrics
+from polyarch.coordinator.registry.build_credentials import (
+    BuildCredentials,
+    check_build_credentials,
+)
+from polyarch.coordinator.registry.index import ChildManifest, IndexResult
 from polyarch.proto.platforms import parse_platform
 from polyarch.proto.v1 import agent_pb2
 from tests.support.poll import poll_until

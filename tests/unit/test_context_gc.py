@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from polyarch.coordinator.context_gc import ContextCollector, select_for_deletion
-from polyarch.coordinator.contexts import ContextStore, StoredContext
+from polyarch.coordinator.contexts.gc import ContextCollector, select_for_deletion
+from polyarch.coordinator.contexts.store import ContextStore, StoredContext
 from polyarch.coordinator.limits import Limits
 
 NOW = 1_000_000.0

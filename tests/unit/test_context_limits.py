@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from polyarch.coordinator.contexts import ContextStore
+from polyarch.coordinator.contexts.store import ContextStore
+from polyarch.coordinator.contexts.uploads import UploadSlots, timed
+from polyarch.coordinator.core.model import InvalidRequest, LimitExceeded
 from polyarch.coordinator.limits import Limits
-from polyarch.coordinator.model import InvalidRequest, LimitExceeded
-from polyarch.coordinator.uploads import UploadSlots, timed
 
 LIMITS = Limits(max_context_bytes=1000, max_concurrent_uploads=3,
                 max_concurrent_uploads_per_caller=2)  # fmt: skip

@@ -9,7 +9,15 @@ from typing import Any
 import httpx
 import pytest
 
-from polyarch.coordinator.index import (
+from polyarch.coordinator.registry.client import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    ManifestNotFound,
+    RegistryClient,
+)
+from polyarch.coordinator.registry.index import (
     ChildManifest,
     DuplicatePlatform,
     PlatformMismatch,
@@ -20,14 +28,6 @@ from polyarch.coordinator.index import (
     is_attestation,
     render_index,
     resolve_child,
-)
-from polyarch.coordinator.registry import (
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    ManifestNotFound,
-    RegistryClient,
 )
 from polyarch.proto.platforms import parse_platform
 

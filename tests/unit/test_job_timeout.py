@@ -6,13 +6,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from polyarch.coordinator.builds import MAX_ATTEMPTS, AgentEvent, BuildManager
-from polyarch.coordinator.contexts import ContextStore
-from polyarch.coordinator.fleet import AgentSession
+from polyarch.coordinator.contexts.store import ContextStore
+from polyarch.coordinator.core.fleet import AgentSession
+from polyarch.coordinator.core.manager import MAX_ATTEMPTS, AgentEvent, BuildManager
+from polyarch.coordinator.core.model import BuildSpec, BuildState, JobState
+from polyarch.coordinator.core.store import MemoryStore
 from polyarch.coordinator.limits import Limits
 from polyarch.coordinator.metrics import CoordinatorMetrics
-from polyarch.coordinator.model import BuildSpec, BuildState, JobState
-from polyarch.coordinator.store import MemoryStore
 from polyarch.proto.v1 import agent_pb2
 
 CONTEXT = b"timeouts"

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from polyarch.coordinator import listing
-from polyarch.coordinator.builds import BuildManager
-from polyarch.coordinator.contexts import ContextStore
+from polyarch.coordinator.contexts.store import ContextStore
+from polyarch.coordinator.core.manager import BuildManager
+from polyarch.coordinator.core.model import BuildSpec, InvalidRequest
+from polyarch.coordinator.core.store import MemoryStore
 from polyarch.coordinator.limits import Limits
 from polyarch.coordinator.metrics import CoordinatorMetrics
-from polyarch.coordinator.model import BuildSpec, InvalidRequest
-from polyarch.coordinator.store import MemoryStore
+from polyarch.coordinator.wire import listing
 from polyarch.proto.v1 import agent_pb2, build_pb2
 
 CONTEXT = b"listing"

@@ -10,13 +10,13 @@ from typing import Any, cast
 
 import pytest
 
-from polyarch.coordinator.builds import AgentEvent, BuildManager
-from polyarch.coordinator.contexts import ContextStore
-from polyarch.coordinator.events import LINE_OVERHEAD_BYTES, MAX_LINE_BYTES, clip_line
+from polyarch.coordinator.contexts.store import ContextStore
+from polyarch.coordinator.core.events import LINE_OVERHEAD_BYTES, MAX_LINE_BYTES, clip_line
+from polyarch.coordinator.core.manager import AgentEvent, BuildManager
+from polyarch.coordinator.core.model import BuildSpec, LimitExceeded
+from polyarch.coordinator.core.store import MemoryStore
 from polyarch.coordinator.limits import KIB, MIB, Limits
 from polyarch.coordinator.metrics import CoordinatorMetrics
-from polyarch.coordinator.model import BuildSpec, LimitExceeded
-from polyarch.coordinator.store import MemoryStore
 from polyarch.proto.v1 import agent_pb2
 
 CONTEXT = b"logs"

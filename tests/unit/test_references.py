@@ -13,14 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from polyarch.coordinator.credentials import (
-    CredentialError,
-    Credentials,
-    CredentialStore,
-    normalize_registry_key,
-    parse_www_authenticate,
-)
-from polyarch.coordinator.registry import (
+from polyarch.coordinator.registry.client import (
     DigestMismatch,
     ImageReference,
     ManifestNotFound,
@@ -32,6 +25,13 @@ from polyarch.coordinator.registry import (
     parse_reference,
     registry_errors_text,
     registry_scheme,
+)
+from polyarch.coordinator.registry.credentials import (
+    CredentialError,
+    Credentials,
+    CredentialStore,
+    normalize_registry_key,
+    parse_www_authenticate,
 )
 
 SECRET = "s3cr3t-Pa55word"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from polyarch.agent.runtime import registry_is_insecure
-from polyarch.coordinator.registry import registry_scheme
+from polyarch.coordinator.registry.client import registry_scheme
 from polyarch.proto.registries import is_loopback_registry, polyarch_version, registry_host
 
 

@@ -1,7 +1,7 @@
 """Scheduling decisions of the pure scheduler: native first, least loaded, policy, fairness."""
 
-from polyarch.coordinator.model import EmulationPolicy, Mode
-from polyarch.coordinator.scheduler import AgentView, Placement, QueuedJob, Scheduler
+from polyarch.coordinator.core.model import EmulationPolicy, Mode
+from polyarch.coordinator.core.scheduler import AgentView, Placement, QueuedJob, Scheduler
 from polyarch.proto.platforms import Platform, parse_platform
 
 AMD64 = parse_platform("linux/amd64")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from polyarch.coordinator.model import (
+from polyarch.coordinator.core.model import (
     BuildRecord,
     BuildSpec,
     BuildState,
@@ -16,7 +16,7 @@ from polyarch.coordinator.model import (
     JobState,
     Mode,
 )
-from polyarch.coordinator.store import (
+from polyarch.coordinator.core.store import (
     DuplicateIdempotencyKey,
     MemoryStore,
     SQLiteStore,

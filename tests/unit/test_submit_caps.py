@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from polyarch.coordinator.caps import MAX_REFERENCE_BYTES, check_caps
-from polyarch.coordinator.contexts import ContextStore
+from polyarch.coordinator.contexts.store import ContextStore
+from polyarch.coordinator.core.model import BuildSpec, LimitExceeded
+from polyarch.coordinator.core.validation import validate_spec
 from polyarch.coordinator.limits import Limits
-from polyarch.coordinator.model import BuildSpec, LimitExceeded
-from polyarch.coordinator.validation import validate_spec
+from polyarch.coordinator.wire.caps import MAX_REFERENCE_BYTES, check_caps
 
 CONTEXT = b"caps"
 DIGEST = "sha256:" + hashlib.sha256(CONTEXT).hexdigest()

@@ -14,11 +14,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from polyarch.agent.enrolment import new_csr
-from polyarch.coordinator.auth import METHOD_ACCESS, Access, TokenBook
-from polyarch.coordinator.builds import describe_malformed_result
-from polyarch.coordinator.model import Unauthenticated
-from polyarch.coordinator.pki import CertificateAuthority, CertificateRequestError, server_names
-from polyarch.coordinator.trust_store import MemoryTrustStore
+from polyarch.coordinator.core.manager import describe_malformed_result
+from polyarch.coordinator.core.model import Unauthenticated
+from polyarch.coordinator.trust.auth import METHOD_ACCESS, Access, TokenBook
+from polyarch.coordinator.trust.pki import (
+    CertificateAuthority,
+    CertificateRequestError,
+    server_names,
+)
+from polyarch.coordinator.trust.store import MemoryTrustStore
 from polyarch.proto.trust import Role, TokenFormatError, certificate_sha256, parse_token
 from polyarch.proto.v1 import agent_pb2, build_pb2, fleet_pb2, trust_pb2
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from polyarch.coordinator.trust_store import (
+from polyarch.coordinator.trust.store import (
     EnrolmentRecord,
     MemoryTrustStore,
     SQLiteTrustStore,

@@ -9,16 +9,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
-from polyarch.coordinator import convert
-from polyarch.coordinator.build_credentials import BuildCredentials, CredentialVault
-from polyarch.coordinator.completion import Completion, Publisher
-from polyarch.coordinator.contexts import ContextStore
-from polyarch.coordinator.events import EventHub
-from polyarch.coordinator.fleet import AgentSession, snapshot_fleet
-from polyarch.coordinator.ledger import BuildLedger
-from polyarch.coordinator.limits import Limits
-from polyarch.coordinator.metrics import CoordinatorMetrics, FleetSnapshot
-from polyarch.coordinator.model import (
+from polyarch.coordinator.contexts.store import ContextStore
+from polyarch.coordinator.core.completion import Completion, Publisher
+from polyarch.coordinator.core.events import EventHub
+from polyarch.coordinator.core.fleet import AgentSession, snapshot_fleet
+from polyarch.coordinator.core.ledger import BuildLedger
+from polyarch.coordinator.core.model import (
     AlreadyExists,
     BuildRecord,
     BuildSpec,
@@ -34,10 +30,14 @@ from polyarch.coordinator.model import (
     push_tag,
     request_hash,
 )
-from polyarch.coordinator.scheduler import AgentView, QueuedJob, Scheduler
-from polyarch.coordinator.store import DuplicateIdempotencyKey, StateStore
-from polyarch.coordinator.timeouts import AttemptClock, timeout_reason
-from polyarch.coordinator.validation import describe_unschedulable, validate_spec
+from polyarch.coordinator.core.scheduler import AgentView, QueuedJob, Scheduler
+from polyarch.coordinator.core.store import DuplicateIdempotencyKey, StateStore
+from polyarch.coordinator.core.timeouts import AttemptClock, timeout_reason
+from polyarch.coordinator.core.validation import describe_unschedulable, validate_spec
+from polyarch.coordinator.limits import Limits
+from polyarch.coordinator.metrics import CoordinatorMetrics, FleetSnapshot
+from polyarch.coordinator.registry.build_credentials import BuildCredentials, CredentialVault
+from polyarch.coordinator.wire import convert
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 from polyarch.proto.registries import polyarch_version
 from polyarch.proto.trust import NAME_PATTERN

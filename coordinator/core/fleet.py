@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from polyarch.coordinator.ledger import BuildLedger
+from polyarch.coordinator.core.ledger import BuildLedger
+from polyarch.coordinator.core.scheduler import Scheduler
 from polyarch.coordinator.metrics import FleetSnapshot
-from polyarch.coordinator.scheduler import Scheduler
 from polyarch.proto.platforms import Platform
 from polyarch.proto.v1 import agent_pb2
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from polyarch.coordinator.core.model import BuildSpec, LimitExceeded
 from polyarch.coordinator.limits import Limits
-from polyarch.coordinator.model import BuildSpec, LimitExceeded
 
 # An image reference is at most 255 characters of name, ':' and a 128-character tag
 # (registry.parse_reference enforces both); anything longer is refused before parsing.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from polyarch.coordinator.fleet import AgentSession
-from polyarch.coordinator.model import (
+from polyarch.coordinator.core.fleet import AgentSession
+from polyarch.coordinator.core.model import (
     BuildRecord,
     BuildState,
     EmulationPolicy,

@@ -9,8 +9,8 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
+from polyarch.coordinator.core.model import LimitExceeded
 from polyarch.coordinator.limits import Limits
-from polyarch.coordinator.model import LimitExceeded
 
 T = TypeVar("T")
 

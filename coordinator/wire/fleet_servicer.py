@@ -6,10 +6,10 @@ from typing import Any
 
 import grpc
 
-from polyarch.coordinator import convert
-from polyarch.coordinator.builds import BuildManager
-from polyarch.coordinator.errors import domain_errors
-from polyarch.coordinator.fleet import AgentSession
+from polyarch.coordinator.core.fleet import AgentSession
+from polyarch.coordinator.core.manager import BuildManager
+from polyarch.coordinator.wire import convert
+from polyarch.coordinator.wire.errors import domain_errors
 from polyarch.proto.v1 import fleet_pb2, fleet_pb2_grpc
 
 

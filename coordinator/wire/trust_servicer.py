@@ -10,12 +10,12 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from polyarch.coordinator.auth import TokenBook, current_principal
-from polyarch.coordinator.convert import timestamp
-from polyarch.coordinator.errors import domain_errors
-from polyarch.coordinator.model import AlreadyExists, InvalidRequest, PermissionDenied
-from polyarch.coordinator.pki import CertificateAuthority, CertificateRequestError
-from polyarch.coordinator.trust_store import EnrolmentRecord, TokenRecord
+from polyarch.coordinator.core.model import AlreadyExists, InvalidRequest, PermissionDenied
+from polyarch.coordinator.trust.auth import TokenBook, current_principal
+from polyarch.coordinator.trust.pki import CertificateAuthority, CertificateRequestError
+from polyarch.coordinator.trust.store import EnrolmentRecord, TokenRecord
+from polyarch.coordinator.wire.convert import timestamp
+from polyarch.coordinator.wire.errors import domain_errors
 from polyarch.proto.trust import NAME_PATTERN, Role
 from polyarch.proto.v1 import trust_pb2, trust_pb2_grpc
 

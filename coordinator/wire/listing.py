@@ -7,10 +7,10 @@ import binascii
 import json
 from collections.abc import Callable
 
-from polyarch.coordinator import convert
+from polyarch.coordinator.core.model import BuildRecord, InvalidRequest, JobRecord
+from polyarch.coordinator.core.store import StateStore
 from polyarch.coordinator.limits import MIB, Limits
-from polyarch.coordinator.model import BuildRecord, InvalidRequest, JobRecord
-from polyarch.coordinator.store import StateStore
+from polyarch.coordinator.wire import convert
 from polyarch.proto.v1 import build_pb2
 
 DEFAULT_PAGE_SIZE = 50

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from polyarch.coordinator.model import BuildRecord, JobRecord, JobState
+from polyarch.coordinator.core.model import BuildRecord, JobRecord, JobState
 
 ON_AGENT = (JobState.ASSIGNED, JobState.RUNNING)
 

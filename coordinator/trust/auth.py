@@ -19,9 +19,14 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from polyarch.coordinator.errors import status_code
-from polyarch.coordinator.model import NotFound, PermissionDenied, PolyarchError, Unauthenticated
-from polyarch.coordinator.trust_store import TokenRecord, TrustStore
+from polyarch.coordinator.core.model import (
+    NotFound,
+    PermissionDenied,
+    PolyarchError,
+    Unauthenticated,
+)
+from polyarch.coordinator.trust.store import TokenRecord, TrustStore
+from polyarch.coordinator.wire.errors import status_code
 from polyarch.proto.trust import (
     AUTHORIZATION_KEY,
     NAME_PATTERN,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from polyarch.coordinator import convert
-from polyarch.coordinator.events import EventHub
+from polyarch.coordinator.core.events import EventHub
+from polyarch.coordinator.core.model import BuildRecord, BuildState, JobRecord, JobState, NotFound
+from polyarch.coordinator.core.store import StateStore
 from polyarch.coordinator.metrics import CoordinatorMetrics
-from polyarch.coordinator.model import BuildRecord, BuildState, JobRecord, JobState, NotFound
-from polyarch.coordinator.store import StateStore
+from polyarch.coordinator.wire import convert
 from polyarch.proto.v1 import build_pb2
 
 

@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from polyarch.coordinator.contexts import ContextStore, StoredContext
+from polyarch.coordinator.contexts.store import ContextStore, StoredContext
 
 if TYPE_CHECKING:  # ledger -> convert -> fleet -> ledger is a cycle when imported first
-    from polyarch.coordinator.ledger import BuildLedger
+    from polyarch.coordinator.core.ledger import BuildLedger
 
 log = logging.getLogger(__name__)
 

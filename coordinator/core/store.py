@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
-from polyarch.coordinator.model import (
+from polyarch.coordinator.core.model import (
     BuildRecord,
     BuildSpec,
     BuildState,

@@ -14,7 +14,7 @@ from typing import Any, Self
 
 import httpx
 
-from polyarch.coordinator.credentials import (
+from polyarch.coordinator.registry.credentials import (
     DOCKER_HUB,
     Authenticator,
     AuthFailure,

@@ -8,7 +8,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from polyarch.coordinator.model import (
+from polyarch.coordinator.core.model import (
     AlreadyExists,
     InvalidRequest,
     LimitExceeded,

@@ -8,15 +8,15 @@ from typing import Any
 
 import grpc
 
-from polyarch.coordinator import convert
-from polyarch.coordinator.auth import current_principal
-from polyarch.coordinator.build_credentials import check_build_credentials
-from polyarch.coordinator.builds import BuildManager
-from polyarch.coordinator.contexts import check_digest
-from polyarch.coordinator.errors import domain_errors, status_code
-from polyarch.coordinator.listing import list_page
-from polyarch.coordinator.model import BuildSpec, InvalidRequest, PolyarchError
-from polyarch.coordinator.uploads import timed
+from polyarch.coordinator.contexts.store import check_digest
+from polyarch.coordinator.contexts.uploads import timed
+from polyarch.coordinator.core.manager import BuildManager
+from polyarch.coordinator.core.model import BuildSpec, InvalidRequest, PolyarchError
+from polyarch.coordinator.registry.build_credentials import check_build_credentials
+from polyarch.coordinator.trust.auth import current_principal
+from polyarch.coordinator.wire import convert
+from polyarch.coordinator.wire.errors import domain_errors, status_code
+from polyarch.coordinator.wire.listing import list_page
 from polyarch.proto.trust import Role
 from polyarch.proto.v1 import build_pb2, build_pb2_grpc, common_pb2
 

@@ -6,8 +6,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from polyarch.coordinator.credentials import Credentials, CredentialStore, normalize_registry_key
-from polyarch.coordinator.model import InvalidRequest
+from polyarch.coordinator.core.model import InvalidRequest
+from polyarch.coordinator.registry.credentials import (
+    Credentials,
+    CredentialStore,
+    normalize_registry_key,
+)
 
 SECRET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # BuildKit refuses secrets over 500 KiB; so do we, for every builder.

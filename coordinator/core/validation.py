@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import PurePosixPath
 
-from polyarch.coordinator.caps import check_caps
-from polyarch.coordinator.contexts import ContextStore, check_digest
-from polyarch.coordinator.fleet import AgentSession
+from polyarch.coordinator.contexts.store import ContextStore, check_digest
+from polyarch.coordinator.core.fleet import AgentSession
+from polyarch.coordinator.core.model import BuildSpec, EmulationPolicy, InvalidRequest, NotFound
 from polyarch.coordinator.limits import Limits
-from polyarch.coordinator.model import BuildSpec, EmulationPolicy, InvalidRequest, NotFound
-from polyarch.coordinator.registry import ReferenceError, parse_reference
+from polyarch.coordinator.registry.client import ReferenceError, parse_reference
+from polyarch.coordinator.wire.caps import check_caps
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 
 DEFAULT_LIMITS = Limits()

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from polyarch.coordinator.contexts.uploads import UploadSlots
+from polyarch.coordinator.core.model import InvalidRequest, LimitExceeded, NotFound
 from polyarch.coordinator.limits import Limits
-from polyarch.coordinator.model import InvalidRequest, LimitExceeded, NotFound
-from polyarch.coordinator.uploads import UploadSlots
 
 CHUNK_SIZE = 1 << 20
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")

@@ -10,11 +10,11 @@ from typing import Any
 
 import grpc
 
-from polyarch.coordinator.auth import current_principal
-from polyarch.coordinator.builds import AgentEvent, BuildManager
-from polyarch.coordinator.errors import status_code
-from polyarch.coordinator.fleet import AgentSession
-from polyarch.coordinator.model import PolyarchError
+from polyarch.coordinator.core.fleet import AgentSession
+from polyarch.coordinator.core.manager import AgentEvent, BuildManager
+from polyarch.coordinator.core.model import PolyarchError
+from polyarch.coordinator.trust.auth import current_principal
+from polyarch.coordinator.wire.errors import status_code
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from polyarch.coordinator.model import EmulationPolicy, Mode
+from polyarch.coordinator.core.model import EmulationPolicy, Mode
 from polyarch.proto.platforms import Platform
 
 

@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from polyarch.coordinator.build_credentials import BuildCredentials
-from polyarch.coordinator.index import IndexResult
-from polyarch.coordinator.ledger import BuildLedger
+from polyarch.coordinator.core.ledger import BuildLedger
+from polyarch.coordinator.core.model import BuildRecord, BuildSpec, BuildState, JobRecord, JobState
 from polyarch.coordinator.metrics import CoordinatorMetrics
-from polyarch.coordinator.model import BuildRecord, BuildSpec, BuildState, JobRecord, JobState
+from polyarch.coordinator.registry.build_credentials import BuildCredentials
+from polyarch.coordinator.registry.index import IndexResult
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Build contexts: content-addressed storage, upload bounds and garbage collection."""

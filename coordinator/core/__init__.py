@@ -1,0 +1,1 @@
+"""The core: build and job state machines, the manager, scheduler, ledger and store."""

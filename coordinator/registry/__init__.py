@@ -1,0 +1,1 @@
+"""The registry side: the OCI distribution client, credentials and index assembly."""

@@ -1,0 +1,1 @@
+"""Trust: tokens, agent identities, the coordinator's PKI and the auth interceptor."""

@@ -1,0 +1,1 @@
+"""The wire: gRPC servicers and the one conversion between domain records and protobuf."""
