@@ -11,6 +11,9 @@ from prometheus_client.registry import Collector
 
 # Builds run from seconds (tiny images) to an hour (emulated compiles).
 _BUILD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 2400, 3600)
+# A group commit is one fsync plus the rows of every write that queued meanwhile.
+_STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -120,6 +123,15 @@ class CoordinatorMetrics:
             registry=r,
         )  # fmt: skip
 
+        self.store_write_seconds = Histogram(
+            "polyarch_store_write_seconds",
+            "Time from a state change to its durable commit (group commit).",
+            buckets=_STORE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.store_commit_writes = Histogram(
+            "polyarch_store_commit_writes", "State changes that shared one commit.",
+            buckets=_BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
         self.contexts_deleted = Counter(
             "polyarch_contexts_deleted", "Unused build contexts deleted by garbage collection.",
             registry=r,

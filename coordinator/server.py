@@ -150,7 +150,10 @@ class Coordinator:
         os.chmod(cfg.data_dir, 0o700)
         database = cfg.data_dir / "state.sqlite3"
         create_private_database(database)
-        self._store = SQLiteStore(database)
+        self._store = SQLiteStore(
+            database, self.metrics.store_write_seconds.observe,
+            self.metrics.store_commit_writes.observe,
+        )  # fmt: skip
         self._registry = RegistryClient(
             credentials=CredentialStore.from_docker_config(cfg.docker_config),
             insecure_registries=cfg.insecure_registries,
@@ -166,7 +169,7 @@ class Coordinator:
         self.metrics.context_uploads_in_flight.set_function(lambda: contexts.uploads.in_flight)
         # a lease is LEASE_HEARTBEATS missed heartbeats: agents learn the interval in Welcome
         self.manager.heartbeat_interval = cfg.agent_timeout / LEASE_HEARTBEATS
-        self.manager.recover(reattach_grace=cfg.agent_timeout)
+        await self.manager.start(reattach_grace=cfg.agent_timeout)
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         authority: CertificateAuthority | None = None
         if not cfg.insecure:
@@ -263,7 +266,7 @@ class Coordinator:
             self.manager.expire_orphans()
             self.manager.expire_overdue_jobs()
             # the scrape thread reads this copy, never the loop's live state
-            self.manager.publish_fleet()
+            self.manager.roster.publish_fleet()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stops in a fixed order: watchdog, listeners, builds, clients, store. Idempotent."""
@@ -288,7 +291,7 @@ class Coordinator:
             if self._registry is not None:
                 await self._registry.aclose()
             if self._store is not None:
-                self._store.close()
+                await self._store.close()
             if self._trust_store is not None:
                 self._trust_store.close()
         finally:

@@ -55,16 +55,17 @@ class Completion:
 
     def check(self, build: BuildRecord) -> None:
         """Finishes the build if every job has ended: failed, or published (in the background)."""
-        _, jobs = self.ledger.get(build.id)
-        if build.state.terminal or not all(j.state.terminal for j in jobs):
+        live = self.ledger.live(build.id)
+        if live is None or build.state.terminal or not all(j.state.terminal for j in live[1]):
             return
+        jobs = live[1]
         failed = [j for j in jobs if j.state is JobState.FAILED]
         if failed:
             summary = failure_summary(failed)
             self.ledger.finish(build, BuildState.FAILED, summary + " (no tag was published)")
             return
         if build.state is not BuildState.ASSEMBLING:
-            self.ledger.set_build(build, BuildState.ASSEMBLING)
+            self.ledger.move_build(build, BuildState.ASSEMBLING)
         if build.id not in self._assemblies:
             self._assemblies[build.id] = asyncio.get_running_loop().create_task(
                 self._assemble(build), name=f"assemble-{build.id}"
@@ -81,7 +82,7 @@ class Completion:
         await asyncio.gather(*self._assemblies.values(), return_exceptions=True)
 
     async def _assemble(self, build: BuildRecord) -> None:
-        _, jobs = self.ledger.get(build.id)
+        _, jobs = await self.ledger.get(build.id)
         started = time.monotonic()
         try:
             result = await self.publisher.publish(build.spec, jobs, self.credentials_of(build.id))

@@ -6,8 +6,8 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
+from polyarch.coordinator.core.model import BuildRecord, JobRecord
 from polyarch.coordinator.limits import KIB, Limits
-from polyarch.proto.v1 import build_pb2
 
 # One log line is kept and sent up to this size; the rest is replaced by a marker.
 MAX_LINE_BYTES = 16 * KIB
@@ -15,6 +15,51 @@ MAX_LINE_BYTES = 16 * KIB
 LINE_OVERHEAD_BYTES = 256
 # A watcher this many events behind is cut off even if they are small (each is an object).
 WATCHER_QUEUE_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line of a job's build output."""
+
+    job_id: str
+    platform: str
+    attempt: int
+    line: str
+
+
+@dataclass(frozen=True)
+class JobChanged:
+    """A job's new state and details (a copy made when it changed)."""
+
+    job: JobRecord
+
+
+@dataclass(frozen=True)
+class BuildChanged:
+    """A build's new state with its jobs (copies made when it changed)."""
+
+    build: BuildRecord
+    jobs: tuple[JobRecord, ...]
+
+
+BuildEvent = LogLine | JobChanged | BuildChanged
+
+
+def event_size(event: BuildEvent) -> int:
+    """About what the event costs a watcher's backlog, in bytes (its text plus a fixed
+    charge per record): the bound is on memory, so an estimate of the encoded size will do."""
+    if isinstance(event, LogLine):
+        return len(event.line.encode()) + len(event.job_id) + 32
+    jobs = (event.job,) if isinstance(event, JobChanged) else event.jobs
+    size = sum(_job_size(j) for j in jobs)
+    if isinstance(event, BuildChanged):
+        build = event.build
+        size += 256 + len(build.error) + sum(len(t) for t in build.spec.tags)
+    return size
+
+
+def _job_size(job: JobRecord) -> int:
+    return 256 + len(job.error) + len(job.failed_step) + sum(len(r) for r in job.requeue_reasons)
 
 
 def clip_line(line: str) -> str:
@@ -30,7 +75,7 @@ def clip_line(line: str) -> str:
 class _Tail:
     """The newest lines of one job's log, at most `budget` bytes of them."""
 
-    lines: deque[build_pb2.LogLine] = field(default_factory=deque)
+    lines: deque[LogLine] = field(default_factory=deque)
     bytes: int = 0
     dropped: int = 0  # bytes of text dropped from the front
 
@@ -39,12 +84,12 @@ class Watcher:
     """One watcher's undelivered events and their size: the queue a watch reads from."""
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[tuple[build_pb2.BuildEvent, int] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[BuildEvent, int] | None] = asyncio.Queue()
         self.backlog_bytes = 0
         # why the hub ended this watch early ("" unless it was cut off)
         self.cut_off = ""
 
-    async def get(self) -> build_pb2.BuildEvent | None:
+    async def get(self) -> BuildEvent | None:
         """The next event; None once the build ended or the watcher was cut off."""
         item = await self._queue.get()
         if item is None:
@@ -53,7 +98,7 @@ class Watcher:
         self.backlog_bytes -= size
         return event
 
-    def put(self, event: build_pb2.BuildEvent, size: int) -> None:
+    def put(self, event: BuildEvent, size: int) -> None:
         self.backlog_bytes += size
         self._queue.put_nowait((event, size))
 
@@ -75,7 +120,8 @@ class Watcher:
 
 
 class EventHub:
-    """Publishes BuildEvents per build id to any number of watchers."""
+    """Publishes build events (domain records; the servicer encodes them) per build id to any
+    number of watchers."""
 
     def __init__(self, limits: Limits | None = None) -> None:
         limits = limits or Limits()
@@ -96,16 +142,18 @@ class EventHub:
             if not subscribers:
                 del self._subscribers[build_id]
 
-    def publish(self, build_id: str, event: build_pb2.BuildEvent) -> None:
-        if event.HasField("log"):
-            # a new message, not an assignment: a protobuf arena keeps a replaced string
-            # until the whole message goes, so the long line would live on in the tail
-            log = event.log
-            event = build_pb2.BuildEvent(log=build_pb2.LogLine(
-                job_id=log.job_id, platform=log.platform, attempt=log.attempt,
-                line=clip_line(log.line)))  # fmt: skip
-            self._keep(event.log)
-        size = event.ByteSize()
+    def watched(self, build_id: str) -> bool:
+        """Whether anyone watches the build: events nobody reads are not even made."""
+        return build_id in self._subscribers
+
+    def publish_log(self, build_id: str, line: LogLine) -> None:
+        """Keeps a (clipped) line in its job's tail and sends it to the build's watchers."""
+        line = LogLine(line.job_id, line.platform, line.attempt, clip_line(line.line))
+        self._keep(line)
+        self.publish(build_id, line)
+
+    def publish(self, build_id: str, event: BuildEvent) -> None:
+        size = event_size(event)
         for watcher in list(self._subscribers.get(build_id, ())):
             behind = watcher.backlog_bytes + size
             if behind > self.max_backlog_bytes or watcher.pending >= WATCHER_QUEUE_LIMIT:
@@ -124,7 +172,7 @@ class EventHub:
         for watcher in list(self._subscribers.get(build_id, ())):
             watcher.close()
 
-    def log_tail(self, job_id: str, lines: int) -> list[build_pb2.LogLine]:
+    def log_tail(self, job_id: str, lines: int) -> list[LogLine]:
         """The job's last `lines` kept lines, after a marker when older text was dropped."""
         tail = self._tails.get(job_id)
         if tail is None or lines <= 0 or not tail.lines:
@@ -132,10 +180,9 @@ class EventHub:
         kept = list(tail.lines)[-lines:]
         if tail.dropped and len(kept) == len(tail.lines):
             first = kept[0]
-            marker = build_pb2.LogLine(
-                job_id=first.job_id, platform=first.platform, attempt=first.attempt,
-                line=f"[polyarch: {tail.dropped} bytes of earlier log dropped "
-                "(max_log_bytes_per_job)]",
+            marker = LogLine(
+                first.job_id, first.platform, first.attempt,
+                f"[polyarch: {tail.dropped} bytes of earlier log dropped (max_log_bytes_per_job)]",
             )  # fmt: skip
             kept.insert(0, marker)
         return kept
@@ -148,7 +195,7 @@ class EventHub:
     def forget_job(self, job_id: str) -> None:
         self._tails.pop(job_id, None)
 
-    def _keep(self, line: build_pb2.LogLine) -> None:
+    def _keep(self, line: LogLine) -> None:
         """Appends a line to its job's tail, dropping the oldest beyond the byte budget."""
         tail = self._tails.setdefault(line.job_id, _Tail())
         tail.lines.append(line)

@@ -7,15 +7,65 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from polyarch.coordinator.core.ledger import BuildLedger
+from polyarch.coordinator.core.model import BuildSpec
 from polyarch.coordinator.core.scheduler import Scheduler
 from polyarch.coordinator.metrics import FleetSnapshot
+from polyarch.coordinator.registry.build_credentials import BuildCredentials
 from polyarch.proto.platforms import Platform
-from polyarch.proto.v1 import agent_pb2
+
+
+@dataclass(frozen=True)
+class Hello:
+    """An agent's first message: who it is, what it builds, and what it still runs."""
+
+    name: str
+    builder: str = ""
+    version: str = ""
+    native_platforms: tuple[str, ...] = ()
+    emulated_platforms: tuple[str, ...] = ()
+    slots: int = 1
+    labels: dict[str, str] = field(default_factory=dict)
+    # (job id, attempt) of each attempt it still runs (after a reconnect)
+    running: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The coordinator's answer to Hello: its version and how often to heartbeat."""
+
+    coordinator_version: str
+    heartbeat_interval: float
+
+
+@dataclass(frozen=True)
+class Assign:
+    """Run one attempt of a job: everything the agent needs, credentials included."""
+
+    build_id: str
+    job_id: str
+    attempt: int
+    platform: str
+    emulated: bool
+    spec: BuildSpec
+    push_tag: str
+    credentials: BuildCredentials
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop an attempt (the build was cancelled, or the attempt is no longer current)."""
+
+    job_id: str
+    attempt: int
+    reason: str
+
+
+AgentCommand = Welcome | Assign | Cancel
 
 
 @dataclass(eq=False)
 class AgentSession:
-    """One live Connect stream. The servicer drains `outbox` into the stream."""
+    """One live Connect stream. The servicer encodes `outbox` into the stream."""
 
     name: str
     builder: str
@@ -28,14 +78,12 @@ class AgentSession:
     last_seen: float
     labels: dict[str, str] = field(default_factory=dict)
     draining: bool = False
-    outbox: asyncio.Queue[agent_pb2.CoordinatorMessage | None] = field(
-        default_factory=asyncio.Queue
-    )
+    outbox: asyncio.Queue[AgentCommand | None] = field(default_factory=asyncio.Queue)
     closed: bool = False
 
-    def send(self, message: agent_pb2.CoordinatorMessage) -> None:
+    def send(self, command: AgentCommand) -> None:
         if not self.closed:
-            self.outbox.put_nowait(message)
+            self.outbox.put_nowait(command)
 
     def close(self) -> None:
         """Ends the stream: the servicer returns when it reads the sentinel."""

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import logging
+import queue
 import sqlite3
 import threading
-from dataclasses import asdict
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from polyarch.coordinator.core.model import (
     BuildRecord,
@@ -20,6 +25,10 @@ from polyarch.coordinator.core.model import (
     Mode,
 )
 
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
 
 class DuplicateIdempotencyKey(Exception):
     """create_build was given an idempotency key another build already holds."""
@@ -29,34 +38,94 @@ class DuplicateIdempotencyKey(Exception):
         self.build_id = build_id
 
 
+class StoreError(Exception):
+    """The backend failed (disk full, I/O error, a closed store): the write is not durable."""
+
+
+class StoreClosed(StoreError):
+    """The store was used after close()."""
+
+
 class StateStore(Protocol):
-    """Where builds and jobs live. Every method is durable when it returns.
+    """Where builds and jobs live.
+
+    Writes are queued in call order and applied by one writer. Each write method snapshots the
+    record at call time (later mutation of the object changes nothing) and returns an
+    asyncio.Future that resolves once the write is durable; writes queued together share one
+    commit. Callers may ignore the future (fire and forget): a failed write is logged, never an
+    un-retrieved-exception warning. Cancelling the future does not cancel the write. Reads run
+    after every write queued before them, and see them.
+
+    A store is bound to the event loop of its first call; call it from that loop only.
 
     Contract (tests/unit/test_store_contract.py runs it against every backend):
-    - create_build stores a build and its jobs atomically; a second build with the
-      same non-empty idempotency key raises DuplicateIdempotencyKey naming the first.
-    - save_build / save_job overwrite the stored record; save_job also appends a
-      transition (job id, attempt, state, reason, time) when the state changed.
+    - create_build stores a build and its jobs atomically; for a build whose non-empty
+      idempotency key another build holds, its future raises DuplicateIdempotencyKey naming
+      the first, none of its rows are written, and other writes are unaffected.
+    - save_build / save_job overwrite the stored record; save_job also appends a transition
+      (job id, attempt, state, reason, time) when (state, attempt) changed; create_build
+      records each job's first transition with the reason "submitted".
+    - A write that fails for any other reason raises StoreError from its future.
     - Reads return copies: mutating them changes nothing until saved.
-    - list_builds is newest first; unfinished_builds is oldest first.
+    - jobs_of lists a build's jobs in the order they were created; jobs_of_many does the same
+      for many builds in one query, with a (possibly empty) list for every id asked for.
+    - unfinished_builds is oldest first.
     - list_builds_page orders by (created_at, id), newest first, and returns up to `limit`
       builds strictly after the cursor `before` (a (created_at, id) pair; None: the newest),
       so pages never repeat or skip a build, even among builds created at the same time.
+    - flush resolves once every write queued before it is durable (or has failed).
+    - close flushes, stops the writer and closes; it is idempotent. Later calls raise
+      StoreClosed (writes: from their future).
     """
 
-    def create_build(self, build: BuildRecord, jobs: list[JobRecord]) -> None: ...
-    def save_build(self, build: BuildRecord) -> None: ...
-    def save_job(self, job: JobRecord, reason: str = "", at: float = 0.0) -> None: ...
-    def get_build(self, build_id: str) -> BuildRecord | None: ...
-    def find_by_idempotency_key(self, key: str) -> BuildRecord | None: ...
-    def jobs_of(self, build_id: str) -> list[JobRecord]: ...
-    def list_builds(self, limit: int) -> list[BuildRecord]: ...
-    def list_builds_page(
+    def create_build(self, build: BuildRecord, jobs: list[JobRecord]) -> asyncio.Future[None]: ...
+    def save_build(self, build: BuildRecord) -> asyncio.Future[None]: ...
+    def save_job(
+        self, job: JobRecord, reason: str = "", at: float = 0.0
+    ) -> asyncio.Future[None]: ...
+    async def get_build(self, build_id: str) -> BuildRecord | None: ...
+    async def find_by_idempotency_key(self, key: str) -> BuildRecord | None: ...
+    async def jobs_of(self, build_id: str) -> list[JobRecord]: ...
+    async def jobs_of_many(self, build_ids: list[str]) -> dict[str, list[JobRecord]]: ...
+    async def list_builds_page(
         self, limit: int, before: tuple[float, str] | None = None
     ) -> list[BuildRecord]: ...
-    def unfinished_builds(self) -> list[BuildRecord]: ...
-    def transitions(self, job_id: str) -> list[tuple[int, str, str]]: ...
-    def close(self) -> None: ...
+    async def unfinished_builds(self) -> list[BuildRecord]: ...
+    async def transitions(self, job_id: str) -> list[tuple[int, str, str]]: ...
+    async def flush(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class _LoopAffinity:
+    """Binds a store to the event loop of its first call and settles futures on it."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError("this store is bound to another event loop")
+        return loop
+
+
+def _settle(future: asyncio.Future[Any], value: object, error: BaseException | None) -> None:
+    """Resolves a store future; a failure counts as retrieved (the writer has logged it)."""
+    if future.done():  # cancelled by its caller: the write happened all the same
+        return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
+        future.exception()  # marks it retrieved: fire-and-forget callers get no warning
+
+
+def _log_failed_write(error: BaseException) -> None:
+    if isinstance(error, DuplicateIdempotencyKey):
+        log.debug("store: %s", error)
+    else:
+        log.error("store write failed: %s", error, exc_info=error)
 
 
 def _spec_to_json(spec: BuildSpec) -> str:
@@ -137,221 +206,435 @@ _JOB_COLUMNS = (
     "id, build_id, platform, state, agent, mode, attempt, digest, size, media_type, "
     "error, failed_step, queued_at, started_at, finished_at, requeue_reasons"
 )
+_INSERT_BUILD = f"INSERT INTO builds ({_BUILD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 _UPSERT_BUILD = _upsert("builds", _BUILD_COLUMNS)
 _UPSERT_JOB = _upsert("jobs", _JOB_COLUMNS)
 
+Row = tuple[Any, ...]
 
-class SQLiteStore:
-    """StateStore in one SQLite file (WAL, synchronous=FULL: a commit survives power loss)."""
 
-    def __init__(self, path: Path | str) -> None:
+def _build_row(build: BuildRecord) -> Row:
+    return (
+        build.id, build.state.value, _spec_to_json(build.spec), build.created_at,
+        build.finished_at, build.idempotency_key or None, build.index_digest,
+        build.index_media_type, build.index_size, build.error, build.owner,
+        build.request_hash,
+    )  # fmt: skip
+
+
+def _job_row(job: JobRecord) -> Row:
+    return (
+        job.id, job.build_id, job.platform, job.state.value, job.agent,
+        job.mode.value if job.mode else None, job.attempt, job.digest, job.size,
+        job.media_type, job.error, job.failed_step, job.queued_at, job.started_at,
+        job.finished_at, json.dumps(job.requeue_reasons),
+    )  # fmt: skip
+
+
+def _build_from_row(row: Row) -> BuildRecord:
+    return BuildRecord(
+        id=row[0], state=BuildState(row[1]), spec=_spec_from_json(row[2]),
+        created_at=row[3], finished_at=row[4], idempotency_key=row[5] or "",
+        index_digest=row[6], index_media_type=row[7], index_size=row[8], error=row[9],
+        owner=row[10], request_hash=row[11],
+    )  # fmt: skip
+
+
+def _job_from_row(row: Row) -> JobRecord:
+    return JobRecord(
+        id=row[0], build_id=row[1], platform=row[2], state=JobState(row[3]), agent=row[4],
+        mode=Mode(row[5]) if row[5] else None, attempt=row[6], digest=row[7], size=row[8],
+        media_type=row[9], error=row[10], failed_step=row[11], queued_at=row[12],
+        started_at=row[13], finished_at=row[14], requeue_reasons=json.loads(row[15]),
+    )  # fmt: skip
+
+
+def _write_job(db: sqlite3.Connection, row: Row, reason: str, at: float) -> None:
+    """Upserts a job row; appends a transition when (state, attempt) changed."""
+    job_id, state, attempt = row[0], row[3], row[6]
+    previous = db.execute("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    db.execute(_UPSERT_JOB, row)
+    if previous is None or tuple(previous) != (state, attempt):
+        db.execute(
+            "INSERT INTO job_transitions (job_id, attempt, state, reason, at) VALUES (?,?,?,?,?)",
+            (job_id, attempt, state, reason, at),
+        )
+
+
+def _insert_build(db: sqlite3.Connection, build: Row, jobs: list[Row]) -> None:
+    try:
+        db.execute(_INSERT_BUILD, build)
+    except sqlite3.IntegrityError:
+        key = build[5]
+        row = db.execute("SELECT id FROM builds WHERE idempotency_key = ?", (key,)).fetchone()
+        if key is None or row is None:
+            raise
+        raise DuplicateIdempotencyKey(row[0]) from None
+    for job in jobs:
+        _write_job(db, job, "submitted", build[3])
+
+
+@dataclass(slots=True)
+class _Op:
+    """One queued call: a write (in its own savepoint), a read, or the writer's stop."""
+
+    kind: str  # "write" | "read" | "stop"
+    run: Callable[[sqlite3.Connection], object]
+    future: asyncio.Future[Any]
+    queued_at: float
+
+
+def _nothing(db: sqlite3.Connection) -> None:
+    return None
+
+
+_MAX_BATCH = 1024  # bounds how long one commit keeps the earliest write waiting
+
+
+class SQLiteStore(_LoopAffinity):
+    """StateStore in one SQLite file (WAL, synchronous=FULL: a commit survives power loss).
+
+    One writer thread owns the connection. It takes everything queued (up to _MAX_BATCH
+    calls), applies the writes in one transaction, each in its own savepoint so one failure
+    fails only that write, runs the reads in between in queue order (they see the writes
+    before them), commits once, then settles the batch's futures with one loop callback.
+    A read's answer is released only with its batch, after the commit: nobody sees state
+    that is not durable. If the commit fails, every call in the batch fails with StoreError.
+
+    observe_write(seconds) gets each write's time from its call to its commit and
+    observe_batch(n) each commit's write count; both run on the writer thread.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        observe_write: Callable[[float], None] | None = None,
+        observe_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        # Opened here (so a bad path fails the constructor), used only by the writer after.
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        for table, column, kind in _ADDED_COLUMNS:
-            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in present:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            for table, column, kind in _ADDED_COLUMNS:
+                present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        except BaseException:
+            self._db.close()
+            raise
+        self._observe_write = observe_write
+        self._observe_batch = observe_batch
+        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self._closing: asyncio.Future[None] | None = None
+        self._thread = threading.Thread(target=self._run, name="polyarch-store", daemon=True)
+        self._thread.start()
 
-    def create_build(self, build: BuildRecord, jobs: list[JobRecord]) -> None:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
-                    f"INSERT INTO builds ({_BUILD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    self._build_row(build),
-                )
-                for job in jobs:
-                    self._write_job(job, "submitted", build.created_at)
-                self._db.execute("COMMIT")
-            except sqlite3.IntegrityError:
-                self._db.execute("ROLLBACK")
-                row = self._db.execute(
-                    "SELECT id FROM builds WHERE idempotency_key = ?", (build.idempotency_key,)
-                ).fetchone()
-                if row is None:
-                    raise
-                raise DuplicateIdempotencyKey(row[0]) from None
+    # ---- writes -------------------------------------------------------------
+    def create_build(self, build: BuildRecord, jobs: list[JobRecord]) -> asyncio.Future[None]:
+        build_row, job_rows = _build_row(build), [_job_row(j) for j in jobs]
+        return self._write(lambda db: _insert_build(db, build_row, job_rows))
 
-    def save_build(self, build: BuildRecord) -> None:
-        with self._lock:
-            self._db.execute(_UPSERT_BUILD, self._build_row(build))
+    def save_build(self, build: BuildRecord) -> asyncio.Future[None]:
+        row = _build_row(build)
+        return self._write(lambda db: db.execute(_UPSERT_BUILD, row))
 
-    def save_job(self, job: JobRecord, reason: str = "", at: float = 0.0) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._write_job(job, reason, at)
-            self._db.execute("COMMIT")
+    def save_job(self, job: JobRecord, reason: str = "", at: float = 0.0) -> asyncio.Future[None]:
+        row = _job_row(job)
+        return self._write(lambda db: _write_job(db, row, reason, at))
 
-    def get_build(self, build_id: str) -> BuildRecord | None:
-        row = self._query_one(f"SELECT {_BUILD_COLUMNS} FROM builds WHERE id = ?", (build_id,))
-        return None if row is None else self._build_from_row(row)
+    # ---- reads --------------------------------------------------------------
+    async def get_build(self, build_id: str) -> BuildRecord | None:
+        sql = f"SELECT {_BUILD_COLUMNS} FROM builds WHERE id = ?"
+        return await self._read(lambda db: _one_build(db.execute(sql, (build_id,))))
 
-    def find_by_idempotency_key(self, key: str) -> BuildRecord | None:
-        row = self._query_one(
-            f"SELECT {_BUILD_COLUMNS} FROM builds WHERE idempotency_key = ?", (key,)
+    async def find_by_idempotency_key(self, key: str) -> BuildRecord | None:
+        sql = f"SELECT {_BUILD_COLUMNS} FROM builds WHERE idempotency_key = ?"  # "" is NULL
+        return await self._read(lambda db: _one_build(db.execute(sql, (key,))))
+
+    async def jobs_of(self, build_id: str) -> list[JobRecord]:
+        return (await self.jobs_of_many([build_id]))[build_id]
+
+    async def jobs_of_many(self, build_ids: list[str]) -> dict[str, list[JobRecord]]:
+        ids = list(dict.fromkeys(build_ids))
+        # one statement whatever the count: the ids travel as one JSON array
+        sql = (
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE build_id IN "
+            "(SELECT value FROM json_each(?)) ORDER BY rowid"
         )
-        return None if row is None else self._build_from_row(row)
 
-    def jobs_of(self, build_id: str) -> list[JobRecord]:
-        rows = self._query(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE build_id = ? ORDER BY rowid", (build_id,)
-        )
-        return [self._job_from_row(r) for r in rows]
+        def query(db: sqlite3.Connection) -> dict[str, list[JobRecord]]:
+            found: dict[str, list[JobRecord]] = {build_id: [] for build_id in ids}
+            for row in db.execute(sql, (json.dumps(ids),)):
+                found[row[1]].append(_job_from_row(row))
+            return found
 
-    def list_builds(self, limit: int) -> list[BuildRecord]:
-        rows = self._query(
-            f"SELECT {_BUILD_COLUMNS} FROM builds ORDER BY created_at DESC, rowid DESC LIMIT ?",
-            (limit,),
-        )
-        return [self._build_from_row(r) for r in rows]
+        return await self._read(query)
 
-    def list_builds_page(
+    async def list_builds_page(
         self, limit: int, before: tuple[float, str] | None = None
     ) -> list[BuildRecord]:
         where, args = ("WHERE (created_at, id) < (?, ?)", before) if before else ("", ())
-        rows = self._query(
-            f"SELECT {_BUILD_COLUMNS} FROM builds {where} ORDER BY created_at DESC, id DESC "
-            "LIMIT ?",
-            (*args, limit),
+        sql = (
+            f"SELECT {_BUILD_COLUMNS} FROM builds {where} ORDER BY created_at DESC, id DESC LIMIT ?"
         )
-        return [self._build_from_row(r) for r in rows]
+        return await self._read(lambda db: _all_builds(db.execute(sql, (*args, limit))))
 
-    def unfinished_builds(self) -> list[BuildRecord]:
+    async def unfinished_builds(self) -> list[BuildRecord]:
         terminal = tuple(s.value for s in BuildState if s.terminal)
-        rows = self._query(
-            f"SELECT {_BUILD_COLUMNS} FROM builds WHERE state NOT IN (?,?,?) "
-            "ORDER BY created_at, rowid",
-            terminal,
+        marks = ",".join("?" * len(terminal))
+        sql = (
+            f"SELECT {_BUILD_COLUMNS} FROM builds WHERE state NOT IN ({marks}) "
+            "ORDER BY created_at, rowid"
         )
-        return [self._build_from_row(r) for r in rows]
+        return await self._read(lambda db: _all_builds(db.execute(sql, terminal)))
 
-    def transitions(self, job_id: str) -> list[tuple[int, str, str]]:
-        rows = self._query(
-            "SELECT attempt, state, reason FROM job_transitions WHERE job_id = ? ORDER BY rowid",
-            (job_id,),
+    async def transitions(self, job_id: str) -> list[tuple[int, str, str]]:
+        sql = "SELECT attempt, state, reason FROM job_transitions WHERE job_id = ? ORDER BY rowid"
+        return await self._read(
+            lambda db: [(int(a), str(s), str(r)) for a, s, r in db.execute(sql, (job_id,))]
         )
-        return [(int(a), str(s), str(r)) for a, s, r in rows]
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    # ---- lifecycle ----------------------------------------------------------
+    async def flush(self) -> None:
+        await self._read(_nothing)  # settles with the batch holding every earlier write
 
-    # ---- rows ---------------------------------------------------------------
-    def _query(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return list(self._db.execute(sql, args).fetchall())
+    async def close(self) -> None:
+        """Flushes, stops the writer thread and closes the file. Idempotent."""
+        loop = self._bind()
+        if self._closing is None:
+            self._closing = loop.create_future()
+            self._queue.put(_Op("stop", _nothing, self._closing, time.perf_counter()))
+        await asyncio.shield(self._closing)
+        await asyncio.to_thread(self._thread.join)
 
-    def _query_one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        rows = self._query(sql, args)
-        return rows[0] if rows else None
+    # ---- the queue ----------------------------------------------------------
+    def _write(self, run: Callable[[sqlite3.Connection], object]) -> asyncio.Future[None]:
+        loop = self._bind()
+        future: asyncio.Future[None] = loop.create_future()
+        if self._closing is not None:
+            error = StoreClosed("write after the store was closed")
+            _log_failed_write(error)
+            _settle(future, None, error)
+        else:
+            self._queue.put(_Op("write", run, future, time.perf_counter()))
+        return future
 
-    def _write_job(self, job: JobRecord, reason: str, at: float) -> None:
-        previous = self._db.execute(
-            "SELECT state, attempt FROM jobs WHERE id = ?", (job.id,)
-        ).fetchone()
-        self._db.execute(
-            _UPSERT_JOB,
-            (
-                job.id, job.build_id, job.platform, job.state.value, job.agent,
-                job.mode.value if job.mode else None, job.attempt, job.digest, job.size,
-                job.media_type, job.error, job.failed_step, job.queued_at, job.started_at,
-                job.finished_at, json.dumps(job.requeue_reasons),
-            ),
-        )  # fmt: skip
-        if previous is None or tuple(previous) != (job.state.value, job.attempt):
-            self._db.execute(
-                "INSERT INTO job_transitions (job_id, attempt, state, reason, at) "
-                "VALUES (?,?,?,?,?)",
-                (job.id, job.attempt, job.state.value, reason, at),
-            )
+    async def _read(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        loop = self._bind()
+        if self._closing is not None:
+            raise StoreClosed("read after the store was closed")
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op("read", run, future, time.perf_counter()))
+        return await future
 
-    @staticmethod
-    def _build_row(build: BuildRecord) -> tuple[Any, ...]:
-        return (
-            build.id, build.state.value, _spec_to_json(build.spec), build.created_at,
-            build.finished_at, build.idempotency_key or None, build.index_digest,
-            build.index_media_type, build.index_size, build.error, build.owner,
-            build.request_hash,
-        )  # fmt: skip
+    # ---- the writer thread --------------------------------------------------
+    def _run(self) -> None:
+        stopped = False
+        while not stopped:
+            batch = [self._queue.get()]
+            while len(batch) < _MAX_BATCH and batch[-1].kind != "stop":
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            outcomes, writes = self._apply(batch)
+            durable_at = time.perf_counter()
+            if batch[-1].kind == "stop":
+                stopped = True
+                try:
+                    self._db.close()
+                except sqlite3.Error:
+                    log.exception("store: closing the database failed")
+            self._observe(batch, writes, durable_at)  # first: a settled write is counted
+            self._deliver(outcomes)
 
-    @staticmethod
-    def _build_from_row(row: tuple[Any, ...]) -> BuildRecord:
-        return BuildRecord(
-            id=row[0], state=BuildState(row[1]), spec=_spec_from_json(row[2]),
-            created_at=row[3], finished_at=row[4], idempotency_key=row[5] or "",
-            index_digest=row[6], index_media_type=row[7], index_size=row[8], error=row[9],
-            owner=row[10], request_hash=row[11],
-        )  # fmt: skip
+    def _apply(
+        self, batch: list[_Op]
+    ) -> tuple[list[tuple[_Op, object, BaseException | None]], int]:
+        """Runs one batch in one transaction; returns each call's outcome and the write count."""
+        outcomes: list[tuple[_Op, object, BaseException | None]] = []
+        db, writes = self._db, 0
+        try:
+            for op in batch:
+                if op.kind == "write":
+                    if not db.in_transaction:
+                        db.execute("BEGIN IMMEDIATE")
+                    writes += 1
+                    db.execute("SAVEPOINT write")
+                    try:
+                        op.run(db)
+                    except Exception as error:  # fails this write only
+                        db.execute("ROLLBACK TO write")
+                        outcomes.append((op, None, _neutral(error)))
+                    else:
+                        outcomes.append((op, None, None))
+                    db.execute("RELEASE write")
+                else:
+                    try:
+                        outcomes.append((op, op.run(db), None))
+                    except Exception as error:  # fails this read only
+                        outcomes.append((op, None, _neutral(error)))
+            if db.in_transaction:
+                db.execute("COMMIT")
+        except Exception as error:  # the commit (or the connection) failed
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.exception("store: rollback failed")
+            writes = 0  # nothing committed: nothing to observe
+            failure = StoreError(f"commit failed: {error}")
+            failure.__cause__ = error
+            outcomes = [(op, None, failure) for op in batch if op.kind != "stop"]
+            outcomes += [(op, None, None) for op in batch if op.kind == "stop"]
+        return outcomes, writes
 
-    @staticmethod
-    def _job_from_row(row: tuple[Any, ...]) -> JobRecord:
-        return JobRecord(
-            id=row[0], build_id=row[1], platform=row[2], state=JobState(row[3]), agent=row[4],
-            mode=Mode(row[5]) if row[5] else None, attempt=row[6], digest=row[7], size=row[8],
-            media_type=row[9], error=row[10], failed_step=row[11], queued_at=row[12],
-            started_at=row[13], finished_at=row[14], requeue_reasons=json.loads(row[15]),
-        )  # fmt: skip
+    def _deliver(self, outcomes: list[tuple[_Op, object, BaseException | None]]) -> None:
+        for op, _, error in outcomes:
+            if error is not None and op.kind == "write":
+                _log_failed_write(error)
+        if self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(_settle_all, outcomes)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            log.warning("store: event loop closed before %d calls were settled", len(outcomes))
+
+    def _observe(self, batch: list[_Op], writes: int, durable_at: float) -> None:
+        if not writes:
+            return
+        try:
+            if self._observe_batch is not None:
+                self._observe_batch(writes)
+            if self._observe_write is not None:
+                for op in batch:
+                    if op.kind == "write":
+                        self._observe_write(durable_at - op.queued_at)
+        except Exception:  # a broken metric must not stop the writer
+            log.exception("store: an observe hook failed")
 
 
-class MemoryStore:
-    """StateStore in memory, for scheduling simulations; same contract, nothing durable."""
+def _settle_all(outcomes: list[tuple[_Op, object, BaseException | None]]) -> None:
+    for op, value, error in outcomes:
+        _settle(op.future, value, error)
+
+
+def _neutral(error: Exception) -> Exception:
+    """Backend errors become StoreError, so no sqlite3 type reaches a caller."""
+    if isinstance(error, sqlite3.Error):
+        neutral = StoreError(str(error))
+        neutral.__cause__ = error
+        return neutral
+    return error
+
+
+def _one_build(cursor: sqlite3.Cursor) -> BuildRecord | None:
+    row = cursor.fetchone()
+    return None if row is None else _build_from_row(row)
+
+
+def _all_builds(cursor: sqlite3.Cursor) -> list[BuildRecord]:
+    return [_build_from_row(row) for row in cursor]
+
+
+class MemoryStore(_LoopAffinity):
+    """StateStore in memory, for unit tests and scheduling simulations; nothing durable.
+
+    Each write is applied at call time (on a deep copy) and returns a future already settled.
+    """
 
     def __init__(self) -> None:
         self._builds: dict[str, BuildRecord] = {}
         self._jobs: dict[str, JobRecord] = {}
         self._transitions: dict[str, list[tuple[int, str, str]]] = {}
+        self._closed = False
 
-    def create_build(self, build: BuildRecord, jobs: list[JobRecord]) -> None:
-        if build.idempotency_key:
-            existing = self.find_by_idempotency_key(build.idempotency_key)
-            if existing is not None:
-                raise DuplicateIdempotencyKey(existing.id)
-        self._builds[build.id] = copy.deepcopy(build)
-        for job in jobs:
-            self.save_job(job, "submitted")
+    def create_build(self, build: BuildRecord, jobs: list[JobRecord]) -> asyncio.Future[None]:
+        def apply() -> None:
+            key = build.idempotency_key
+            first = next(
+                (b for b in self._builds.values() if key and b.idempotency_key == key), None
+            )
+            if first is not None:
+                raise DuplicateIdempotencyKey(first.id)
+            self._builds[build.id] = copy.deepcopy(build)
+            for job in jobs:
+                self._put_job(job, "submitted")
 
-    def save_build(self, build: BuildRecord) -> None:
-        self._builds[build.id] = copy.deepcopy(build)
+        return self._write(apply)
 
-    def save_job(self, job: JobRecord, reason: str = "", at: float = 0.0) -> None:
+    def save_build(self, build: BuildRecord) -> asyncio.Future[None]:
+        return self._write(lambda: self._builds.__setitem__(build.id, copy.deepcopy(build)))
+
+    def save_job(self, job: JobRecord, reason: str = "", at: float = 0.0) -> asyncio.Future[None]:
+        return self._write(lambda: self._put_job(job, reason))
+
+    async def get_build(self, build_id: str) -> BuildRecord | None:
+        self._check_open()
+        return copy.deepcopy(self._builds.get(build_id))
+
+    async def find_by_idempotency_key(self, key: str) -> BuildRecord | None:
+        self._check_open()
+        found = (b for b in self._builds.values() if key and b.idempotency_key == key)
+        return copy.deepcopy(next(found, None))
+
+    async def jobs_of(self, build_id: str) -> list[JobRecord]:
+        return (await self.jobs_of_many([build_id]))[build_id]
+
+    async def jobs_of_many(self, build_ids: list[str]) -> dict[str, list[JobRecord]]:
+        self._check_open()
+        found: dict[str, list[JobRecord]] = {build_id: [] for build_id in build_ids}
+        for job in self._jobs.values():
+            if job.build_id in found:
+                found[job.build_id].append(copy.deepcopy(job))
+        return found
+
+    async def list_builds_page(
+        self, limit: int, before: tuple[float, str] | None = None
+    ) -> list[BuildRecord]:
+        self._check_open()
+        ordered = sorted(self._builds.values(), key=lambda b: (b.created_at, b.id), reverse=True)
+        after = [b for b in ordered if before is None or (b.created_at, b.id) < before]
+        return [copy.deepcopy(b) for b in after[:limit]]
+
+    async def unfinished_builds(self) -> list[BuildRecord]:
+        self._check_open()
+        ordered = sorted(self._builds.values(), key=lambda b: b.created_at)  # stable: creation
+        return [copy.deepcopy(b) for b in ordered if not b.state.terminal]
+
+    async def transitions(self, job_id: str) -> list[tuple[int, str, str]]:
+        self._check_open()
+        return list(self._transitions.get(job_id, []))
+
+    async def flush(self) -> None:
+        self._check_open()
+
+    async def close(self) -> None:
+        self._closed = True
+
+    def _put_job(self, job: JobRecord, reason: str) -> None:
         previous = self._jobs.get(job.id)
         if previous is None or (previous.state, previous.attempt) != (job.state, job.attempt):
             self._transitions.setdefault(job.id, []).append((job.attempt, job.state.value, reason))
         self._jobs[job.id] = copy.deepcopy(job)
 
-    def get_build(self, build_id: str) -> BuildRecord | None:
-        build = self._builds.get(build_id)
-        return copy.deepcopy(build) if build else None
+    def _write(self, apply: Callable[[], object]) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = self._bind().create_future()
+        error: BaseException | None = None
+        try:
+            if self._closed:
+                raise StoreClosed("write after the store was closed")
+            apply()
+        except (DuplicateIdempotencyKey, StoreClosed) as failed:
+            error = failed
+            _log_failed_write(failed)
+        _settle(future, None, error)
+        return future
 
-    def find_by_idempotency_key(self, key: str) -> BuildRecord | None:
-        for build in self._builds.values():
-            if key and build.idempotency_key == key:
-                return copy.deepcopy(build)
-        return None
-
-    def jobs_of(self, build_id: str) -> list[JobRecord]:
-        return [copy.deepcopy(j) for j in self._jobs.values() if j.build_id == build_id]
-
-    def list_builds(self, limit: int) -> list[BuildRecord]:
-        ordered = sorted(enumerate(self._builds.values()), key=lambda p: (p[1].created_at, p[0]))
-        return [copy.deepcopy(b) for _, b in reversed(ordered)][:limit]
-
-    def list_builds_page(
-        self, limit: int, before: tuple[float, str] | None = None
-    ) -> list[BuildRecord]:
-        ordered = sorted(self._builds.values(), key=lambda b: (b.created_at, b.id), reverse=True)
-        after = [b for b in ordered if before is None or (b.created_at, b.id) < before]
-        return [copy.deepcopy(b) for b in after[:limit]]
-
-    def unfinished_builds(self) -> list[BuildRecord]:
-        ordered = sorted(self._builds.values(), key=lambda b: b.created_at)
-        return [copy.deepcopy(b) for b in ordered if not b.state.terminal]
-
-    def transitions(self, job_id: str) -> list[tuple[int, str, str]]:
-        return list(self._transitions.get(job_id, []))
-
-    def close(self) -> None:
-        pass
+    def _check_open(self) -> None:
+        self._bind()
+        if self._closed:
+            raise StoreClosed("read after the store was closed")

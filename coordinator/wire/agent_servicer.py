@@ -11,9 +11,10 @@ from typing import Any
 import grpc
 
 from polyarch.coordinator.core.fleet import AgentSession
-from polyarch.coordinator.core.manager import AgentEvent, BuildManager
+from polyarch.coordinator.core.manager import BuildManager
 from polyarch.coordinator.core.model import PolyarchError
 from polyarch.coordinator.trust.auth import current_principal
+from polyarch.coordinator.wire import convert
 from polyarch.coordinator.wire.errors import status_code
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -42,7 +43,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             )
             return
         try:
-            session = self.manager.attach_agent(first.hello, context.peer())
+            session = self.manager.attach_agent(convert.hello_from(first.hello), context.peer())
         except PolyarchError as exc:
             await context.abort(status_code(exc), str(exc))
             return
@@ -59,11 +60,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     if not reader.cancelled() and reader.exception() is not None:
                         reason = f"stream failed: {reader.exception()}"
                     break
-                message = outgoing.result()
-                if message is None:
+                command = outgoing.result()
+                if command is None:
                     reason = "was disconnected by the coordinator"
                     break
-                yield message
+                yield convert.command_message(command)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -73,19 +74,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def _read(
         self, session: AgentSession, messages: AsyncIterator[agent_pb2.AgentMessage]
     ) -> None:
-        manager = self.manager
+        manager, name = self.manager, session.name
         async for message in messages:
-            manager.heartbeat(session)
+            manager.roster.heartbeat(session)
             kind = message.WhichOneof("message")
             if kind == "started":
                 m = message.started
-                manager.job_started(AgentEvent(session.name, m.job_id, m.attempt))
+                manager.job_started(name, m.job_id, m.attempt)
             elif kind == "log":
                 m2 = message.log
-                manager.job_log(AgentEvent(session.name, m2.job_id, m2.attempt), list(m2.lines))
+                manager.job_log(name, m2.job_id, m2.attempt, list(m2.lines))
             elif kind == "result":
                 m3 = message.result
-                manager.job_result(AgentEvent(session.name, m3.job_id, m3.attempt), m3)
+                manager.job_result(name, m3.job_id, m3.attempt, convert.outcome_from(m3))
             elif kind == "draining":
                 log.info("agent %s is draining: %s", session.name, message.draining.reason)
                 manager.set_draining(session.name, True, remember=False)
@@ -99,7 +100,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> AsyncIterator[common_pb2.ContextChunk]:
         contexts = self.manager.contexts
         agent = current_principal().agent_name
-        if agent and not self.manager.may_fetch_context(agent, request.digest):
+        if agent and not self.manager.roster.may_fetch_context(agent, request.digest):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"agent {agent} holds no current assignment that uses this context",

@@ -11,7 +11,7 @@ import grpc
 from polyarch.coordinator.contexts.store import check_digest
 from polyarch.coordinator.contexts.uploads import timed
 from polyarch.coordinator.core.manager import BuildManager
-from polyarch.coordinator.core.model import BuildSpec, InvalidRequest, PolyarchError
+from polyarch.coordinator.core.model import InvalidRequest, PolyarchError
 from polyarch.coordinator.registry.build_credentials import check_build_credentials
 from polyarch.coordinator.trust.auth import current_principal
 from polyarch.coordinator.wire import convert
@@ -76,25 +76,15 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
     async def SubmitBuild(
         self, request: build_pb2.SubmitBuildRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> build_pb2.SubmitBuildResponse:
-        spec = BuildSpec(
-            context_digest=request.context_digest,
-            dockerfile=request.dockerfile,
-            platforms=list(request.platforms),
-            tags=list(request.tags),
-            build_args=dict(request.build_args),
-            target=request.target,
-            labels=dict(request.labels),
-            emulation=convert.POLICIES[request.emulation],
-            cache_from=list(request.cache_from),
-            cache_to=list(request.cache_to),
-        )
+        spec = convert.spec_from(request)
         owner = current_principal().token_id
         credentials = check_build_credentials(
             [(a.registry, a.username, a.password) for a in request.registry_auths],
             [(secret.id, secret.value) for secret in request.secrets],
         )
-        build, existing = self.manager.submit(spec, request.idempotency_key, owner, credentials)
-        _, jobs = self.manager.get(build.id)
+        manager = self.manager
+        build, existing = await manager.submit(spec, request.idempotency_key, owner, credentials)
+        _, jobs = await manager.get(build.id)
         return build_pb2.SubmitBuildResponse(
             build=convert.build_message(build, jobs), existing=existing
         )
@@ -104,7 +94,7 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
     ) -> AsyncIterator[build_pb2.BuildEvent]:
         try:
             async for event in self.manager.watch(request.build_id, request.log_tail):
-                yield event
+                yield convert.event_message(event)
         except PolyarchError as exc:
             await context.abort(status_code(exc), str(exc))
 
@@ -112,20 +102,20 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
     async def GetBuild(
         self, request: build_pb2.GetBuildRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> build_pb2.Build:
-        return convert.build_message(*self.manager.get(request.build_id))
+        return convert.build_message(*await self.manager.get(request.build_id))
 
     @domain_errors
     async def CancelBuild(
         self, request: build_pb2.CancelBuildRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> build_pb2.Build:
         caller = current_principal()
-        self.manager.may_cancel(request.build_id, caller.token_id, caller.role is Role.ADMIN)
-        self.manager.cancel(request.build_id, request.reason or "cancelled by request")
-        return convert.build_message(*self.manager.get(request.build_id))
+        await self.manager.may_cancel(request.build_id, caller.token_id, caller.role is Role.ADMIN)
+        await self.manager.cancel(request.build_id, request.reason or "cancelled by request")
+        return convert.build_message(*await self.manager.get(request.build_id))
 
     @domain_errors
     async def ListBuilds(
         self, request: build_pb2.ListBuildsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> build_pb2.ListBuildsResponse:
         manager = self.manager
-        return list_page(manager.store, manager.get, request, manager.limits)
+        return await list_page(manager.list_page, request, manager.limits)

@@ -1,19 +1,22 @@
-"""Translation between the coordinator's domain records and polyarch.v1 messages."""
+"""The one translation between domain records and polyarch.v1 messages, both directions."""
 
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from polyarch.coordinator.core.fleet import AgentSession
+from polyarch.coordinator.core.events import BuildChanged, BuildEvent, JobChanged, LogLine
+from polyarch.coordinator.core.fleet import AgentCommand, AgentSession, Assign, Cancel, Hello
 from polyarch.coordinator.core.model import (
     BuildRecord,
+    BuildSpec,
     BuildState,
     EmulationPolicy,
     JobRecord,
     JobState,
     Mode,
 )
-from polyarch.proto.v1 import build_pb2, common_pb2, fleet_pb2
+from polyarch.coordinator.core.states import JobOutcome
+from polyarch.proto.v1 import agent_pb2, build_pb2, common_pb2, fleet_pb2
 
 BUILD_STATES = {
     BuildState.QUEUED: common_pb2.BUILD_STATE_QUEUED,
@@ -110,3 +113,86 @@ def agent_message(session: AgentSession, running: list[JobRecord]) -> fleet_pb2.
         last_heartbeat=timestamp(session.last_seen),
         peer=session.peer,
     )
+
+
+# ---- client requests and events -----------------------------------------------------------
+def spec_from(request: build_pb2.SubmitBuildRequest) -> BuildSpec:
+    return BuildSpec(
+        context_digest=request.context_digest,
+        dockerfile=request.dockerfile,
+        platforms=list(request.platforms),
+        tags=list(request.tags),
+        build_args=dict(request.build_args),
+        target=request.target,
+        labels=dict(request.labels),
+        emulation=POLICIES[request.emulation],
+        cache_from=list(request.cache_from),
+        cache_to=list(request.cache_to),
+    )
+
+
+def event_message(event: BuildEvent) -> build_pb2.BuildEvent:
+    if isinstance(event, LogLine):
+        return build_pb2.BuildEvent(log=log_message(event))
+    if isinstance(event, JobChanged):
+        return build_pb2.BuildEvent(job=job_message(event.job))
+    assert isinstance(event, BuildChanged)
+    return build_pb2.BuildEvent(build=build_message(event.build, list(event.jobs)))
+
+
+def log_message(line: LogLine) -> build_pb2.LogLine:
+    return build_pb2.LogLine(
+        job_id=line.job_id, platform=line.platform, attempt=line.attempt, line=line.line
+    )
+
+
+# ---- the agent channel ------------------------------------------------------------------------
+def hello_from(message: agent_pb2.AgentHello) -> Hello:
+    return Hello(
+        name=message.name, builder=message.builder, version=message.version,
+        native_platforms=tuple(message.native_platforms),
+        emulated_platforms=tuple(message.emulated_platforms), slots=message.slots,
+        labels=dict(message.labels),
+        running=tuple((r.job_id, r.attempt) for r in message.running),
+    )  # fmt: skip
+
+
+def outcome_from(result: agent_pb2.JobResult) -> JobOutcome:
+    return JobOutcome(
+        ok=result.ok, digest=result.digest, size=result.size, media_type=result.media_type,
+        error=result.error, failed_step=result.failed_step,
+        infrastructure_error=result.infrastructure_error,
+    )  # fmt: skip
+
+
+def command_message(command: AgentCommand) -> agent_pb2.CoordinatorMessage:
+    if isinstance(command, Assign):
+        return agent_pb2.CoordinatorMessage(assign=assignment_message(command))
+    if isinstance(command, Cancel):
+        cancel = agent_pb2.CancelJob(
+            job_id=command.job_id, attempt=command.attempt, reason=command.reason
+        )
+        return agent_pb2.CoordinatorMessage(cancel=cancel)
+    welcome = agent_pb2.Welcome(
+        coordinator_version=command.coordinator_version,
+        heartbeat_interval_ms=int(command.heartbeat_interval * 1000),
+    )
+    return agent_pb2.CoordinatorMessage(welcome=welcome)
+
+
+def assignment_message(assign: Assign) -> agent_pb2.Assignment:
+    spec, own = assign.spec, assign.credentials
+    return agent_pb2.Assignment(
+        registry_auths=[
+            common_pb2.RegistryAuth(registry=r, username=c.username, password=c.password)
+            for r, c in sorted(own.registry_auths.items())
+        ],
+        secrets=[common_pb2.BuildSecret(id=i, value=v) for i, v in sorted(own.secrets.items())],
+        job_id=assign.job_id, attempt=assign.attempt, build_id=assign.build_id,
+        platform=assign.platform,
+        mode=MODES[Mode.EMULATED if assign.emulated else Mode.NATIVE],
+        context_digest=spec.context_digest, dockerfile=spec.dockerfile,
+        build_args=spec.build_args, target=spec.target, labels=spec.labels,
+        repository=f"{spec.registry}/{spec.repository}", push_tag=assign.push_tag,
+        cache_from=spec.cache_from, cache_to=spec.cache_to,
+    )  # fmt: skip

@@ -18,7 +18,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         self.manager = manager
 
     def _agent(self, session: AgentSession) -> fleet_pb2.Agent:
-        running = self.manager.running_jobs(session.name)
+        running = self.manager.roster.running_jobs(session.name)
         return convert.agent_message(session, running)
 
     @domain_errors

@@ -5,10 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from polyarch.coordinator.core.model import BuildRecord, InvalidRequest, JobRecord
-from polyarch.coordinator.core.store import StateStore
 from polyarch.coordinator.limits import MIB, Limits
 from polyarch.coordinator.wire import convert
 from polyarch.proto.v1 import build_pb2
@@ -26,7 +25,10 @@ LISTED_REQUEUE_REASONS = 8
 # 32 x 21 KiB = 672 KiB; the dockerfile path at 4 KiB. Well under 3 MiB, so every page
 # makes progress; the budget, not the page size, is what bounds a response.
 
-Lookup = Callable[[str], tuple[BuildRecord, list[JobRecord]]]
+# (limit, cursor) -> builds newest first after the cursor, each with its jobs
+Pager = Callable[
+    [int, tuple[float, str] | None], Awaitable[list[tuple[BuildRecord, list[JobRecord]]]]
+]
 
 
 def encode_token(build: BuildRecord) -> str:
@@ -54,25 +56,25 @@ def page_size(request: build_pb2.ListBuildsRequest, limits: Limits) -> int:
     return min(wanted if wanted > 0 else DEFAULT_PAGE_SIZE, limits.max_list_page)
 
 
-def list_page(
-    store: StateStore, lookup: Lookup, request: build_pb2.ListBuildsRequest, limits: Limits
+async def list_page(
+    pager: Pager, request: build_pb2.ListBuildsRequest, limits: Limits
 ) -> build_pb2.ListBuildsResponse:
     """One page, newest first, with the token of the next (or "" when there is none)."""
     size = page_size(request, limits)
     # one more than asked: tells whether a next page exists without a trailing empty one
-    records = store.list_builds_page(size + 1, decode_token(request.page_token))
+    records = await pager(size + 1, decode_token(request.page_token))
     response = build_pb2.ListBuildsResponse()
     used = 0
-    for index, record in enumerate(records[:size]):
-        message = trimmed(convert.build_message(*lookup(record.id)))
+    for index, (record, jobs) in enumerate(records[:size]):
+        message = trimmed(convert.build_message(record, jobs))
         cost = message.ByteSize() + 8  # field tag and length prefix
         if response.builds and used + cost > RESPONSE_BUDGET_BYTES:
-            response.next_page_token = encode_token(records[index - 1])
+            response.next_page_token = encode_token(records[index - 1][0])
             return response
         response.builds.append(message)
         used += cost
     if len(records) > size:
-        response.next_page_token = encode_token(records[size - 1])
+        response.next_page_token = encode_token(records[size - 1][0])
     return response
 
 

@@ -57,9 +57,9 @@ async def submit(farm: Farm, *args: str) -> tuple[asyncio.subprocess.Process, st
     )  # fmt: skip
     manager = farm.coordinator.manager
     assert manager is not None
-    await poll_until(lambda: bool(manager.store.list_builds(1)), timeout=30,
+    await poll_until(lambda: bool(list(manager.ledger.active())), timeout=30,
                      message="the build was never submitted")  # fmt: skip
-    return proc, manager.store.list_builds(1)[0].id
+    return proc, next(manager.ledger.active())[0].id
 
 
 async def test_cancel_stops_the_builder_and_publishes_nothing(
@@ -102,7 +102,7 @@ async def test_ctrl_c_with_cancel_on_interrupt_cancels_the_build(
     await poll_until(lambda: not agent.jobs, timeout=10, message="the builder still runs")
     manager = farm.coordinator.manager
     assert manager is not None
-    assert manager.get(build_id)[0].state.value == "cancelled"
+    assert (await manager.get(build_id))[0].state.value == "cancelled"
 
 
 async def test_drained_agent_gets_no_new_jobs_until_undrained(
@@ -146,7 +146,7 @@ async def test_sigterm_on_an_agent_hands_its_job_to_another(
     leaving.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(leaving.wait(), 30) == 0
     assert await asyncio.wait_for(proc.wait(), 120) == 0
-    _, jobs = manager.get(build_id)
+    _, jobs = await manager.get(build_id)
     assert (jobs[0].agent, jobs[0].attempt) == ("staying", 2)
     assert "agent leaving shut down before the job finished" in jobs[0].requeue_reasons[0]
     assert skopeo_raw(tag)["manifests"][0]["digest"] == jobs[0].digest

@@ -121,7 +121,8 @@ class Farm:
         """True once the platform's job of the build runs on an agent."""
         manager = self.coordinator.manager
         assert manager is not None
-        _, jobs = manager.get(build_id)
+        live = manager.ledger.live(build_id)
+        jobs = live[1] if live is not None else []
         return any(j.platform == platform and j.state.value == "running" for j in jobs)
 
     async def cli(

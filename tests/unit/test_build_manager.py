@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from polyarch.coordinator.contexts.store import ContextStore
-from polyarch.coordinator.core.fleet import AgentSession
-from polyarch.coordinator.core.manager import MAX_ATTEMPTS, AgentEvent, BuildManager
+from polyarch.coordinator.core.fleet import AgentSession, Assign, Cancel, Welcome
+from polyarch.coordinator.core.manager import BuildManager
 from polyarch.coordinator.core.model import (
     AlreadyExists,
     BuildSpec,
@@ -24,19 +22,24 @@ from polyarch.coordinator.core.model import (
     PermissionDenied,
     Unschedulable,
 )
-from polyarch.coordinator.core.store import MemoryStore
-from polyarch.coordinator.metrics import CoordinatorMetrics
+from polyarch.coordinator.core.states import MAX_ATTEMPTS, JobOutcome
 from polyarch.coordinator.registry.build_credentials import (
     BuildCredentials,
     check_build_credentials,
 )
 from polyarch.coordinator.registry.index import ChildManifest, IndexResult
 from polyarch.proto.platforms import parse_platform
-from polyarch.proto.v1 import agent_pb2
 from tests.support.poll import poll_until
-
-CONTEXT = b"not really a tar, the manager never opens it"
-DIGEST = "sha256:" + hashlib.sha256(CONTEXT).hexdigest()
+from tests.support.simulated import (
+    DIGEST,
+    Clock,
+    assignments,
+    connect,
+    fake_digest,
+    pushed,
+    received,
+    started_manager,
+)
 
 
 class RecordingPublisher:
@@ -69,27 +72,10 @@ def publisher() -> RecordingPublisher:
 
 
 @pytest.fixture
-def manager(tmp_path: Path, publisher: RecordingPublisher) -> Iterator[BuildManager]:
-    contexts = ContextStore(tmp_path)
-    contexts.path_for(DIGEST).write_bytes(CONTEXT)
-    yield BuildManager(MemoryStore(), contexts, publisher, CoordinatorMetrics())
-
-
-def connect(manager: BuildManager, name: str, native: list[str], emulated: list[str] = [],  # noqa: B006
-            slots: int = 2) -> AgentSession:  # fmt: skip
-    hello = agent_pb2.AgentHello(
-        name=name, builder="sim", native_platforms=native, emulated_platforms=emulated, slots=slots
-    )
-    return manager.attach_agent(hello, "sim")
-
-
-def assignments(session: AgentSession) -> list[agent_pb2.Assignment]:
-    found = []
-    while not session.outbox.empty():
-        message = session.outbox.get_nowait()
-        if message is not None and message.HasField("assign"):
-            found.append(message.assign)
-    return found
+async def manager(tmp_path: Path, publisher: RecordingPublisher) -> AsyncIterator[BuildManager]:
+    manager = await started_manager(tmp_path, publisher)
+    yield manager
+    await manager.close()
 
 
 def spec(platforms: list[str], policy: EmulationPolicy = EmulationPolicy.FALLBACK) -> BuildSpec:
@@ -98,45 +84,36 @@ def spec(platforms: list[str], policy: EmulationPolicy = EmulationPolicy.FALLBAC
     )
 
 
-def fake_digest(seed: str) -> str:
-    """A well-formed digest (the coordinator refuses malformed ones) that names its seed."""
-    return "sha256:" + hashlib.sha256(seed.encode()).hexdigest()
-
-
-def pushed(job: agent_pb2.Assignment, digest: str) -> agent_pb2.JobResult:
-    return agent_pb2.JobResult(
-        job_id=job.job_id, attempt=job.attempt, ok=True, digest=digest, size=512,
-        media_type="application/vnd.oci.image.manifest.v1+json",
-    )  # fmt: skip
+async def state_of(manager: BuildManager, build_id: str) -> BuildState:
+    return (await manager.get(build_id))[0].state
 
 
 async def test_a_build_runs_on_agents_and_publishes_once_every_job_is_pushed(
     manager: BuildManager, publisher: RecordingPublisher
 ) -> None:
-    amd = connect(manager, "amd", ["linux/amd64"], ["linux/arm64"])
-    build, existing = manager.submit(spec(["linux/amd64", "linux/arm64"]), "key-1")
+    amd = connect(manager, "amd", ["linux/amd64"], ("linux/arm64",))
+    build, existing = await manager.submit(spec(["linux/amd64", "linux/arm64"]), "key-1")
     assert not existing
-    jobs = assignments(amd)
+    jobs = await assignments(manager, amd)
     assert {j.platform for j in jobs} == {"linux/amd64", "linux/arm64"}
-    assert {j.repository for j in jobs} == {"127.0.0.1:5000/team/app"}
+    assert {f"{j.spec.registry}/{j.spec.repository}" for j in jobs} == {"127.0.0.1:5000/team/app"}
     assert all(j.attempt == 1 for j in jobs)
     for i, job in enumerate(jobs):
-        manager.job_started(AgentEvent("amd", job.job_id, job.attempt))
-        manager.job_result(
-            AgentEvent("amd", job.job_id, job.attempt), pushed(job, fake_digest(str(i)))
-        )
-    await poll_until(lambda: manager.get(build.id)[0].state is BuildState.SUCCEEDED, timeout=5,
-                     message="build did not succeed")  # fmt: skip
+        manager.job_started("amd", job.job_id, job.attempt)
+        manager.job_result("amd", job.job_id, job.attempt, pushed(fake_digest(str(i))))
+    await poll_until(lambda: manager.ledger.live(build.id) is None, timeout=5,
+                     message="build did not end")  # fmt: skip
     assert publisher.published == [
         (
             ["127.0.0.1:5000/team/app:1"],
             {j.platform: fake_digest(str(i)) for i, j in enumerate(jobs)},
         )
     ]
-    final, final_jobs = manager.get(build.id)
+    final, final_jobs = await manager.get(build.id)
+    assert final.state is BuildState.SUCCEEDED
     assert final.index_digest == "sha256:" + "f" * 64
     assert {j.mode.value for j in final_jobs if j.mode} == {"native", "emulated"}
-    again, existing = manager.submit(spec(["linux/amd64", "linux/arm64"]), "key-1")
+    again, existing = await manager.submit(spec(["linux/amd64", "linux/arm64"]), "key-1")
     assert existing and again.id == build.id
 
 
@@ -144,22 +121,22 @@ async def test_a_lost_agent_requeues_its_job_and_a_late_result_is_ignored(
     manager: BuildManager, publisher: RecordingPublisher
 ) -> None:
     first = connect(manager, "first", ["linux/amd64"])
-    build, _ = manager.submit(spec(["linux/amd64"]), "")
-    (job,) = assignments(first)
+    build, _ = await manager.submit(spec(["linux/amd64"]), "")
+    (job,) = await assignments(manager, first)
     second = connect(manager, "second", ["linux/amd64"])
     manager.detach_agent(first, "went silent (lease expired)")
-    (retry,) = assignments(second)
+    (retry,) = await assignments(manager, second)
     assert (retry.job_id, retry.attempt) == (job.job_id, 2)
-    _, jobs = manager.get(build.id)
+    _, jobs = await manager.get(build.id)
     assert jobs[0].requeue_reasons == ["agent first went silent (lease expired)"]
     # the old attempt's result arrives late: ignored, counted
-    manager.job_result(AgentEvent("first", job.job_id, 1), pushed(job, fake_digest("stale")))
-    assert manager.get(build.id)[1][0].state is JobState.ASSIGNED
+    manager.job_result("first", job.job_id, 1, pushed(fake_digest("stale")))
+    assert (await manager.get(build.id))[1][0].state is JobState.ASSIGNED
     stale = manager.metrics.registry.get_sample_value(
         "polyarch_stale_agent_messages_total", {"kind": "result"}
     )
     assert stale == 1
-    manager.job_result(AgentEvent("second", job.job_id, 2), pushed(retry, fake_digest("fresh")))
+    manager.job_result("second", job.job_id, 2, pushed(fake_digest("fresh")))
     await poll_until(lambda: bool(publisher.published), timeout=5, message="not published")
     assert publisher.published[0][1] == {"linux/amd64": fake_digest("fresh")}
 
@@ -168,19 +145,18 @@ async def test_a_failed_platform_publishes_nothing_and_keeps_the_other_digest(
     manager: BuildManager, publisher: RecordingPublisher
 ) -> None:
     agent = connect(manager, "a", ["linux/amd64", "linux/arm64"])
-    build, _ = manager.submit(spec(["linux/amd64", "linux/arm64"]), "")
-    jobs = {j.platform: j for j in assignments(agent)}
+    build, _ = await manager.submit(spec(["linux/amd64", "linux/arm64"]), "")
+    jobs = {j.platform: j for j in await assignments(manager, agent)}
     amd, arm = jobs["linux/amd64"], jobs["linux/arm64"]
-    manager.job_result(AgentEvent("a", amd.job_id, 1), pushed(amd, fake_digest("amd")))
-    failure = agent_pb2.JobResult(job_id=arm.job_id, attempt=1, ok=False,
-                                  error="exit code: 3", failed_step="[2/2] RUN false")  # fmt: skip
-    manager.job_result(AgentEvent("a", arm.job_id, 1), failure)
-    final, final_jobs = manager.get(build.id)
+    manager.job_result("a", amd.job_id, 1, pushed(fake_digest("amd")))
+    failure = JobOutcome(ok=False, error="exit code: 3", failed_step="[2/2] RUN false")
+    manager.job_result("a", arm.job_id, 1, failure)
+    final, final_jobs = await manager.get(build.id)
     assert final.state is BuildState.FAILED
     assert "linux/arm64 failed at step '[2/2] RUN false' on agent a" in final.error
     assert {j.platform: j.digest for j in final_jobs}["linux/amd64"] == fake_digest("amd")
     assert publisher.published == []
-    assert manager.scheduler.agents["a"].running == set()
+    assert manager.scheduler.running_on("a") == []
 
 
 async def test_infrastructure_failures_are_retried_elsewhere_then_given_up(
@@ -188,19 +164,18 @@ async def test_infrastructure_failures_are_retried_elsewhere_then_given_up(
 ) -> None:
     a = connect(manager, "a", ["linux/amd64"], slots=1)
     b = connect(manager, "b", ["linux/amd64"], slots=1)
-    build, _ = manager.submit(spec(["linux/amd64"]), "")
+    build, _ = await manager.submit(spec(["linux/amd64"]), "")
     seen = []
     for _ in range(MAX_ATTEMPTS):
-        (job,) = assignments(a) + assignments(b)
+        (job,) = await assignments(manager, a) + await assignments(manager, b)
         seen.append(job.attempt)
         agent = manager.scheduler.agent_of(job.job_id)
         assert agent is not None
-        crash = agent_pb2.JobResult(job_id=job.job_id, attempt=job.attempt, ok=False,
-                                    error="qemu: uncaught target signal 11", failed_step="build",
-                                    infrastructure_error=True)  # fmt: skip
-        manager.job_result(AgentEvent(agent, job.job_id, job.attempt), crash)
+        crash = JobOutcome(ok=False, error="qemu: uncaught target signal 11",
+                           failed_step="build", infrastructure_error=True)  # fmt: skip
+        manager.job_result(agent, job.job_id, job.attempt, crash)
     assert seen == [1, 2, 3]
-    final, jobs = manager.get(build.id)
+    final, jobs = await manager.get(build.id)
     assert final.state is BuildState.FAILED
     assert len(jobs[0].requeue_reasons) == MAX_ATTEMPTS - 1
 
@@ -208,199 +183,191 @@ async def test_infrastructure_failures_are_retried_elsewhere_then_given_up(
 async def test_submit_rejects_what_no_agent_can_build_and_bad_input(
     manager: BuildManager,
 ) -> None:
-    connect(manager, "amd", ["linux/amd64"], ["linux/arm64"])
+    connect(manager, "amd", ["linux/amd64"], ("linux/arm64",))
     with pytest.raises(Unschedulable, match="linux/arm64 with emulation=never"):
-        manager.submit(spec(["linux/arm64"], EmulationPolicy.NEVER), "")
+        await manager.submit(spec(["linux/arm64"], EmulationPolicy.NEVER), "")
     with pytest.raises(Unschedulable, match="linux/s390x"):
-        manager.submit(spec(["linux/amd64", "linux/s390x"]), "")
+        await manager.submit(spec(["linux/amd64", "linux/s390x"]), "")
     with pytest.raises(InvalidRequest, match="unknown architecture 'sparc'"):
-        manager.submit(spec(["linux/sparc"]), "")
+        await manager.submit(spec(["linux/sparc"]), "")
     bad_tags = spec(["linux/amd64"])
     bad_tags.tags = ["127.0.0.1:5000/a:1", "127.0.0.1:5000/b:1"]
     with pytest.raises(InvalidRequest, match="one repository"):
-        manager.submit(bad_tags, "")
+        await manager.submit(bad_tags, "")
     missing = spec(["linux/amd64"])
     missing.context_digest = "sha256:" + "0" * 64
     with pytest.raises(NotFound, match="upload it first"):
-        manager.submit(missing, "")
-    assert manager.store.list_builds(10) == []
+        await manager.submit(missing, "")
+    assert await manager.list_page(10, None) == []
 
 
 async def test_cancel_stops_running_jobs_and_publishes_nothing(
     manager: BuildManager, publisher: RecordingPublisher
 ) -> None:
     agent = connect(manager, "a", ["linux/amd64"])
-    build, _ = manager.submit(spec(["linux/amd64"]), "")
-    (job,) = assignments(agent)
-    manager.cancel(build.id, "cancelled by ci")
-    cancels = []
-    while not agent.outbox.empty():
-        message = agent.outbox.get_nowait()
-        if message is not None and message.HasField("cancel"):
-            cancels.append(message.cancel)
+    build, _ = await manager.submit(spec(["linux/amd64"]), "")
+    (job,) = await assignments(manager, agent)
+    await manager.cancel(build.id, "cancelled by ci")
+    cancels = await received(manager, agent, Cancel)
     assert [(c.job_id, c.attempt) for c in cancels] == [(job.job_id, 1)]
-    assert manager.get(build.id)[0].state is BuildState.CANCELLED
-    manager.job_result(AgentEvent("a", job.job_id, 1), pushed(job, fake_digest("late")))
-    await asyncio.sleep(0)
+    assert await state_of(manager, build.id) is BuildState.CANCELLED
+    manager.job_result("a", job.job_id, 1, pushed(fake_digest("late")))
+    await manager.settle()
     assert publisher.published == []
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def restarted(manager: BuildManager, publisher: RecordingPublisher, clock: Clock) -> BuildManager:
-    """A new manager on the same store and contexts, as after a coordinator restart."""
-    fresh = BuildManager(manager.store, manager.contexts, publisher, CoordinatorMetrics(), clock)
-    fresh.recover(reattach_grace=10)
-    return fresh
+async def restarted(
+    manager: BuildManager, publisher: RecordingPublisher, clock: Clock, tmp_path: Path
+) -> BuildManager:
+    """A new manager on the same store, as after a coordinator restart."""
+    await manager.close()
+    return await started_manager(tmp_path, publisher, clock, store=manager.store)
 
 
 async def test_after_a_restart_a_returning_agent_keeps_its_job(
-    manager: BuildManager, publisher: RecordingPublisher
+    manager: BuildManager, publisher: RecordingPublisher, tmp_path: Path
 ) -> None:
     clock = Clock()
     agent = connect(manager, "a", ["linux/amd64"])
-    build, _ = manager.submit(spec(["linux/amd64"]), "k")
-    (job,) = assignments(agent)
-    after = restarted(manager, publisher, clock)
-    hello = agent_pb2.AgentHello(
-        name="a", builder="sim", native_platforms=["linux/amd64"], slots=2,
-        running=[agent_pb2.RunningJob(job_id=job.job_id, attempt=job.attempt)],
-    )  # fmt: skip
-    back = after.attach_agent(hello, "sim")
-    assert assignments(back) == []  # re-attached, not re-sent
+    build, _ = await manager.submit(spec(["linux/amd64"]), "k")
+    (job,) = await assignments(manager, agent)
+    after = await restarted(manager, publisher, clock, tmp_path)
+    back = connect(after, "a", ["linux/amd64"], running=((job.job_id, job.attempt),))
+    assert await assignments(after, back) == []  # re-attached, not re-sent
     assert after.scheduler.agent_of(job.job_id) == "a"
     clock.now += 60
     after.expire_orphans()
-    after.job_result(AgentEvent("a", job.job_id, 1), pushed(job, fake_digest("kept")))
+    after.job_result("a", job.job_id, 1, pushed(fake_digest("kept")))
     await poll_until(lambda: bool(publisher.published), timeout=5, message="not published")
-    final, jobs = after.get(build.id)
+    await poll_until(lambda: after.ledger.live(build.id) is None, timeout=5, message="not ended")
+    final, jobs = await after.get(build.id)
     assert (final.state, jobs[0].attempt) == (BuildState.SUCCEEDED, 1)
-    assert after.submit(spec(["linux/amd64"]), "k") == (final, True)
+    again, existing = await after.submit(spec(["linux/amd64"]), "k")
+    assert existing and again.id == final.id and again.state is BuildState.SUCCEEDED
+    await after.close()
 
 
 async def test_after_a_restart_a_job_whose_agent_never_returns_is_requeued(
-    manager: BuildManager, publisher: RecordingPublisher
+    manager: BuildManager, publisher: RecordingPublisher, tmp_path: Path
 ) -> None:
     clock = Clock()
-    agent = connect(manager, "gone", ["linux/amd64"], ["linux/arm64"], slots=1)
-    queued_build, _ = manager.submit(spec(["linux/amd64", "linux/arm64"]), "")
-    (job,) = assignments(agent)  # one slot: arm64 waits in the queue
-    after = restarted(manager, publisher, clock)
+    agent = connect(manager, "gone", ["linux/amd64"], ("linux/arm64",), slots=1)
+    queued_build, _ = await manager.submit(spec(["linux/amd64", "linux/arm64"]), "")
+    (job,) = await assignments(manager, agent)  # one slot: arm64 waits in the queue
+    after = await restarted(manager, publisher, clock, tmp_path)
     other = connect(after, "other", ["linux/amd64", "linux/arm64"])
-    (arm,) = assignments(other)  # the queued job survived the restart
+    (arm,) = await assignments(after, other)  # the queued job survived the restart
     assert arm.platform == "linux/arm64"
     clock.now += 5
     after.expire_orphans()
-    assert assignments(other) == []  # still within the grace period
+    assert await assignments(after, other) == []  # still within the grace period
     clock.now += 6
     after.expire_orphans()
-    (retry,) = assignments(other)
+    (retry,) = await assignments(after, other)
     assert (retry.job_id, retry.attempt) == (job.job_id, 2)
-    _, jobs = after.get(queued_build.id)
+    _, jobs = await after.get(queued_build.id)
     reasons = {j.platform: j.requeue_reasons for j in jobs}
     assert reasons["linux/amd64"] == ["agent gone did not return after a restart"]
+    await after.close()
 
 
-def reconnect(manager: BuildManager, name: str, job: agent_pb2.Assignment) -> AgentSession:
-    hello = agent_pb2.AgentHello(
-        name=name, builder="sim", native_platforms=["linux/amd64"], slots=2,
-        running=[agent_pb2.RunningJob(job_id=job.job_id, attempt=job.attempt)],
-    )  # fmt: skip
-    return manager.attach_agent(hello, "sim")
+def reconnect(manager: BuildManager, name: str, job: Assign) -> AgentSession:
+    return connect(manager, name, ["linux/amd64"], running=((job.job_id, job.attempt),))
 
 
 async def test_an_agent_that_reconnects_keeps_the_attempt_it_still_runs(
     manager: BuildManager,
 ) -> None:
     first = connect(manager, "a", ["linux/amd64"])
-    build, _ = manager.submit(spec(["linux/amd64"]), "")
-    (job,) = assignments(first)
+    build, _ = await manager.submit(spec(["linux/amd64"]), "")
+    (job,) = await assignments(manager, first)
     # a second stream for a connected name is refused; the live one is untouched
     with pytest.raises(AlreadyExists, match="agent a is already connected"):
         reconnect(manager, "a", job)
     assert not first.closed and manager.sessions["a"] is first
-    _, jobs = manager.get(build.id)
+    _, jobs = await manager.get(build.id)
     assert (jobs[0].state, jobs[0].attempt, jobs[0].requeue_reasons) == (JobState.ASSIGNED, 1, [])
     # the old stream is noticed dead (lease): the job is re-queued, then taken back
     manager.detach_agent(first, "went silent (lease expired)")
-    assert manager.get(build.id)[1][0].state is JobState.QUEUED
+    assert (await manager.get(build.id))[1][0].state is JobState.QUEUED
     third = reconnect(manager, "a", job)
-    assert assignments(third) == []
-    _, jobs = manager.get(build.id)
+    assert await assignments(manager, third) == []
+    _, jobs = await manager.get(build.id)
     assert (jobs[0].state, jobs[0].attempt, jobs[0].agent) == (JobState.RUNNING, 1, "a")
-    assert manager.scheduler.queue == {}
+    assert manager.scheduler.queued_by_platform() == {}
 
 
 async def test_an_idempotency_key_belongs_to_its_owner_and_its_request(
     manager: BuildManager,
 ) -> None:
     connect(manager, "a", ["linux/amd64", "linux/arm64"])
-    first, existing = manager.submit(spec(["linux/amd64"]), "key", owner="token-a")
+    first, existing = await manager.submit(spec(["linux/amd64"]), "key", owner="token-a")
     assert not existing
-    again, existing = manager.submit(spec(["linux/amd64"]), "key", owner="token-a")
+    again, existing = await manager.submit(spec(["linux/amd64"]), "key", owner="token-a")
     assert existing and again.id == first.id
     # another caller's identical key is another build: keys are scoped to their token
-    other, existing = manager.submit(spec(["linux/amd64"]), "key", owner="token-b")
+    other, existing = await manager.submit(spec(["linux/amd64"]), "key", owner="token-b")
     assert not existing and other.id != first.id
     with pytest.raises(AlreadyExists, match=f"already belongs to build {first.id}"):
-        manager.submit(spec(["linux/arm64"]), "key", owner="token-a")
+        await manager.submit(spec(["linux/arm64"]), "key", owner="token-a")
+
+
+async def test_concurrent_submits_with_one_key_make_one_build(manager: BuildManager) -> None:
+    connect(manager, "a", ["linux/amd64"])
+    results = await asyncio.gather(
+        *(manager.submit(spec(["linux/amd64"]), "same", owner="t") for _ in range(5))
+    )
+    assert len({build.id for build, _ in results}) == 1
+    assert sorted(existing for _, existing in results) == [False, True, True, True, True]
 
 
 async def test_only_the_owner_or_an_admin_may_cancel(manager: BuildManager) -> None:
     connect(manager, "a", ["linux/amd64"])
-    build, _ = manager.submit(spec(["linux/amd64"]), "", owner="token-a")
+    build, _ = await manager.submit(spec(["linux/amd64"]), "", owner="token-a")
     with pytest.raises(PermissionDenied, match="another token"):
-        manager.may_cancel(build.id, "token-b", is_admin=False)
-    manager.may_cancel(build.id, "token-a", is_admin=False)
-    manager.may_cancel(build.id, "token-b", is_admin=True)
+        await manager.may_cancel(build.id, "token-b", is_admin=False)
+    await manager.may_cancel(build.id, "token-a", is_admin=False)
+    await manager.may_cancel(build.id, "token-b", is_admin=True)
 
 
 async def test_a_malformed_result_is_retried_then_fails_naming_the_agent(
     manager: BuildManager,
 ) -> None:
     agent = connect(manager, "a", ["linux/amd64"])
-    build, _ = manager.submit(spec(["linux/amd64"]), "")
+    build, _ = await manager.submit(spec(["linux/amd64"]), "")
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        (job,) = assignments(agent)
+        (job,) = await assignments(manager, agent)
         assert job.attempt == attempt
-        forged = pushed(job, "sha256:not-a-digest")
-        manager.job_result(AgentEvent("a", job.job_id, job.attempt), forged)
-    final, jobs = manager.get(build.id)
+        manager.job_result("a", job.job_id, job.attempt, pushed("sha256:not-a-digest"))
+    final, jobs = await manager.get(build.id)
     assert final.state is BuildState.FAILED
     assert "agent a reported a malformed digest" in jobs[0].error
 
 
 async def test_build_credentials_reach_only_its_assignments_and_are_never_stored(
-    manager: BuildManager, publisher: RecordingPublisher, tmp_path: Path
+    manager: BuildManager, publisher: RecordingPublisher
 ) -> None:
     agent = connect(manager, "a", ["linux/amd64", "linux/arm64"])
     own = check_build_credentials(
         [("127.0.0.1:5000", "ci-bot", "pw-per-build-123")], [("npm", b"npm-secret-456")]
     )
-    mine, _ = manager.submit(spec(["linux/amd64"]), "", credentials=own)
-    other, _ = manager.submit(spec(["linux/arm64"]), "")
-    by_build = {job.build_id: job for job in assignments(agent)}
-    assert [(a.registry, a.username, a.password) for a in by_build[mine.id].registry_auths] == [
-        ("127.0.0.1:5000", "ci-bot", "pw-per-build-123")
-    ]
-    assert [(s.id, s.value) for s in by_build[mine.id].secrets] == [("npm", b"npm-secret-456")]
-    assert not by_build[other.id].registry_auths and not by_build[other.id].secrets
+    mine, _ = await manager.submit(spec(["linux/amd64"]), "", credentials=own)
+    other, _ = await manager.submit(spec(["linux/arm64"]), "")
+    by_build = {job.build_id: job for job in await assignments(manager, agent)}
+    assert by_build[mine.id].credentials is own
+    assert by_build[other.id].credentials.empty
     assert "pw-per-build" not in repr(manager.vault.get(mine.id))
-    stored = manager.store.get_build(mine.id)
+    await manager.settle()
+    stored = await manager.store.get_build(mine.id)
     assert stored is not None and stored.spec.secret_ids == ["npm"]
     assert "pw-per-build" not in repr(stored) and "npm-secret" not in repr(stored)
 
     job = by_build[mine.id]
-    manager.job_started(AgentEvent("a", job.job_id, job.attempt))
-    manager.job_result(AgentEvent("a", job.job_id, job.attempt), pushed(job, fake_digest("c")))
-    await poll_until(lambda: manager.get(mine.id)[0].state is BuildState.SUCCEEDED, timeout=5,
-                     message="build did not succeed")  # fmt: skip
+    manager.job_started("a", job.job_id, job.attempt)
+    manager.job_result("a", job.job_id, job.attempt, pushed(fake_digest("c")))
+    await poll_until(lambda: manager.ledger.live(mine.id) is None, timeout=5,
+                     message="build did not end")  # fmt: skip
+    assert await state_of(manager, mine.id) is BuildState.SUCCEEDED
     assert publisher.credentials[-1] is own  # the assembly speaks with the build's credentials
     assert manager.vault.get(mine.id) is None  # and forgets them once the build ends
 
@@ -410,22 +377,18 @@ async def test_after_a_restart_a_build_whose_secrets_are_gone_fails_asking_to_re
 ) -> None:
     connect(manager, "a", ["linux/amd64"])
     own = check_build_credentials([], [("token", b"s3cr3t")])
-    build, _ = manager.submit(spec(["linux/amd64"]), "", credentials=own)
-    after = BuildManager(
-        manager.store, manager.contexts, RecordingPublisher(), CoordinatorMetrics()
-    )
-    after.recover(reattach_grace=10)
-    final, jobs = after.get(build.id)
+    build, _ = await manager.submit(spec(["linux/amd64"]), "", credentials=own)
+    after = await restarted(manager, RecordingPublisher(), Clock(), tmp_path)
+    final, jobs = await after.get(build.id)
     assert final.state is BuildState.FAILED
     assert "secrets (token) were held in memory only: resubmit it" in final.error
     assert all(job.state is JobState.FAILED for job in jobs)
+    await after.close()
 
 
 async def test_an_agent_claiming_absurd_slots_is_refused(manager: BuildManager) -> None:
-    hello = agent_pb2.AgentHello(name="greedy", builder="sim", native_platforms=["linux/amd64"],
-                                 slots=1000)  # fmt: skip
     with pytest.raises(InvalidRequest, match="slots must be between 1 and 64"):
-        manager.attach_agent(hello, "sim")
+        connect(manager, "greedy", ["linux/amd64"], slots=1000)
     assert "greedy" not in manager.sessions
 
 
@@ -433,4 +396,4 @@ async def test_the_welcome_tells_agents_how_often_to_heartbeat(manager: BuildMan
     manager.heartbeat_interval = 2.5
     session = connect(manager, "a", ["linux/amd64"])
     welcome = session.outbox.get_nowait()
-    assert welcome is not None and welcome.welcome.heartbeat_interval_ms == 2500
+    assert isinstance(welcome, Welcome) and welcome.heartbeat_interval == 2.5

@@ -2,60 +2,44 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
-from polyarch.coordinator.contexts.store import ContextStore
 from polyarch.coordinator.core.manager import BuildManager
 from polyarch.coordinator.core.model import BuildSpec, InvalidRequest
-from polyarch.coordinator.core.store import MemoryStore
 from polyarch.coordinator.limits import Limits
-from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.wire import listing
-from polyarch.proto.v1 import agent_pb2, build_pb2
-
-CONTEXT = b"listing"
-DIGEST = "sha256:" + hashlib.sha256(CONTEXT).hexdigest()
+from polyarch.proto.v1 import build_pb2
+from tests.support.simulated import DIGEST, Clock, connect, started_manager
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def farm(tmp_path: Path, builds: int, limits: Limits = Limits()) -> BuildManager:  # noqa: B008
-    contexts = ContextStore(tmp_path)
-    contexts.path_for(DIGEST).write_bytes(CONTEXT)
+async def farm(tmp_path: Path, builds: int, limits: Limits = Limits()) -> BuildManager:  # noqa: B008
     clock = Clock()
-    manager = BuildManager(MemoryStore(), contexts, None, CoordinatorMetrics(), clock=clock,  # type: ignore[arg-type]
-                           limits=limits)  # fmt: skip
+    manager = await started_manager(tmp_path, clock=clock, limits=limits)
     # builds need an agent that can take them; one slot keeps most of them queued
-    manager.attach_agent(
-        agent_pb2.AgentHello(name="s390x", builder="sim", native_platforms=["linux/s390x"],
-                             slots=1), "sim")  # fmt: skip
+    connect(manager, "s390x", ["linux/s390x"], slots=1)
     for i in range(builds):
         clock.now += 1.0 if i % 3 == 0 else 0.0  # several builds share each created_at
         spec = BuildSpec(DIGEST, "Dockerfile", ["linux/s390x"], [f"127.0.0.1:5000/a/b:{i}"])
-        manager.submit(spec, "")
+        await manager.submit(spec, "")
+    await manager.settle()
     return manager
 
 
-def page(manager: BuildManager, **fields: object) -> build_pb2.ListBuildsResponse:
+async def page(manager: BuildManager, **fields: object) -> build_pb2.ListBuildsResponse:
     request = build_pb2.ListBuildsRequest(**fields)  # type: ignore[arg-type]
-    return listing.list_page(manager.store, manager.get, request, manager.limits)
+    return await listing.list_page(manager.list_page, request, manager.limits)
 
 
-def test_pages_of_ten_over_25_builds_hold_each_exactly_once_newest_first(tmp_path: Path) -> None:
-    manager = farm(tmp_path, 25)
+async def test_pages_of_ten_over_25_builds_hold_each_exactly_once_newest_first(
+    tmp_path: Path,
+) -> None:
+    manager = await farm(tmp_path, 25)
     seen: list[build_pb2.Build] = []
     token, sizes = "", []
     while True:
-        response = page(manager, page_size=10, page_token=token)
+        response = await page(manager, page_size=10, page_token=token)
         sizes.append(len(response.builds))
         seen += response.builds
         token = response.next_page_token
@@ -68,37 +52,37 @@ def test_pages_of_ten_over_25_builds_hold_each_exactly_once_newest_first(tmp_pat
     assert order == sorted(order, reverse=True)
 
 
-def test_the_old_limit_still_sets_the_page_size_and_no_more_pages_means_no_token(
+async def test_the_old_limit_still_sets_the_page_size_and_no_more_pages_means_no_token(
     tmp_path: Path,
 ) -> None:
-    manager = farm(tmp_path, 3)
-    assert len(page(manager, limit=2).builds) == 2
-    whole = page(manager, limit=3)
+    manager = await farm(tmp_path, 3)
+    assert len((await page(manager, limit=2)).builds) == 2
+    whole = await page(manager, limit=3)
     assert len(whole.builds) == 3 and whole.next_page_token == ""
-    assert len(page(manager).builds) == 3  # the default page
+    assert len((await page(manager)).builds) == 3  # the default page
 
 
-def test_a_page_size_is_capped_at_max_list_page(tmp_path: Path) -> None:
-    manager = farm(tmp_path, 12, Limits(max_list_page=5))
-    response = page(manager, page_size=1000)
+async def test_a_page_size_is_capped_at_max_list_page(tmp_path: Path) -> None:
+    manager = await farm(tmp_path, 12, Limits(max_list_page=5))
+    response = await page(manager, page_size=1000)
     assert len(response.builds) == 5 and response.next_page_token
 
 
 @pytest.mark.parametrize("token", ["%%%", "bm90IGpzb24", "WzEsMl0"])
-def test_a_malformed_page_token_is_refused(tmp_path: Path, token: str) -> None:
+async def test_a_malformed_page_token_is_refused(tmp_path: Path, token: str) -> None:
     with pytest.raises(InvalidRequest, match="malformed page_token"):
-        page(farm(tmp_path, 1), page_token=token)
+        await page(await farm(tmp_path, 1), page_token=token)
 
 
-def test_a_page_stops_at_its_byte_budget_and_the_next_page_goes_on_from_there(
+async def test_a_page_stops_at_its_byte_budget_and_the_next_page_goes_on_from_there(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manager = farm(tmp_path, 9)
-    one = page(manager, page_size=1).builds[0].ByteSize()
+    manager = await farm(tmp_path, 9)
+    one = (await page(manager, page_size=1)).builds[0].ByteSize()
     monkeypatch.setattr(listing, "RESPONSE_BUDGET_BYTES", 3 * one + 30)
-    first = page(manager, page_size=9)
+    first = await page(manager, page_size=9)
     assert len(first.builds) == 3 and first.next_page_token
-    rest = page(manager, page_size=9, page_token=first.next_page_token)
+    rest = await page(manager, page_size=9, page_token=first.next_page_token)
     assert len({b.id for b in [*first.builds, *rest.builds]}) == 3 + len(rest.builds)
     assert sum(b.ByteSize() for b in first.builds) <= listing.RESPONSE_BUDGET_BYTES
 

@@ -3,51 +3,44 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from polyarch.coordinator.contexts.store import ContextStore
 from polyarch.coordinator.core.events import LINE_OVERHEAD_BYTES, MAX_LINE_BYTES, clip_line
-from polyarch.coordinator.core.manager import AgentEvent, BuildManager
+from polyarch.coordinator.core.manager import BuildManager
 from polyarch.coordinator.core.model import BuildSpec, LimitExceeded
-from polyarch.coordinator.core.store import MemoryStore
 from polyarch.coordinator.limits import KIB, MIB, Limits
-from polyarch.coordinator.metrics import CoordinatorMetrics
-from polyarch.proto.v1 import agent_pb2
+from tests.support.simulated import DIGEST, assignments, connect, started_manager
 
-CONTEXT = b"logs"
-DIGEST = "sha256:" + hashlib.sha256(CONTEXT).hexdigest()
 LIMITS = Limits(max_log_bytes_per_job=256 * KIB, max_watcher_backlog_bytes=512 * KIB)
 
 
-def running_job(tmp_path: Path) -> tuple[BuildManager, str, AgentEvent]:
+@dataclass(frozen=True)
+class Running:
+    agent: str
+    job_id: str
+    attempt: int
+
+
+async def running_job(tmp_path: Path) -> tuple[BuildManager, str, Running]:
     """A manager with one simulated agent running the one job of one build."""
-    contexts = ContextStore(tmp_path)
-    contexts.path_for(DIGEST).write_bytes(CONTEXT)
-    manager = BuildManager(MemoryStore(), contexts, None, CoordinatorMetrics(), limits=LIMITS)  # type: ignore[arg-type]
-    session = manager.attach_agent(
-        agent_pb2.AgentHello(name="amd", builder="sim", native_platforms=["linux/amd64"],
-                             slots=1), "sim")  # fmt: skip
-    build, _ = manager.submit(
+    manager = await started_manager(tmp_path, limits=LIMITS)
+    session = connect(manager, "amd", ["linux/amd64"], slots=1)
+    build, _ = await manager.submit(
         BuildSpec(DIGEST, "Dockerfile", ["linux/amd64"], ["127.0.0.1:5000/a/b:1"]), ""
     )
-    assign = next(m.assign for m in drain(session.outbox) if m.HasField("assign"))
-    event = AgentEvent("amd", assign.job_id, assign.attempt)
-    manager.job_started(event)
-    return manager, build.id, event
+    (assign,) = await assignments(manager, session)
+    job = Running("amd", assign.job_id, assign.attempt)
+    manager.job_started(job.agent, job.job_id, job.attempt)
+    return manager, build.id, job
 
 
-def drain(queue: asyncio.Queue[Any]) -> list[agent_pb2.CoordinatorMessage]:
-    found = []
-    while not queue.empty():
-        item = queue.get_nowait()
-        if item is not None:
-            found.append(item)
-    return found
+def log(manager: BuildManager, job: Running, lines: list[str]) -> None:
+    manager.job_log(job.agent, job.job_id, job.attempt, lines)
 
 
 def test_a_long_line_is_cut_with_a_marker_naming_what_was_cut() -> None:
@@ -57,10 +50,12 @@ def test_a_long_line_is_cut_with_a_marker_naming_what_was_cut() -> None:
     assert clipped.endswith(f" [polyarch: line truncated, {2 * MIB - MAX_LINE_BYTES} more bytes]")
 
 
-def test_a_job_keeps_at_most_its_log_budget_and_says_how_much_it_dropped(tmp_path: Path) -> None:
-    manager, _, event = running_job(tmp_path)
+async def test_a_job_keeps_at_most_its_log_budget_and_says_how_much_it_dropped(
+    tmp_path: Path,
+) -> None:
+    manager, _, event = await running_job(tmp_path)
     for i in range(200):  # 200 one-MiB lines, as in the attack
-        manager.job_log(event, [f"{i:04d}" + "x" * MIB])
+        log(manager, event, [f"{i:04d}" + "x" * MIB])
     kept_bytes = manager.hub.tail_bytes(event.job_id)
     assert kept_bytes <= LIMITS.max_log_bytes_per_job
     tail = manager.hub.log_tail(event.job_id, 10_000)
@@ -75,16 +70,16 @@ def test_a_job_keeps_at_most_its_log_budget_and_says_how_much_it_dropped(tmp_pat
     assert manager.hub.log_tail(event.job_id, 3)[0].line.startswith("0197")  # no marker
 
 
-def test_many_empty_lines_are_charged_for_their_count(tmp_path: Path) -> None:
-    manager, _, event = running_job(tmp_path)
-    manager.job_log(event, [""] * 100_000)
+async def test_many_empty_lines_are_charged_for_their_count(tmp_path: Path) -> None:
+    manager, _, event = await running_job(tmp_path)
+    log(manager, event, [""] * 100_000)
     assert len(manager.hub.log_tail(event.job_id, 1_000_000)) <= (
         LIMITS.max_log_bytes_per_job // LINE_OVERHEAD_BYTES
     )
 
 
 async def test_a_watcher_that_never_reads_is_cut_off_at_its_backlog_limit(tmp_path: Path) -> None:
-    manager, build_id, event = running_job(tmp_path)
+    manager, build_id, event = await running_job(tmp_path)
     hub = manager.hub
     slow = manager.watch(build_id, 0)
     await anext(slow)  # the snapshot: subscribed, then never read again
@@ -94,7 +89,7 @@ async def test_a_watcher_that_never_reads_is_cut_off_at_its_backlog_limit(tmp_pa
     (reader_watcher,) = hub._subscribers[build_id] - {slow_watcher}
     read = 0
     for i in range(100):
-        manager.job_log(event, [f"{i}" + "y" * 20 * KIB])
+        log(manager, event, [f"{i}" + "y" * 20 * KIB])
         while reader_watcher.pending:
             await asyncio.wait_for(anext(reader), 5)
             read += 1

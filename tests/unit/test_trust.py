@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 from pathlib import Path
@@ -14,8 +15,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from polyarch.agent.enrolment import new_csr
-from polyarch.coordinator.core.manager import describe_malformed_result
 from polyarch.coordinator.core.model import Unauthenticated
+from polyarch.coordinator.core.states import JobOutcome, describe_malformed
 from polyarch.coordinator.trust.auth import METHOD_ACCESS, Access, TokenBook
 from polyarch.coordinator.trust.pki import (
     CertificateAuthority,
@@ -149,19 +150,15 @@ def test_the_ca_signs_agents_under_the_enrolled_name_only(tmp_path: Path) -> Non
 
 
 def test_malformed_results_are_named() -> None:
-    good = agent_pb2.JobResult(
+    good = JobOutcome(
         ok=True, digest="sha256:" + "0" * 64, size=10,
         media_type="application/vnd.oci.image.manifest.v1+json",
     )  # fmt: skip
-    assert describe_malformed_result(good) == ""
+    assert describe_malformed(good) == ""
     for change, says in [
         ({"digest": "sha256:abc"}, "malformed digest"),
         ({"digest": "md5:" + "0" * 64}, "malformed digest"),
         ({"size": 0}, "size of 0"),
         ({"media_type": "application/vnd.oci.image.index.v1+json"}, "unknown manifest media"),
     ]:
-        bad = agent_pb2.JobResult()
-        bad.CopyFrom(good)
-        for key, value in change.items():
-            setattr(bad, key, value)
-        assert says in describe_malformed_result(bad)
+        assert says in describe_malformed(dataclasses.replace(good, **change))  # type: ignore[arg-type]
