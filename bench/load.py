@@ -313,7 +313,9 @@ def scenarios_of(args: argparse.Namespace) -> list[Scenario]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="polyarch-load-") as tmp:
+    # the data dir lives here too: SQLite commits with synchronous=FULL, so a slow fsync
+    # shows in submit latency; --data-root /dev/shm takes the disk out of the figures
+    with tempfile.TemporaryDirectory(prefix="polyarch-load-", dir=args.data_root) as tmp:
         shims = {
             str(tree): make_shim(tree, Path(tmp) / f"shim-{i}") for i, tree in enumerate(args.tree)
         }
@@ -353,6 +355,7 @@ def main() -> int:
         help="both: every agent native amd64+arm64; split: half amd64, half arm64")  # fmt: skip
     add("--agent-processes", type=int, help=f"default: one per {AGENTS_PER_PROCESS} agents")
     add("--timeout", type=float, help="seconds to wait for completion (default 5x ideal)")
+    add("--data-root", type=Path, help="where the temporary data dirs go (default: $TMPDIR)")
     add("--log-level", default="INFO", help="the coordinator's log level (logs to a file)")
     add("--json", type=Path, metavar="FILE", help="write every figure here")
     args = parser.parse_args()
@@ -371,5 +374,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    # Ctrl-C even when started with SIGINT ignored (`cmd &` in a script), and SIGTERM alike:
+    # both raise KeyboardInterrupt, whose unwinding stops every subprocess by its PID
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main())
