@@ -51,6 +51,7 @@ from polyarch.client.credentials import (
 from polyarch.client.dockerignore import DockerignoreError
 from polyarch.coordinator.config import add_coordinator_flags
 from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
+from polyarch.proto.references import ReferenceError, names_registry, parse_reference
 from polyarch.proto.registries import polyarch_version
 from polyarch.proto.trust import NAME_PATTERN
 from polyarch.proto.v1 import build_pb2, common_pb2, trust_pb2
@@ -63,9 +64,6 @@ EMULATION = {
     "never": common_pb2.EMULATION_POLICY_NEVER,
     "allow": common_pb2.EMULATION_POLICY_ALLOW,
 }
-_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"  # noqa: E501
-_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-_REFERENCE = re.compile(rf"^(?P<domain>{_DOMAIN})/(?P<path>{_PATH}):(?P<tag>[\w][\w.-]{{0,127}})$")
 BUILD_HELP = """\
 Progress (context upload, per-platform state, build logs) goes to stderr; on
 success the image index digest is the only line on stdout, so
@@ -140,14 +138,19 @@ def validate_tags(tags: Sequence[str]) -> list[str]:
     for tag in tags:
         if "@" in tag:
             raise UsageError(f"tag {tag!r}: give a tag, not a digest (registry/repository:tag)")
-        match = _REFERENCE.match(tag)
-        first = tag.split("/", 1)[0]
-        if match is None or not ("." in first or ":" in first or first == "localhost"):
+        try:
+            # the coordinator parses tags the same way (proto.references), so what passes
+            # here passes there
+            ref = parse_reference(tag, default_tag=None)
+        except ReferenceError as exc:
+            raise UsageError(f"invalid tag {tag!r}: {exc}") from None
+        first, sep, _ = tag.partition("/")
+        if ref.tag is None or not (sep and names_registry(first)):
             raise UsageError(
                 f"invalid tag {tag!r}: expected registry/repository:tag with the registry "
                 "named, e.g. ghcr.io/acme/app:1.2 or localhost:5000/app:latest"
             )
-        repo = f"{match['domain']}/{match['path']}"
+        repo = ref.repository_ref
         if repository is not None and repo != repository:
             raise UsageError(
                 f"all tags must be in one repository: {repository} and {repo} differ "

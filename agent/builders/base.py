@@ -13,9 +13,6 @@ from polyarch.agent.builders.process import ProcessResult
 from polyarch.proto.platforms import Platform
 from polyarch.proto.registries import backoff_delay
 
-DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
-OCI_MANIFEST_V1 = "application/vnd.oci.image.manifest.v1+json"
-
 # Output that means the machine, not the Dockerfile, is at fault: a retry elsewhere may pass.
 _INFRASTRUCTURE_PATTERNS = (
     re.compile(r"qemu: uncaught target signal"),
