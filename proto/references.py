@@ -60,6 +60,12 @@ def names_registry(first_component: str) -> bool:
     return "." in first or ":" in first or first == "localhost" or first != first.lower()
 
 
+def registry_of(normalised: str) -> str:
+    """The registry of a reference already normalised by parse_reference (what jobs carry:
+    `registry/repository[:tag]`, the registry always named)."""
+    return normalised.split("/", 1)[0]
+
+
 def parse_reference(text: str, default_tag: str | None = "latest") -> ImageReference:
     """Parses an image reference with Docker's normalisation (docker.io, library/, latest);
     `default_tag=None` leaves `tag` None when the text names neither tag nor digest."""

@@ -24,7 +24,7 @@ from polyarch.agent.builders.base import (
 from polyarch.agent.builders.process import ProcessNotFound, ProcessResult, run_captured
 from polyarch.agent.builders.process import run_streaming as _run_streaming
 from polyarch.proto.media_types import DOCKER_MANIFEST
-from polyarch.proto.references import parse_reference
+from polyarch.proto.references import registry_of
 from polyarch.proto.registries import is_loopback_registry
 
 # The first docker client major version whose `docker build` needs the buildx plugin.
@@ -147,8 +147,7 @@ class DockerBuilder:
                 argv += ["--cache-from", ref]
             else:
                 notes.append(f"cache source {spec!r} names no image reference; skipped")
-        registry = parse_reference(request.image).registry
-        if request.insecure_registry and not is_loopback_registry(registry):
+        if request.insecure_registry and not is_loopback_registry(registry_of(request.image)):
             notes.append(
                 "plain-HTTP registries other than 127.0.0.0/8 must be listed in dockerd's "
                 "insecure-registries (daemon.json); the docker CLI has no per-push switch"
