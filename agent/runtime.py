@@ -371,18 +371,6 @@ async def serve(config: AgentConfig, builder: Builder) -> int:
     return EXIT_OK
 
 
-def detect_platforms(config: AgentConfig) -> AgentConfig:
-    """The config with native/emulated filled in from the machine where not configured."""
-    from polyarch.agent.detect import emulated_platforms, native_platform
-
-    native = config.native or [native_platform()]
-    emulated = config.emulated if config.emulated is not None else emulated_platforms()
-    emulated = [parse_platform(str(p)) for p in emulated]
-    return dataclasses.replace(
-        config, native=native, emulated=[p for p in emulated if p not in native]
-    )
-
-
 def heartbeat_interval_from(welcome: agent_pb2.Welcome, fallback: float) -> float:
     """The pace a Welcome sets (floor 100 ms); a coordinator that sends 0 gets `fallback`."""
     if welcome.heartbeat_interval_ms <= 0:
@@ -392,6 +380,7 @@ def heartbeat_interval_from(welcome: agent_pb2.Welcome, fallback: float) -> floa
 
 def run_agent(config: AgentConfig, args: argparse.Namespace) -> int:
     """Entry point of `polyarch agent`: `args` carries only the credential flags and --replace."""
+    from polyarch.agent.detect import detect_platforms
     from polyarch.agent.enrolment import EnrolmentError, IdentityRefusedAtStart, channel_trust
     from polyarch.client.credentials import CredentialsError, credentials_from_args
     from polyarch.proto.trust import PinMismatch
@@ -399,7 +388,7 @@ def run_agent(config: AgentConfig, args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = detect_platforms(config)
+    config = detect_platforms(config)  # only what the file and flags left unset
     try:
         # an enrolled agent needs no token; enrolment does
         credentials = credentials_from_args(args, require_token=False)

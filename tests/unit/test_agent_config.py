@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from polyarch.agent.config import WORK_ROOT, AgentConfig, add_agent_flags, agent_config_from
+from polyarch.agent.detect import detect_platforms
 from polyarch.agent.runtime import Agent, heartbeat_interval_from
 from polyarch.client import cli
 from polyarch.proto.agent_protocol import DEFAULT_HEARTBEAT_INTERVAL
@@ -162,3 +163,9 @@ async def test_the_agent_heartbeats_at_the_welcomes_pace(tmp_path: Path) -> None
         assert kinds == {"heartbeat"}
     finally:
         heartbeat.cancel()
+
+
+def test_detection_fills_only_what_is_unset_and_drops_emulating_a_native_platform() -> None:
+    amd64, arm64 = parse_platform("linux/amd64"), parse_platform("linux/arm64")
+    config = detect_platforms(AgentConfig(name="a", native=[amd64], emulated=[amd64, arm64]))
+    assert (config.native, config.emulated) == ([amd64], [arm64])
