@@ -102,8 +102,8 @@ class Agent:
             self.metrics.connected.set(0)
             if self._stopping.is_set():
                 break
-            attempt += 1
             delay = backoff_delay(attempt, 0.25, cap=self.config.reconnect_max_delay)
+            attempt += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
 

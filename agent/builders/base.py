@@ -187,7 +187,7 @@ async def push_with_retries(
         result = await push()
         if result.ok or attempt == PUSH_ATTEMPTS or not push_failure_is_transient(result.lines):
             return result
-        delay = backoff_delay(attempt, PUSH_RETRY_BASE_SECONDS, cap=10.0)
+        delay = backoff_delay(attempt - 1, PUSH_RETRY_BASE_SECONDS, cap=10.0)
         on_line(
             f"polyarch: push attempt {attempt} failed ({last_meaningful_line(result.lines)}); "
             f"retrying in {delay:.1f} s"
