@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform as _platform
 from pathlib import Path
 
+from polyarch.agent.config import AgentConfig
 from polyarch.proto.platforms import Platform, parse_platform, platform_from_uname
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
@@ -66,3 +68,13 @@ def describe_binfmt(binfmt_dir: Path = BINFMT_DIR) -> str:
         state = _first_line(binfmt_dir / handler) or "absent"
         states.append(f"{handler}={state}")
     return ", ".join(states)
+
+
+def detect_platforms(config: AgentConfig) -> AgentConfig:
+    """The config with native/emulated filled in from the machine where not configured."""
+    native = config.native or [native_platform()]
+    emulated = config.emulated if config.emulated is not None else emulated_platforms()
+    emulated = [parse_platform(str(p)) for p in emulated]
+    return dataclasses.replace(
+        config, native=native, emulated=[p for p in emulated if p not in native]
+    )

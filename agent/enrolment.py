@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +15,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from polyarch.agent.config import AgentConfig
+from polyarch.client.credentials import Credentials
 from polyarch.proto.trust import ClientTrust, aio_channel, split_address, write_private
 from polyarch.proto.v1 import trust_pb2, trust_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 class EnrolmentError(Exception):
@@ -106,3 +112,53 @@ async def enrol(
     return Identity(
         name, key_pem, response.certificate_pem, response.ca_pem, f"{host}:{response.agent_port}"
     )
+
+
+class IdentityRefusedAtStart(Exception):
+    """No identity and no way to get one."""
+
+
+async def channel_trust(
+    config: AgentConfig, credentials: Credentials, replace: bool
+) -> tuple[ClientTrust, str]:
+    """(trust, address) of the agent channel: plaintext to a --insecure coordinator, or mTLS
+    under the identity in the state dir, enrolling first (with a token) when there is none."""
+    if credentials.insecure:
+        return ClientTrust(insecure=True), config.coordinator
+    if config.tls_cert is not None:
+        return operator_identity(config, credentials.ca_pem, credentials.server_name)
+    store = IdentityStore(config.state_dir or config.workspace_dir() / "state")
+    identity = None if replace else store.load(config.name, config.coordinator)
+    if identity is None:
+        if credentials.token is None:
+            raise IdentityRefusedAtStart(
+                f"agent {config.name} is not enrolled with {config.coordinator} (state in "
+                f"{store.dir}): pass an agent token (--token, --token-file or $POLYARCH_TOKEN)"
+            )
+        trust = await asyncio.to_thread(credentials.resolve, config.coordinator)
+        identity = await enrol(config.coordinator, trust, config.name, replace)
+        store.save(identity, config.coordinator)
+        log.info("enrolled as %s; identity saved in %s", config.name, store.dir)
+    return identity.trust(credentials.server_name), identity.agent_address
+
+
+def operator_identity(
+    config: AgentConfig, ca_pem: bytes | None, server_name: str | None
+) -> tuple[ClientTrust, str]:
+    """A client certificate from the operator's PKI (tls_cert/tls_key, --ca-file): no
+    enrolment; the certificate's name must be the agent's name."""
+    if config.tls_cert is None or config.tls_key is None or ca_pem is None:
+        raise IdentityRefusedAtStart("--tls-cert needs --tls-key and --ca-file")
+    cert_pem = config.tls_cert.read_bytes()
+    names = x509.load_pem_x509_certificate(cert_pem).subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME
+    )
+    if not names or names[0].value != config.name:
+        raise IdentityRefusedAtStart(f"{config.tls_cert} is not a certificate for {config.name}")
+    host, _, port = config.coordinator.rpartition(":")
+    address = config.agent_channel or f"{host}:{int(port) + 1}"
+    trust = ClientTrust(
+        root_pem=ca_pem, client_key_pem=config.tls_key.read_bytes(),
+        client_cert_pem=cert_pem, server_name=server_name,
+    )  # fmt: skip
+    return trust, address

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,15 @@ import grpc
 from prometheus_client import start_http_server
 
 from polyarch.agent.builders.base import Builder, BuildFailed, BuildRequest, PushedImage
+from polyarch.agent.config import AgentConfig
 from polyarch.agent.context_unpack import check_tar_safety
 from polyarch.agent.job_credentials import write_job_credentials
 from polyarch.agent.metrics import AgentMetrics
 from polyarch.agent.workspace import Workspace
-from polyarch.proto.platforms import Platform, parse_platform
+from polyarch.proto.platforms import parse_platform
+from polyarch.proto.references import registry_of
 from polyarch.proto.registries import backoff_delay, polyarch_version, registry_is_plain_http
-from polyarch.proto.trust import ClientTrust, aio_channel
+from polyarch.proto.trust import aio_channel
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,34 +46,13 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-@dataclass
-class AgentConfig:
-    coordinator: str
-    name: str
-    native: list[Platform]
-    emulated: list[Platform]
-    slots: int = 2
-    work_dir: Path = Path("/var/lib/polyarch-agent")
-    insecure_registries: list[str] = field(default_factory=list)
-    labels: dict[str, str] = field(default_factory=dict)
-    heartbeat_interval: float = 3.0
-    shutdown_grace: float = 60.0
-    job_timeout: float = 7200.0
-    metrics_listen: str = ""
-    reconnect_max_delay: float = 5.0
-    # How the agent channel is reached: mTLS under an enrolled identity, or plaintext
-    # (trust.insecure) to a --insecure coordinator at `coordinator`.
-    trust: ClientTrust = field(default_factory=lambda: ClientTrust(insecure=True))
-    channel_address: str = ""  # "" = coordinator
-
-
 class IdentityRefused(Exception):
     """The coordinator refuses this agent's identity; retrying cannot help."""
 
 
 def registry_is_insecure(repository: str, insecure: list[str]) -> bool:
     """Plain HTTP for the repository's registry (loopback, or named with --insecure-registry)."""
-    return registry_is_plain_http(repository.split("/", 1)[0], insecure)
+    return registry_is_plain_http(registry_of(repository), insecure)
 
 
 class Agent:
@@ -81,7 +62,9 @@ class Agent:
         self.config = config
         self.builder = builder
         self.metrics = AgentMetrics(config.slots)
-        self.workspace = Workspace(config.work_dir, self.metrics.context_bytes_fetched.inc)
+        self.workspace = Workspace(config.workspace_dir(), self.metrics.context_bytes_fetched.inc)
+        # the coordinator owns the lease, so its Welcome replaces this (see _handle)
+        self.heartbeat_interval = config.heartbeat_interval
         self._streams = 0
         self._started: dict[tuple[str, int], float] = {}
         self.jobs: dict[str, tuple[int, asyncio.Task[None]]] = {}
@@ -119,8 +102,8 @@ class Agent:
             self.metrics.connected.set(0)
             if self._stopping.is_set():
                 break
-            attempt += 1
             delay = backoff_delay(attempt, 0.25, cap=self.config.reconnect_max_delay)
+            attempt += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
 
@@ -164,8 +147,8 @@ class Agent:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             hello = agent_pb2.AgentHello(
                 name=cfg.name, version=VERSION, builder=self.builder.name,
-                native_platforms=[str(p) for p in cfg.native],
-                emulated_platforms=[str(p) for p in cfg.emulated],
+                native_platforms=[str(p) for p in cfg.native or ()],
+                emulated_platforms=[str(p) for p in cfg.emulated or ()],
                 slots=cfg.slots, labels=cfg.labels, running=self._running(),
             )  # fmt: skip
             call = stub.Connect(self._requests(hello))
@@ -183,8 +166,10 @@ class Agent:
             yield await self.outbox.get()
 
     async def _heartbeat(self) -> None:
+        # not before the Welcome: its interval may be far shorter than the fallback
+        await self.connected.wait()
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
+            await asyncio.sleep(self.heartbeat_interval)
             self.outbox.put_nowait(
                 agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(running=self._running()))
             )
@@ -194,10 +179,9 @@ class Agent:
     ) -> None:
         kind = message.WhichOneof("message")
         if kind == "welcome":
-            if message.welcome.heartbeat_interval_ms > 0:
-                # the coordinator owns the lease, so it sets the pace (floor: 100 ms)
-                interval = max(0.1, message.welcome.heartbeat_interval_ms / 1000)
-                self.config.heartbeat_interval = interval
+            self.heartbeat_interval = heartbeat_interval_from(
+                message.welcome, self.config.heartbeat_interval
+            )
             self.connected.set()
             self.metrics.connected.set(1)
             log.info("connected to coordinator %s as %s", self.config.coordinator, self.config.name)
@@ -387,93 +371,35 @@ async def serve(config: AgentConfig, builder: Builder) -> int:
     return EXIT_OK
 
 
-async def agent_trust(args: argparse.Namespace, work_dir: Path) -> tuple[ClientTrust, str]:
-    """(trust, address) of the agent channel: plaintext to a --insecure coordinator, or mTLS
-    under the identity in --state-dir, enrolling first (with a token) when there is none."""
-    from polyarch.agent.enrolment import IdentityStore, enrol
-    from polyarch.client.credentials import credentials_from_args
-
-    # an enrolled agent needs no token; enrolment does
-    credentials = credentials_from_args(args, require_token=False)
-    if credentials.insecure:
-        return ClientTrust(insecure=True), args.coordinator
-    if getattr(args, "tls_cert", None):
-        return operator_identity(args, credentials.ca_pem, credentials.server_name)
-    store = IdentityStore(Path(args.state_dir) if args.state_dir else work_dir / "state")
-    identity = None if args.replace else store.load(args.name, args.coordinator)
-    if identity is None:
-        if credentials.token is None:
-            raise IdentityRefusedAtStart(
-                f"agent {args.name} is not enrolled with {args.coordinator} (state in "
-                f"{store.dir}): pass an agent token (--token, --token-file or $POLYARCH_TOKEN)"
-            )
-        trust = await asyncio.to_thread(credentials.resolve, args.coordinator)
-        identity = await enrol(args.coordinator, trust, args.name, bool(args.replace))
-        store.save(identity, args.coordinator)
-        log.info("enrolled as %s; identity saved in %s", args.name, store.dir)
-    return identity.trust(credentials.server_name), identity.agent_address
+def heartbeat_interval_from(welcome: agent_pb2.Welcome, fallback: float) -> float:
+    """The pace a Welcome sets (floor 100 ms); a coordinator that sends 0 gets `fallback`."""
+    if welcome.heartbeat_interval_ms <= 0:
+        return fallback
+    return max(0.1, welcome.heartbeat_interval_ms / 1000)
 
 
-class IdentityRefusedAtStart(Exception):
-    """No identity and no way to get one."""
-
-
-def operator_identity(
-    args: argparse.Namespace, ca_pem: bytes | None, server_name: str | None
-) -> tuple[ClientTrust, str]:
-    """A client certificate from the operator's PKI (--tls-cert/--tls-key, --ca-file): no
-    enrolment; the certificate's name must be --name."""
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    if not args.tls_key or ca_pem is None:
-        raise IdentityRefusedAtStart("--tls-cert needs --tls-key and --ca-file")
-    cert_pem = Path(args.tls_cert).read_bytes()
-    names = x509.load_pem_x509_certificate(cert_pem).subject.get_attributes_for_oid(
-        NameOID.COMMON_NAME
-    )
-    if not names or names[0].value != args.name:
-        raise IdentityRefusedAtStart(f"{args.tls_cert} is not a certificate for {args.name}")
-    host, _, port = args.coordinator.rpartition(":")
-    address = args.agent_channel or f"{host}:{int(port) + 1}"
-    trust = ClientTrust(
-        root_pem=ca_pem, client_key_pem=Path(args.tls_key).read_bytes(),
-        client_cert_pem=cert_pem, server_name=server_name,
-    )  # fmt: skip
-    return trust, address
-
-
-def run_agent(args: argparse.Namespace) -> int:
-    """Entry point of `polyarch agent`."""
-    from polyarch.agent.detect import emulated_platforms, native_platform
-    from polyarch.agent.enrolment import EnrolmentError
-    from polyarch.client.credentials import CredentialsError
+def run_agent(config: AgentConfig, args: argparse.Namespace) -> int:
+    """Entry point of `polyarch agent`: `args` carries only the credential flags and --replace."""
+    from polyarch.agent.detect import detect_platforms
+    from polyarch.agent.enrolment import EnrolmentError, IdentityRefusedAtStart, channel_trust
+    from polyarch.client.credentials import CredentialsError, credentials_from_args
     from polyarch.proto.trust import PinMismatch
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    native = list(args.native) if args.native else [native_platform()]
-    emulated = list(args.emulated) if args.emulated is not None else emulated_platforms()
-    work_dir = Path(args.work_dir or f"/var/lib/polyarch-agent/{args.name}")
+    config = detect_platforms(config)  # only what the file and flags left unset
     try:
-        trust, channel_address = asyncio.run(agent_trust(args, work_dir))
+        # an enrolled agent needs no token; enrolment does
+        credentials = credentials_from_args(args, require_token=False)
+        replace = bool(getattr(args, "replace", False))
+        trust, channel_address = asyncio.run(channel_trust(config, credentials, replace))
     except (EnrolmentError, IdentityRefusedAtStart, PinMismatch, CredentialsError) as exc:
         log.error("%s", exc)
         return EXIT_IDENTITY_REFUSED
     except OSError as exc:
-        log.error("cannot reach the coordinator at %s to enrol: %s", args.coordinator, exc)
+        log.error("cannot reach the coordinator at %s to enrol: %s", config.coordinator, exc)
         return EXIT_IDENTITY_REFUSED
-    config = AgentConfig(
-        coordinator=args.coordinator, name=args.name,
-        native=[parse_platform(str(p)) for p in native],
-        emulated=[parse_platform(str(p)) for p in emulated if parse_platform(str(p)) not in native],
-        slots=args.slots, work_dir=work_dir,
-        insecure_registries=list(getattr(args, "insecure_registry", None) or []),
-        shutdown_grace=float(getattr(args, "shutdown_grace", 60.0)),
-        job_timeout=float(getattr(args, "job_timeout", 7200.0)),
-        metrics_listen=getattr(args, "metrics_listen", None) or "",
-        trust=trust, channel_address=channel_address,
-    )  # fmt: skip
-    builder = make_builder(args.builder, config.work_dir, getattr(args, "docker_binary", None))
+    config = dataclasses.replace(config, trust=trust, channel_address=channel_address)
+    builder = make_builder(config.builder, config.workspace_dir(), config.docker_binary)
     return asyncio.run(serve(config, builder))

@@ -12,6 +12,7 @@ import grpc
 
 from polyarch.client.context import PackedContext
 from polyarch.client.credentials import Credentials
+from polyarch.proto.registries import backoff_delay
 from polyarch.proto.trust import ClientTrust, PinMismatch, TokenFormatError, aio_channel
 from polyarch.proto.v1 import (
     build_pb2,
@@ -28,7 +29,8 @@ COORDINATOR_ENV = "POLYARCH_COORDINATOR"
 CHUNK_SIZE = 1 << 20
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_RPC_TIMEOUT = 60.0
-# How long `follow` keeps trying to get back to a coordinator that went away, and how often.
+# How long `follow` keeps trying to get back to a coordinator that went away, and the
+# longest wait between tries (they back off up to it).
 RECONNECT_WINDOW = 60.0
 RECONNECT_DELAY = 2.0
 _TERMINAL = frozenset(
@@ -155,12 +157,14 @@ class BuildClient:
     async def _resolve_trust(self) -> ClientTrust:
         """Credentials.resolve, retried while the coordinator refuses connections (as gRPC's
         own connect does until the timeout): pinning the CA dials the coordinator."""
+        attempt = 0
         while True:
             try:
                 return await asyncio.to_thread(self.credentials.resolve, self.address)
             except ConnectionRefusedError:
                 self._refused = "connection refused"
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(backoff_delay(attempt, 0.2, cap=1.0))
+                attempt += 1
 
     async def _probe(self) -> str:
         """Why the channel is not ready: one fail-fast call reveals gRPC's last error."""
@@ -304,10 +308,11 @@ class BuildClient:
         window = RECONNECT_WINDOW if reconnect_window is None else reconnect_window
         loop = asyncio.get_running_loop()
         lost_since: float | None = None
+        failures = 0
         while True:
             try:
                 async for event in self.watch(build_id):
-                    lost_since = None
+                    lost_since, failures = None, 0
                     on_event(event)
                     if event.WhichOneof("event") == "build" and event.build.state in _TERMINAL:
                         return event.build
@@ -323,7 +328,8 @@ class BuildClient:
                 if on_lost is not None:
                     on_lost(f"lost the coordinator ({exc}); re-attaching to build {build_id}")
                 await self.close()
-                await asyncio.sleep(RECONNECT_DELAY)
+                await asyncio.sleep(backoff_delay(failures, RECONNECT_DELAY / 8, RECONNECT_DELAY))
+                failures += 1
                 with contextlib.suppress(CoordinatorUnreachable):
                     await self.connect()
             except PolyarchError as exc:

@@ -7,8 +7,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from polyarch.coordinator.registry.client import ReferenceError, parse_reference
 from polyarch.coordinator.registry.credentials import CredentialError, CredentialStore
+from polyarch.proto.references import ReferenceError, parse_reference
 
 MAX_SECRET_BYTES = 500 * 1024  # as BuildKit
 

@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import grpc
 
+from polyarch.agent.config import add_agent_flags, agent_config_from
 from polyarch.client import render
 from polyarch.client.api import (
     COORDINATOR_ENV,
@@ -50,22 +51,19 @@ from polyarch.client.credentials import (
 )
 from polyarch.client.dockerignore import DockerignoreError
 from polyarch.coordinator.config import add_coordinator_flags
+from polyarch.proto.config_files import ConfigError
 from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
+from polyarch.proto.references import ReferenceError, names_registry, parse_reference
 from polyarch.proto.registries import polyarch_version
-from polyarch.proto.trust import NAME_PATTERN
 from polyarch.proto.v1 import build_pb2, common_pb2, trust_pb2
 
 _T = TypeVar("_T")
-MAX_AGENT_SLOTS = 64  # the coordinator refuses more (coordinator.builds.MAX_AGENT_SLOTS)
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 EMULATION = {
     "fallback": common_pb2.EMULATION_POLICY_FALLBACK,
     "never": common_pb2.EMULATION_POLICY_NEVER,
     "allow": common_pb2.EMULATION_POLICY_ALLOW,
 }
-_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"  # noqa: E501
-_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-_REFERENCE = re.compile(rf"^(?P<domain>{_DOMAIN})/(?P<path>{_PATH}):(?P<tag>[\w][\w.-]{{0,127}})$")
 BUILD_HELP = """\
 Progress (context upload, per-platform state, build logs) goes to stderr; on
 success the image index digest is the only line on stdout, so
@@ -98,30 +96,10 @@ def _address(text: str) -> str:
     return text
 
 
-def _optional_address(text: str) -> str | None:
-    return None if text in ("", "off", "none") else _address(text)
-
-
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return int(text)
-
-
-def _agent_name(text: str) -> str:
-    if not NAME_PATTERN.match(text):
-        raise argparse.ArgumentTypeError(
-            f"invalid agent name {text!r}: letters, digits, '.', '_' and '-', at most 63, "
-            "starting with a letter or digit"
-        )
-    return text
-
-
-def _slots(text: str) -> int:
-    value = _positive(text)
-    if value > MAX_AGENT_SLOTS:
-        raise argparse.ArgumentTypeError(f"at most {MAX_AGENT_SLOTS} slots, got {value}")
-    return value
 
 
 def _platforms(values: list[str] | None, flag: str) -> list[Platform]:
@@ -140,14 +118,19 @@ def validate_tags(tags: Sequence[str]) -> list[str]:
     for tag in tags:
         if "@" in tag:
             raise UsageError(f"tag {tag!r}: give a tag, not a digest (registry/repository:tag)")
-        match = _REFERENCE.match(tag)
-        first = tag.split("/", 1)[0]
-        if match is None or not ("." in first or ":" in first or first == "localhost"):
+        try:
+            # the coordinator parses tags the same way (proto.references), so what passes
+            # here passes there
+            ref = parse_reference(tag, default_tag=None)
+        except ReferenceError as exc:
+            raise UsageError(f"invalid tag {tag!r}: {exc}") from None
+        first, sep, _ = tag.partition("/")
+        if ref.tag is None or not (sep and names_registry(first)):
             raise UsageError(
                 f"invalid tag {tag!r}: expected registry/repository:tag with the registry "
                 "named, e.g. ghcr.io/acme/app:1.2 or localhost:5000/app:latest"
             )
-        repo = f"{match['domain']}/{match['path']}"
+        repo = ref.repository_ref
         if repository is not None and repo != repository:
             raise UsageError(
                 f"all tags must be in one repository: {repository} and {repo} differ "
@@ -347,9 +330,9 @@ def cmd_token(args: argparse.Namespace, session: _Session) -> int:
 # -- servers (implemented by the coordinator and agent packages) --------------------------------
 
 
-def _entry_point(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+def _entry_point(module: str, name: str) -> Callable[..., int]:
     try:
-        entry: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
+        entry: Callable[..., int] = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise PolyarchError(f"{module}.{name} is not installed here: {exc}") from exc
     return entry
@@ -360,16 +343,9 @@ def cmd_coordinator(args: argparse.Namespace, session: _Session) -> int:
 
 
 def cmd_agent(args: argparse.Namespace, session: _Session) -> int:
-    """--native/--emulated become list[Platform], or None when absent (the agent detects them)."""
-    args.native = _platforms(args.native, "--native") if args.native else None
-    if args.emulated and [e.strip().lower() for e in args.emulated] == ["none"]:
-        args.emulated = []  # `--emulated none`: build only the native platform(s)
-    else:
-        args.emulated = _platforms(args.emulated, "--emulated") if args.emulated else None
-    both = sorted(str(p) for p in set(args.native or ()) & set(args.emulated or ()))
-    if both:
-        raise UsageError(f"{', '.join(both)} given as both --native and --emulated")
-    return _entry_point("polyarch.agent.runtime", "run_agent")(args)
+    """The agent gets its AgentConfig (defaults, file, flags) and the credential flags."""
+    config = agent_config_from(args)
+    return _entry_point("polyarch.agent.runtime", "run_agent")(config, args)
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -402,30 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_coordinator_flags(p)
     p.set_defaults(handler=cmd_coordinator)
 
-    p = commands.add_parser("agent", parents=[client, registries], help="run a build agent")
-    p.add_argument("--name", required=True, type=_agent_name,
-                   help="letters, digits, '.', '_', '-' (at most 63)")  # fmt: skip
-    p.add_argument("--builder", required=True, choices=["docker", "buildah"])
-    p.add_argument("--native", action="append", metavar="PLATFORMS", help="default: detected")
-    p.add_argument("--emulated", action="append", metavar="PLATFORMS",
-                   help="built under QEMU (default: binfmt_misc; none: none)")  # fmt: skip
-    p.add_argument("--slots", type=_slots, default=2, help="concurrent jobs, 1-64 (default 2)")
-    p.add_argument("--docker-binary", default="docker", metavar="PATH")
-    p.add_argument("--work-dir", type=Path, metavar="DIR")
-    p.add_argument("--job-timeout", type=float, default=7200.0, metavar="SECONDS",
-                   help="fail (retryably) a build with no result after this long")  # fmt: skip
-    p.add_argument("--shutdown-grace", type=float, default=60.0, metavar="SECONDS",
-                   help="on SIGTERM, wait this long for jobs, then hand them back")  # fmt: skip
-    p.add_argument("--metrics-listen", type=_optional_address, default=None, metavar="ADDR")
-    p.add_argument("--state-dir", type=Path, metavar="DIR",
-                   help="enrolment key and certificate (default: WORK_DIR/state)")  # fmt: skip
+    p = commands.add_parser("agent", help="run a build agent")
+    add_agent_flags(p)
+    add_credential_flags(p)
     p.add_argument("--replace", action="store_true",
                    help="re-enrol a name that is already enrolled")  # fmt: skip
-    p.add_argument("--tls-cert", metavar="PEM",
-                   help="a client cert from the operator's PKI (no enrolment)")  # fmt: skip
-    p.add_argument("--tls-key", metavar="PEM", help="its key")
-    p.add_argument("--agent-channel", type=_address, metavar="HOST:PORT",
-                   help="the coordinator's agent port (default: its port + 1)")  # fmt: skip
     p.set_defaults(handler=cmd_agent)
 
     p = commands.add_parser(
@@ -501,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except (
         UsageError, ContextError, DockerignoreError, PlatformError, CredentialsError,
-        SecretSpecError,
+        SecretSpecError, ConfigError,
     ) as exc:  # fmt: skip
         _err(f"polyarch: error: {exc}")
         return EXIT_USAGE

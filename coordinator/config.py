@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from polyarch.coordinator.limits import Limits, LimitSyntaxError, with_overrides
-
-
-class ConfigError(ValueError):
-    """A config file or flag that names an unknown setting or has a bad value."""
+from polyarch.proto.agent_protocol import DEFAULT_AGENT_LEASE
+from polyarch.proto.config_files import ConfigError as ConfigError  # server.py imports it here
+from polyarch.proto.config_files import read_toml_table
 
 
 @dataclass
@@ -41,7 +39,7 @@ class CoordinatorConfig:
     docker_config: Path | None = None
     # An agent silent this long loses its jobs to the queue; agents heartbeat three times
     # per lease (the coordinator tells them the interval).
-    agent_timeout: float = 10.0
+    agent_timeout: float = DEFAULT_AGENT_LEASE
     registry_timeout: float = 30.0
     # How often unused contexts are garbage-collected (the limits say which go).
     context_gc_interval: float = 600.0
@@ -61,7 +59,12 @@ def _coerce(name: str, value: Any) -> Any:
         items = value if isinstance(value, list) else [value]
         return [h.strip() for item in items for h in str(item).split(",") if h.strip()]
     if name in _FLOATS:
-        return float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"{name} must be a number of seconds, not {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, not {value!r}") from None
     if name == "insecure":
         if not isinstance(value, bool):
             raise ConfigError(f"insecure must be true or false, not {value!r}")
@@ -71,20 +74,9 @@ def _coerce(name: str, value: Any) -> Any:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """The [coordinator] table of a TOML file, checked against the known settings."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    table = data.get("coordinator", {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [coordinator] must be a table")
-    known = {f.name for f in dataclasses.fields(CoordinatorConfig)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown coordinator setting(s) {', '.join(unknown)}")
-    return table
+    return read_toml_table(
+        path, "coordinator", (f.name for f in dataclasses.fields(CoordinatorConfig))
+    )
 
 
 def config_from(args: argparse.Namespace) -> CoordinatorConfig:

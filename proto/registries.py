@@ -17,15 +17,20 @@ def registry_host(registry: str) -> str:
     return registry
 
 
-def is_loopback_registry(registry: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1: the registries Docker speaks plain HTTP to."""
-    host = registry_host(registry)
+def is_loopback_address(address: str) -> bool:
+    """True when `host`, `host:port` or `[v6]:port` names localhost, 127.0.0.0/8 or ::1."""
+    host = registry_host(address)
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_registry(registry: str) -> bool:
+    """True for the registries Docker speaks plain HTTP to unasked: loopback ones."""
+    return is_loopback_address(registry)
 
 
 def registry_is_plain_http(registry: str, insecure: Iterable[str] = ()) -> bool:

@@ -13,9 +13,6 @@ from polyarch.agent.builders.process import ProcessResult
 from polyarch.proto.platforms import Platform
 from polyarch.proto.registries import backoff_delay
 
-DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
-OCI_MANIFEST_V1 = "application/vnd.oci.image.manifest.v1+json"
-
 # Output that means the machine, not the Dockerfile, is at fault: a retry elsewhere may pass.
 _INFRASTRUCTURE_PATTERNS = (
     re.compile(r"qemu: uncaught target signal"),
@@ -190,7 +187,7 @@ async def push_with_retries(
         result = await push()
         if result.ok or attempt == PUSH_ATTEMPTS or not push_failure_is_transient(result.lines):
             return result
-        delay = backoff_delay(attempt, PUSH_RETRY_BASE_SECONDS, cap=10.0)
+        delay = backoff_delay(attempt - 1, PUSH_RETRY_BASE_SECONDS, cap=10.0)
         on_line(
             f"polyarch: push attempt {attempt} failed ({last_meaningful_line(result.lines)}); "
             f"retrying in {delay:.1f} s"

@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from polyarch.agent.builders.base import (
-    OCI_MANIFEST_V1,
     BuilderUnavailable,
     BuildFailed,
     BuildRequest,
@@ -31,6 +30,7 @@ from polyarch.agent.builders.process import (
     run_captured,
     run_streaming,
 )
+from polyarch.proto.media_types import OCI_MANIFEST
 from polyarch.proto.platforms import Platform
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class BuildahBuilder:
                 digest = read_digest_file(digest_file)
             if digest is None:
                 raise BuildFailed("push", "buildah push wrote no manifest digest", True)
-        return PushedImage(digest=digest, size=0, media_type=OCI_MANIFEST_V1)
+        return PushedImage(digest=digest, size=0, media_type=OCI_MANIFEST)
 
     async def _run(
         self, argv: list[str], on_line: Callable[[str], None], step: str

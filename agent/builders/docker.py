@@ -7,7 +7,6 @@ import shutil
 from collections.abc import Callable, Sequence
 
 from polyarch.agent.builders.base import (
-    DOCKER_MANIFEST_V2,
     BuilderUnavailable,
     BuildFailed,
     BuildRequest,
@@ -24,6 +23,8 @@ from polyarch.agent.builders.base import (
 )
 from polyarch.agent.builders.process import ProcessNotFound, ProcessResult, run_captured
 from polyarch.agent.builders.process import run_streaming as _run_streaming
+from polyarch.proto.media_types import DOCKER_MANIFEST
+from polyarch.proto.references import registry_of
 from polyarch.proto.registries import is_loopback_registry
 
 # The first docker client major version whose `docker build` needs the buildx plugin.
@@ -146,7 +147,7 @@ class DockerBuilder:
                 argv += ["--cache-from", ref]
             else:
                 notes.append(f"cache source {spec!r} names no image reference; skipped")
-        if request.insecure_registry and not is_loopback_registry(request.image.split("/", 1)[0]):
+        if request.insecure_registry and not is_loopback_registry(registry_of(request.image)):
             notes.append(
                 "plain-HTTP registries other than 127.0.0.0/8 must be listed in dockerd's "
                 "insecure-registries (daemon.json); the docker CLI has no per-push switch"
@@ -178,7 +179,7 @@ class DockerBuilder:
         finally:
             await self._remove_tag(request.image, on_line)
         digest, size = found
-        return PushedImage(digest=digest, size=size, media_type=DOCKER_MANIFEST_V2)
+        return PushedImage(digest=digest, size=size, media_type=DOCKER_MANIFEST)
 
     async def _run(
         self,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from polyarch.coordinator.core.model import BuildSpec, JobRecord, push_tag
 from polyarch.coordinator.registry.build_credentials import BuildCredentials, LayeredCredentialStore
-from polyarch.coordinator.registry.client import RegistryClient, RegistryError, parse_reference
+from polyarch.coordinator.registry.client import RegistryClient, RegistryError
 from polyarch.coordinator.registry.index import IndexResult, assemble_index
 from polyarch.proto.platforms import parse_platform
+from polyarch.proto.references import parse_reference
 
 
 class IndexPublisher:

@@ -6,7 +6,6 @@ import asyncio
 import copy
 import hashlib
 import json
-import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -14,115 +13,18 @@ from typing import Any, Self
 
 import httpx
 
-from polyarch.coordinator.registry.credentials import (
-    DOCKER_HUB,
-    Authenticator,
-    AuthFailure,
-    CredentialStore,
-)
+from polyarch.coordinator.registry.credentials import Authenticator, AuthFailure, CredentialStore
+from polyarch.proto.media_types import MANIFEST_ACCEPT
+from polyarch.proto.references import DOCKER_HUB, is_digest
+
+# Re-exported for coordinator.core.validation until it imports polyarch.proto.references.
+from polyarch.proto.references import ReferenceError as ReferenceError
+from polyarch.proto.references import parse_reference as parse_reference
 from polyarch.proto.registries import backoff_delay, registry_is_plain_http
 
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MANIFEST_ACCEPT = (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX)
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_BLOB_BYTES = 16 * 1024 * 1024
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-
-_NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"^{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*$")
-_DOMAIN = re.compile(
-    r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
-    r"|\[[0-9a-fA-F:.]+\])(?::[0-9]{1,5})?$"
-)
-TAG_PATTERN = re.compile(r"^[\w][\w.-]{0,127}$")
-DIGEST_PATTERN = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
-
-
-class ReferenceError(ValueError):
-    """A malformed image reference; the message names what is wrong."""
-
-
-@dataclass(frozen=True)
-class ImageReference:
-    """A normalised image reference: registry/repository[:tag][@digest]."""
-
-    registry: str
-    repository: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @property
-    def repository_ref(self) -> str:
-        """`registry/repository`, the form used as a push target."""
-        return f"{self.registry}/{self.repository}"
-
-    @property
-    def reference(self) -> str:
-        """What goes in /v2/<name>/manifests/<reference>: the digest if any, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    def __str__(self) -> str:
-        text = self.repository_ref
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
-
-
-def is_digest(reference: str) -> bool:
-    """True when a manifest reference is a (well-formed) digest rather than a tag."""
-    return DIGEST_PATTERN.match(reference) is not None
-
-
-def parse_reference(text: str) -> ImageReference:
-    """Parses an image reference with Docker's normalisation (docker.io, library/, latest)."""
-    raw = text.strip()
-    if not raw:
-        raise ReferenceError("empty image reference")
-    name, _, digest = raw.partition("@")
-    if "@" in raw and not DIGEST_PATTERN.match(digest):
-        raise ReferenceError(
-            f"invalid digest {digest!r} in {text!r}: expected sha256:<64 lowercase hex>"
-        )
-    tag: str | None = None
-    last_slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > last_slash:
-        name, tag = name[:colon], name[colon + 1 :]
-        if not TAG_PATTERN.match(tag):
-            raise ReferenceError(
-                f"invalid tag {tag!r} in {text!r}: up to 128 of [A-Za-z0-9_.-], "
-                "not starting with '.' or '-'"
-            )
-    first, sep, rest = name.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
-        registry, repository = first, rest
-        if not _DOMAIN.match(registry):
-            raise ReferenceError(f"invalid registry {registry!r} in {text!r}")
-        if registry in ("index.docker.io", "registry-1.docker.io"):
-            registry = DOCKER_HUB
-    else:
-        registry, repository = DOCKER_HUB, name
-    if not repository:
-        raise ReferenceError(f"missing repository name in {text!r}")
-    if repository != repository.lower():
-        raise ReferenceError(f"repository name {repository!r} in {text!r} must be lowercase")
-    if not _REPOSITORY.match(repository):
-        raise ReferenceError(
-            f"invalid repository name {repository!r} in {text!r}: path components are "
-            "lowercase letters and digits separated by '.', '_', '__' or '-'"
-        )
-    if registry == DOCKER_HUB and "/" not in repository:
-        repository = f"library/{repository}"
-    if len(f"{registry}/{repository}") > 255:
-        raise ReferenceError(f"repository name in {text!r} is longer than 255 characters")
-    if tag is None and not digest:
-        tag = "latest"
-    return ImageReference(registry, repository, tag, digest or None)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx
 
-DOCKER_HUB = "docker.io"
+from polyarch.proto.references import DOCKER_HUB
+
 # The key docker login writes for Docker Hub, and the server URL its helpers expect.
 DOCKER_HUB_SERVER_URL = "https://index.docker.io/v1/"
 _HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})

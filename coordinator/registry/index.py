@@ -8,20 +8,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from polyarch.coordinator.registry.client import (
+from polyarch.coordinator.registry.client import RegistryClient, compute_digest
+from polyarch.proto.media_types import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
+    IMAGE_MANIFEST_TYPES,
+    INDEX_TYPES,
     OCI_INDEX,
-    OCI_MANIFEST,
-    TAG_PATTERN,
-    RegistryClient,
-    compute_digest,
-    is_digest,
 )
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
+from polyarch.proto.references import TAG_PATTERN, is_digest
 
-IMAGE_MANIFEST_TYPES = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
-INDEX_TYPES = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
 ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
 ATTESTATION_TYPE = "attestation-manifest"
 

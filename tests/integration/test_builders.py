@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 
 from polyarch.agent.builders.base import (
-    DOCKER_MANIFEST_V2,
-    OCI_MANIFEST_V1,
     Builder,
     BuilderUnavailable,
     BuildFailed,
@@ -24,6 +22,7 @@ from polyarch.agent.builders.base import (
 )
 from polyarch.agent.builders.buildah import BuildahBuilder
 from polyarch.agent.builders.docker import DockerBuilder
+from polyarch.proto.media_types import DOCKER_MANIFEST, OCI_MANIFEST
 from polyarch.proto.platforms import parse_platform
 from tests.support.services import Registry
 
@@ -110,7 +109,7 @@ async def test_build_push_and_verify(
     raw = skopeo_raw(by_digest)
     assert "sha256:" + hashlib.sha256(raw).hexdigest() == pushed.digest
     manifest = json.loads(raw)
-    expected_type = DOCKER_MANIFEST_V2 if kind == "docker" else OCI_MANIFEST_V1
+    expected_type = DOCKER_MANIFEST if kind == "docker" else OCI_MANIFEST
     assert pushed.media_type == manifest["mediaType"] == expected_type
     if kind == "docker":
         assert pushed.size == len(raw)

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
+from polyarch.proto.media_types import OCI_MANIFEST
 from polyarch.proto.trust import Role
 from polyarch.proto.v1 import agent_pb2, build_pb2, build_pb2_grpc, common_pb2
 from tests.support.secure_farm import (
@@ -30,7 +31,6 @@ from tests.support.services import Registry
 from tests.support.verify import skopeo_missing
 
 pytestmark = pytest.mark.security
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 @pytest.fixture(scope="module")

@@ -104,4 +104,4 @@ def test_the_agent_heartbeats_at_the_pace_the_coordinator_sets(tmp_path: Path) -
     agent = Agent(config, HeldBuilder())
     welcome = agent_pb2.CoordinatorMessage(welcome=agent_pb2.Welcome(heartbeat_interval_ms=1500))
     agent._handle(Stub(b""), welcome)  # type: ignore[arg-type]
-    assert agent.config.heartbeat_interval == 1.5 and agent.connected.is_set()
+    assert agent.heartbeat_interval == 1.5 and agent.connected.is_set()

@@ -423,9 +423,9 @@ def test_builds_json_table_and_cancel(
     assert "no build b-404" in capsys.readouterr().err
 
 
-def recorder(seen: list[Any]) -> Callable[[Any], int]:
-    def run(args: Any) -> int:
-        seen.append(args)
+def recorder(seen: list[Any]) -> Callable[..., int]:
+    def run(*args: Any) -> int:
+        seen.append(args[0] if len(args) == 1 else args)
         return 0
 
     return run
@@ -440,14 +440,15 @@ def test_agent_flags_are_parsed_and_handed_to_run_agent(
     monkeypatch.setitem(sys.modules, "polyarch.agent.runtime", runtime)
     argv = ["agent", "--coordinator", "10.0.0.1:7600", "--name", "a1", "--builder", "docker"]
     assert cli.main([*argv, "--native", "linux/amd64", "--emulated", "linux/arm64,linux/arm"]) == 0
-    args = seen[0]
-    assert [str(p) for p in args.native] == ["linux/amd64"]
-    assert [str(p) for p in args.emulated] == ["linux/arm64", "linux/arm/v7"]
-    assert (args.coordinator, args.name, args.builder) == ("10.0.0.1:7600", "a1", "docker")
-    assert (args.slots, args.docker_binary, args.work_dir) == (2, "docker", None)
-    assert args.metrics_listen is None and args.insecure_registry == []
+    config, args = seen[0]
+    assert [str(p) for p in config.native] == ["linux/amd64"]
+    assert [str(p) for p in config.emulated] == ["linux/arm64", "linux/arm/v7"]
+    assert (config.coordinator, config.name, config.builder) == ("10.0.0.1:7600", "a1", "docker")
+    assert (config.slots, config.docker_binary, config.work_dir) == (2, "docker", None)
+    assert config.metrics_listen == "" and config.insecure_registries == []
+    assert args.replace is False  # the credential flags and --replace stay on args
     assert cli.main(argv) == 0
-    assert (seen[1].native, seen[1].emulated) == (None, None)  # left to the agent to detect
+    assert (seen[1][0].native, seen[1][0].emulated) == (None, None)  # the agent detects them
     assert cli.main([*argv, "--slots", "0"]) == 2
     assert cli.main([*argv, "--native", "linux/sparc"]) == 2
     assert "sparc" in capsys.readouterr().err

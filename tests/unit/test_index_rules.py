@@ -9,14 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from polyarch.coordinator.registry.client import (
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    ManifestNotFound,
-    RegistryClient,
-)
+from polyarch.coordinator.registry.client import ManifestNotFound, RegistryClient
 from polyarch.coordinator.registry.index import (
     ChildManifest,
     DuplicatePlatform,
@@ -28,6 +21,12 @@ from polyarch.coordinator.registry.index import (
     is_attestation,
     render_index,
     resolve_child,
+)
+from polyarch.proto.media_types import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
 )
 from polyarch.proto.platforms import parse_platform
 

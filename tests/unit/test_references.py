@@ -15,14 +15,11 @@ import pytest
 
 from polyarch.coordinator.registry.client import (
     DigestMismatch,
-    ImageReference,
     ManifestNotFound,
-    ReferenceError,
     RegistryAuthError,
     RegistryClient,
     RegistryError,
     RegistryUnreachable,
-    parse_reference,
     registry_errors_text,
     registry_scheme,
 )
@@ -33,6 +30,7 @@ from polyarch.coordinator.registry.credentials import (
     normalize_registry_key,
     parse_www_authenticate,
 )
+from polyarch.proto.references import ImageReference, ReferenceError, parse_reference
 
 SECRET = "s3cr3t-Pa55word"
 DIGEST = "sha256:" + "a" * 64

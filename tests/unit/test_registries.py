@@ -6,7 +6,12 @@ import pytest
 
 from polyarch.agent.runtime import registry_is_insecure
 from polyarch.coordinator.registry.client import registry_scheme
-from polyarch.proto.registries import is_loopback_registry, polyarch_version, registry_host
+from polyarch.proto.registries import (
+    is_loopback_address,
+    is_loopback_registry,
+    polyarch_version,
+    registry_host,
+)
 
 
 @pytest.mark.parametrize(
@@ -23,6 +28,12 @@ def test_loopback_registries(registry: str, loopback: bool) -> None:
     # every caller applies the same rule
     assert (registry_scheme(registry) == "http") is loopback
     assert registry_is_insecure(f"{registry}/team/app", []) is loopback
+
+
+def test_listen_addresses_use_the_same_loopback_rule() -> None:
+    assert is_loopback_address("127.0.0.1:7600") and is_loopback_address("[::1]:7600")
+    assert is_loopback_address("localhost:0")
+    assert not is_loopback_address("0.0.0.0:7600") and not is_loopback_address("farm.example:7600")
 
 
 def test_registries_named_insecure_by_host_or_host_port() -> None:

@@ -1,0 +1,19 @@
+"""What agents and the coordinator agree on: leases, heartbeat pace, slots per agent."""
+
+from __future__ import annotations
+
+# The most concurrent jobs one agent may offer; the coordinator refuses a hello with more.
+MAX_AGENT_SLOTS = 64
+# An agent's lease is this many heartbeat intervals: one late heartbeat never costs the jobs.
+LEASE_HEARTBEATS = 3
+# The coordinator's default lease (its --agent-timeout).
+DEFAULT_AGENT_LEASE = 10.0
+
+
+def heartbeat_interval_for(lease: float) -> float:
+    """The heartbeat interval the coordinator tells agents (Welcome.heartbeat_interval_ms)."""
+    return lease / LEASE_HEARTBEATS
+
+
+# What an agent uses until a Welcome sets the pace (and if one ever says 0).
+DEFAULT_HEARTBEAT_INTERVAL = heartbeat_interval_for(DEFAULT_AGENT_LEASE)
