@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import enum
-import ipaddress
 import logging
 import os
 import signal
@@ -18,7 +17,7 @@ from prometheus_client import start_http_server
 from polyarch.coordinator.config import ConfigError, CoordinatorConfig, config_from
 from polyarch.coordinator.contexts.gc import ContextCollector, digests_in_use
 from polyarch.coordinator.contexts.store import ContextStore
-from polyarch.coordinator.core.manager import LEASE_HEARTBEATS, BuildManager
+from polyarch.coordinator.core.manager import BuildManager
 from polyarch.coordinator.core.store import SQLiteStore
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.registry.assembly import IndexPublisher
@@ -28,7 +27,6 @@ from polyarch.coordinator.trust.auth import Authenticator, AuthInterceptor, Toke
 from polyarch.coordinator.trust.pki import (
     CertificateAuthority,
     ServerTLS,
-    host_of,
     operator_tls,
     server_names,
 )
@@ -37,6 +35,8 @@ from polyarch.coordinator.wire.agent_servicer import AgentServicer
 from polyarch.coordinator.wire.build_servicer import BuildServicer
 from polyarch.coordinator.wire.fleet_servicer import FleetServicer
 from polyarch.coordinator.wire.trust_servicer import TrustServicer
+from polyarch.proto.agent_protocol import heartbeat_interval_for
+from polyarch.proto.registries import is_loopback_address
 from polyarch.proto.v1 import agent_pb2_grpc, build_pb2_grpc, fleet_pb2_grpc, trust_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,7 @@ def default_agent_listen(listen: str) -> str:
 def refuse_insecure_off_loopback(addresses: list[str]) -> None:
     """--insecure is for one machine: every listen address must be loopback."""
     for address in addresses:
-        host = host_of(address)
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
+        if not is_loopback_address(address):
             raise ValueError(
                 f"--insecure refused: {address} is not a loopback address "
                 "(plaintext without authentication is for 127.0.0.1/::1 only)"
@@ -168,7 +163,7 @@ class Coordinator:
         self.metrics.context_store_bytes.set_function(lambda: contexts.stored_bytes)
         self.metrics.context_uploads_in_flight.set_function(lambda: contexts.uploads.in_flight)
         # a lease is LEASE_HEARTBEATS missed heartbeats: agents learn the interval in Welcome
-        self.manager.heartbeat_interval = cfg.agent_timeout / LEASE_HEARTBEATS
+        self.manager.heartbeat_interval = heartbeat_interval_for(cfg.agent_timeout)
         await self.manager.start(reattach_grace=cfg.agent_timeout)
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         authority: CertificateAuthority | None = None

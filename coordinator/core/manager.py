@@ -44,9 +44,6 @@ from polyarch.proto.platforms import Platform
 
 log = logging.getLogger(__name__)
 
-# Agents heartbeat this often (told in Welcome); a lease is three missed heartbeats.
-LEASE_HEARTBEATS = 3
-
 
 class BuildManager:
     """Owns builds, jobs and agent sessions. State changes go through the ledger (checked by

@@ -18,13 +18,13 @@ from polyarch.coordinator.core.model import (
 )
 from polyarch.coordinator.core.scheduler import AgentView, QueuedJob, Scheduler
 from polyarch.coordinator.metrics import CoordinatorMetrics
+from polyarch.proto.agent_protocol import DEFAULT_HEARTBEAT_INTERVAL, MAX_AGENT_SLOTS
 from polyarch.proto.platforms import PlatformError, parse_platform
 from polyarch.proto.registries import polyarch_version
 from polyarch.proto.trust import NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
-MAX_AGENT_SLOTS = 64
 ON_AGENT = (JobState.ASSIGNED, JobState.RUNNING)
 
 
@@ -42,7 +42,7 @@ class Roster:
         # names an operator drained: the drain survives the agent reconnecting
         self.drained: set[str] = set()
         # what Welcome tells agents; the server sets it from its lease (agent_timeout / 3)
-        self.heartbeat_interval = 3.0
+        self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         # recovered jobs that were on an agent -> when to stop waiting for it to reconnect
         self.orphans: dict[str, float] = {}
 

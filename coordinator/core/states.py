@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from polyarch.coordinator.core.model import BuildState, JobRecord, JobState
+from polyarch.proto.media_types import IMAGE_MANIFEST_TYPES
 
 # A job is tried this many times in all (agent lost, timed out, infrastructure error, a
 # malformed result) before it fails. The only place this number is checked.
@@ -103,13 +104,6 @@ class Verdict(enum.StrEnum):
 
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-# What an agent may report having pushed: one platform's image manifest.
-IMAGE_MANIFEST_TYPES = frozenset(
-    {
-        "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.oci.image.manifest.v1+json",
-    }
-)
 
 
 def describe_malformed(outcome: JobOutcome) -> str:

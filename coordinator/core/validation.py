@@ -9,9 +9,9 @@ from polyarch.coordinator.contexts.store import ContextStore, check_digest
 from polyarch.coordinator.core.fleet import AgentSession
 from polyarch.coordinator.core.model import BuildSpec, EmulationPolicy, InvalidRequest, NotFound
 from polyarch.coordinator.limits import Limits
-from polyarch.coordinator.registry.client import ReferenceError, parse_reference
 from polyarch.coordinator.wire.caps import check_caps
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
+from polyarch.proto.references import ReferenceError, parse_reference
 
 DEFAULT_LIMITS = Limits()
 

@@ -18,8 +18,6 @@ from polyarch.proto.media_types import MANIFEST_ACCEPT
 from polyarch.proto.references import DOCKER_HUB, is_digest
 
 # Re-exported for coordinator.core.validation until it imports polyarch.proto.references.
-from polyarch.proto.references import ReferenceError as ReferenceError
-from polyarch.proto.references import parse_reference as parse_reference
 from polyarch.proto.registries import backoff_delay, registry_is_plain_http
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
