@@ -43,7 +43,7 @@ async def drive(kind: str, builds: int, tasks: int, path: Path) -> dict[str, flo
         batches: list[int] = []
     else:
         from polyarch.coordinator.core import model
-        from polyarch.coordinator.core.store import SQLiteStore
+        from polyarch.coordinator.core.sqlite_store import SQLiteStore
 
         batches = []
         store = SQLiteStore(path, observe_batch=batches.append)

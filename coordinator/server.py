@@ -18,7 +18,7 @@ from polyarch.coordinator.config import ConfigError, CoordinatorConfig, config_f
 from polyarch.coordinator.contexts.gc import ContextCollector, digests_in_use
 from polyarch.coordinator.contexts.store import ContextStore
 from polyarch.coordinator.core.manager import BuildManager
-from polyarch.coordinator.core.store import SQLiteStore
+from polyarch.coordinator.core.sqlite_store import SQLiteStore
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.registry.assembly import IndexPublisher
 from polyarch.coordinator.registry.client import RegistryClient

@@ -23,10 +23,10 @@ from polyarch.coordinator.core.model import (
     JobState,
     Mode,
 )
+from polyarch.coordinator.core.sqlite_store import SQLiteStore
 from polyarch.coordinator.core.store import (
     DuplicateIdempotencyKey,
     MemoryStore,
-    SQLiteStore,
     StateStore,
     StoreClosed,
     StoreError,
