@@ -170,7 +170,18 @@ def main() -> int:
         level=args.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )  # fmt: skip
-    return asyncio.run(run(args))
+    profile_to = os.environ.get("POLYARCH_LOAD_PROFILE")
+    if not profile_to:
+        return asyncio.run(run(args))
+    # cProfile of the event loop's thread (where every RPC and state change runs), for
+    # finding where a job's CPU goes: POLYARCH_LOAD_PROFILE=/tmp/coordinator.prof
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(asyncio.run, run(args))
+    finally:
+        profiler.dump_stats(profile_to)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,12 @@ _JOB_COLUMNS = (
     "error, failed_step, queued_at, started_at, finished_at, requeue_reasons"
 )
 _INSERT_BUILD = f"INSERT INTO builds ({_BUILD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-_UPSERT_BUILD = _upsert("builds", _BUILD_COLUMNS)
+# A build's request (spec, owner, key, hash, created_at) is written once, by create_build;
+# save_build writes what changes, so no state change re-encodes the spec.
+_UPDATE_BUILD = (
+    "UPDATE builds SET state = ?, finished_at = ?, index_digest = ?, index_media_type = ?, "
+    "index_size = ?, error = ? WHERE id = ?"
+)
 _UPSERT_JOB = _upsert("jobs", _JOB_COLUMNS)
 
 Row = tuple[Any, ...]
@@ -247,8 +252,11 @@ class SQLiteStore(_LoopAffinity):
         return self._write(lambda db: _insert_build(db, build_row, job_rows))
 
     def save_build(self, build: BuildRecord) -> asyncio.Future[None]:
-        row = _build_row(build)
-        return self._write(lambda db: db.execute(_UPSERT_BUILD, row))
+        row = (
+            build.state.value, build.finished_at, build.index_digest, build.index_media_type,
+            build.index_size, build.error, build.id,
+        )  # fmt: skip
+        return self._write(lambda db: db.execute(_UPDATE_BUILD, row))
 
     def save_job(self, job: JobRecord, reason: str = "", at: float = 0.0) -> asyncio.Future[None]:
         row = _job_row(job)

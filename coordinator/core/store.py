@@ -50,7 +50,10 @@ class StateStore(Protocol):
     - create_build stores a build and its jobs atomically; for a build whose non-empty
       idempotency key another build holds, its future raises DuplicateIdempotencyKey naming
       the first, none of its rows are written, and other writes are unaffected.
-    - save_build / save_job overwrite the stored record; save_job also appends a transition
+    - save_build writes a stored build's state and outcome (state, finished_at, index digest,
+      media type and size, error); its request (spec, owner, idempotency key, request hash,
+      created_at) is written once, by create_build. save_job overwrites the stored job and
+      appends a transition
       (job id, attempt, state, reason, time) when (state, attempt) changed; create_build
       records each job's first transition with the reason "submitted".
     - A write that fails for any other reason raises StoreError from its future.
@@ -143,10 +146,18 @@ class MemoryStore(_LoopAffinity):
         return self._write(apply)
 
     def save_build(self, build: BuildRecord) -> asyncio.Future[None]:
-        return self._write(lambda: self._builds.__setitem__(build.id, copy.deepcopy(build)))
+        outcome = (build.state, build.finished_at, build.index_digest, build.index_media_type,
+                   build.index_size, build.error)  # fmt: skip
+        return self._write(lambda: self._put_outcome(build.id, outcome))
 
     def save_job(self, job: JobRecord, reason: str = "", at: float = 0.0) -> asyncio.Future[None]:
         return self._write(lambda: self._put_job(job, reason))
+
+    def _put_outcome(self, build_id: str, outcome: tuple[Any, ...]) -> None:
+        stored = self._builds.get(build_id)
+        if stored is not None:
+            (stored.state, stored.finished_at, stored.index_digest, stored.index_media_type,
+             stored.index_size, stored.error) = outcome  # fmt: skip
 
     async def get_build(self, build_id: str) -> BuildRecord | None:
         self._check_open()

@@ -48,23 +48,17 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(status_code(exc), str(exc))
             return
         reader = asyncio.create_task(self._read(session, request_iterator))
+        # the reader's end wakes the writer through the outbox: one await per message, no
+        # asyncio.wait and no extra future per message (this loop carries every assignment)
+        reader.add_done_callback(lambda _: session.outbox.put_nowait(None))
         reason = "closed its stream"
         try:
-            while True:
-                outgoing = asyncio.ensure_future(session.outbox.get())
-                done, _ = await asyncio.wait(
-                    {outgoing, reader}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if outgoing not in done:
-                    outgoing.cancel()
-                    if not reader.cancelled() and reader.exception() is not None:
-                        reason = f"stream failed: {reader.exception()}"
-                    break
-                command = outgoing.result()
-                if command is None:
-                    reason = "was disconnected by the coordinator"
-                    break
+            while (command := await session.outbox.get()) is not None:
                 yield convert.command_message(command)
+            if not reader.done():
+                reason = "was disconnected by the coordinator"
+            elif not reader.cancelled() and reader.exception() is not None:
+                reason = f"stream failed: {reader.exception()}"
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
