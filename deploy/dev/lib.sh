@@ -53,11 +53,11 @@ agents_connected() {
   [[ $have == "$want" ]]
 }
 
-# start_farm DOCKER_BINARY: a coordinator (TLS, tokens: the secure default) and two agents
-# (docker, buildah) enrolled with an agent token; exports POLYARCH_COORDINATOR and
-# POLYARCH_TOKEN_FILE (the first admin token) for the client commands.
-start_farm() {
-  local docker=$1 port agent_token
+# start_coordinator: a coordinator (TLS, tokens: the secure default); exports
+# POLYARCH_COORDINATOR and POLYARCH_TOKEN_FILE (the first admin token) for the client commands
+# and sets AGENT_TOKEN, an agent enrolment token.
+start_coordinator() {
+  local port
   port=$(free_port)
   export POLYARCH_COORDINATOR=127.0.0.1:$port
   export POLYARCH_TOKEN_FILE=$farm_work/coordinator/admin.token
@@ -66,13 +66,24 @@ start_farm() {
     --metrics-listen "127.0.0.1:$(free_port)" >"$farm_work/coordinator.log" 2>&1 &
   polyarch_pids+=($!)
   wait_for 30 test -s "$POLYARCH_TOKEN_FILE"
-  agent_token=$("$POLYARCH" token create --role agent --ttl 1h --description "dev farm agents")
-  POLYARCH_TOKEN=$agent_token "$POLYARCH" agent --name docker-1 --builder docker \
-    --docker-binary "$docker" --slots 2 \
-    --work-dir "$farm_work/agent-docker" >"$farm_work/agent-docker.log" 2>&1 &
+  AGENT_TOKEN=$("$POLYARCH" token create --role agent --ttl 1h --description "dev farm agents")
+}
+
+# start_agent NAME BUILDER SLOTS [AGENT FLAGS...]: one agent enrolled with AGENT_TOKEN.
+start_agent() {
+  local name=$1 builder=$2 slots=$3
+  shift 3
+  POLYARCH_TOKEN=$AGENT_TOKEN "$POLYARCH" agent --name "$name" --builder "$builder" \
+    --slots "$slots" --work-dir "$farm_work/agent-$name" "$@" \
+    >"$farm_work/agent-$name.log" 2>&1 &
   polyarch_pids+=($!)
-  POLYARCH_TOKEN=$agent_token "$POLYARCH" agent --name buildah-1 --builder buildah --slots 2 \
-    --work-dir "$farm_work/agent-buildah" >"$farm_work/agent-buildah.log" 2>&1 &
-  polyarch_pids+=($!)
+}
+
+# start_farm DOCKER_BINARY: a coordinator and two agents (docker, buildah).
+start_farm() {
+  local docker=$1
+  start_coordinator
+  start_agent docker-1 docker 2 --docker-binary "$docker"
+  start_agent buildah-1 buildah 2
   wait_for 60 agents_connected 2
 }
