@@ -14,10 +14,10 @@ rounds=${1:-5}
 iterations=${2:-2000}
 
 bash deploy/dev/bootstrap.sh >/dev/null
-bash deploy/dev/dockerd.sh start >/dev/null # base-image.sh and the registry tooling need it
+
 # shellcheck source=deploy/dev/lib.sh
 source deploy/dev/lib.sh
-POLYARCH=$repo_root/.venv/bin/polyarch
+POLYARCH=${POLYARCH:-$repo_root/.venv/bin/polyarch}  # another tree: a wrapper script
 PYTHON=$repo_root/.venv/bin/python
 farm_work=$(mktemp -d /tmp/polyarch-overhead.XXXXXX)
 manifest=polyarch-overhead-$$

@@ -68,7 +68,7 @@ class BuildRequest:
 
 @dataclass(frozen=True)
 class PushedImage:
-    """What the registry now holds; size and media_type are 0 and "" when the tool doesn't say."""
+    """What the registry now holds; size is 0 when the tool does not say (buildah)."""
 
     digest: str
     size: int

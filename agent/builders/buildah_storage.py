@@ -12,6 +12,9 @@ from pathlib import Path
 
 # Images of finished jobs that may wait for a quiet storage before new builds wait too.
 MAX_DEFERRED_REMOVALS = 32
+# Removal starts once this many images are queued: an `rmi` after every job made the next
+# build of that platform wait for it, and untagging frees little (cached layers stay).
+REMOVAL_BATCH = 8
 
 
 def default_run_root(storage_root: Path) -> Path:
@@ -32,8 +35,10 @@ class StorageUsers:
     `buildah rmi` of a finished job's image deletes layers that a concurrent build in the
     same storage may be reusing from its cache at that moment (identical steps give
     identical images), which fails that build with "layer not known". So each finished
-    job's image is only queued, and the queue is removed when no build uses the storage.
-    New builds wait while a removal runs (one `buildah rmi`), and, once
+    job's image is only queued, and the queue is removed when no build uses the storage and
+    REMOVAL_BATCH images wait.
+    New builds wait while a removal runs (one `buildah rmi`, in the background: the build
+    that left last does not wait for it), and, once
     MAX_DEFERRED_REMOVALS images are queued, until the storage goes quiet, so removal can
     never starve on a busy agent.
     """
@@ -42,13 +47,16 @@ class StorageUsers:
         self,
         remove: Callable[[list[str]], Awaitable[None]],
         max_deferred: int = MAX_DEFERRED_REMOVALS,
+        batch: int = REMOVAL_BATCH,
     ) -> None:
         self._remove = remove
         self._max_deferred = max_deferred
+        self._batch = min(batch, max_deferred)
         self._changed = asyncio.Condition()
         self._active = 0
         self._removing = False
         self._deferred: list[str] = []
+        self._removals: set[asyncio.Task[None]] = set()
 
     @property
     def active(self) -> int:
@@ -73,12 +81,22 @@ class StorageUsers:
             async with self._changed:
                 self._active -= 1
                 batch: list[str] = []
-                if self._active == 0 and self._deferred and not self._removing:
+                due = len(self._deferred) >= self._batch
+                if self._active == 0 and due and not self._removing:
                     self._removing = True
                     batch, self._deferred = self._deferred, []
                 self._changed.notify_all()
             if batch:
-                await self._remove_batch(batch)
+                # in the background: the leaving build reports its result now (a `buildah
+                # rmi` takes a tenth of a second or more); new builds wait for it instead
+                removal = asyncio.get_running_loop().create_task(self._remove_batch(batch))
+                self._removals.add(removal)
+                removal.add_done_callback(self._removals.discard)
+
+    async def idle(self) -> None:
+        """Returns once no removal runs (for shutdown and tests)."""
+        while self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
 
     def remove_later(self, image: str) -> None:
         """Queues a finished job's image for removal once no build uses the storage."""

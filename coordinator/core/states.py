@@ -110,7 +110,7 @@ def describe_malformed(outcome: JobOutcome) -> str:
     """Why a successful outcome cannot be taken as it is ("" when it can)."""
     if not _DIGEST.match(outcome.digest):
         return f"a malformed digest {outcome.digest[:80]!r} (want sha256:<64 hex>)"
-    if outcome.size <= 0:
+    if outcome.size < 0:  # 0: unknown to the builder; assembly reads it from the registry
         return f"a manifest size of {outcome.size}"
     if outcome.media_type not in IMAGE_MANIFEST_TYPES:
         return f"an unknown manifest media type {outcome.media_type[:80]!r}"

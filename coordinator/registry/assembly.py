@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from polyarch.coordinator.core.model import BuildSpec, JobRecord, push_tag
 from polyarch.coordinator.registry.build_credentials import BuildCredentials, LayeredCredentialStore
 from polyarch.coordinator.registry.client import RegistryClient, RegistryError
@@ -24,8 +26,7 @@ class IndexPublisher:
             client = self.client.with_credentials(
                 LayeredCredentialStore(own.registry_auths, self.client.credentials)
             )
-        for job in jobs:
-            await self.check_pushed(client, spec, job)
+        await asyncio.gather(*(self.check_pushed(client, spec, job) for job in jobs))
         children = {parse_platform(job.platform): job.digest for job in jobs}
         tags = [parse_reference(tag).tag for tag in spec.tags]
         result = await assemble_index(

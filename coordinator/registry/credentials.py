@@ -12,11 +12,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from polyarch.proto.references import DOCKER_HUB
+
+if TYPE_CHECKING:  # imported when a token exchange runs: `polyarch build` starts faster
+    import httpx
 
 # The key docker login writes for Docker Hub, and the server URL its helpers expect.
 DOCKER_HUB_SERVER_URL = "https://index.docker.io/v1/"
@@ -321,7 +322,7 @@ class Authenticator:
         how = "with the configured credentials" if creds else "anonymously"
         try:
             resp = await self._http.get(realm, params=params, headers=headers)
-        except httpx.TransportError as exc:
+        except _httpx().TransportError as exc:
             raise AuthFailure(
                 f"token service unreachable ({type(exc).__name__})", "unreachable"
             ) from None
@@ -348,3 +349,9 @@ class Authenticator:
             )
         # Renew a little early so a token never expires between header and request.
         return _Token(value, time.monotonic() + max(expires_in - 10, 5))
+
+
+def _httpx() -> Any:
+    import httpx
+
+    return httpx

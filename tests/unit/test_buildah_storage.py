@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
-
 from polyarch.agent.builders.base import BuildRequest
 from polyarch.agent.builders.buildah import BuildahBuilder
 from polyarch.agent.builders.buildah_storage import StorageUsers, default_run_root
@@ -31,7 +29,7 @@ async def settle() -> None:
 
 async def test_removal_waits_until_the_last_build_leaves() -> None:
     remover = Remover()
-    users = StorageUsers(remover)
+    users = StorageUsers(remover, batch=1)
     first_done, second_done = asyncio.Event(), asyncio.Event()
 
     async def build(image: str, done: asyncio.Event) -> None:
@@ -48,7 +46,8 @@ async def test_removal_waits_until_the_last_build_leaves() -> None:
     assert remover.batches == [], "removed while another build still used the storage"
     assert users.deferred == ("a", "b")
     second_done.set()
-    await second
+    await second  # the last build leaves at once: the removal runs in the background
+    await users.idle()
     assert remover.batches == [["a", "b"]]
     assert users.deferred == () and users.active == 0
 
@@ -56,7 +55,7 @@ async def test_removal_waits_until_the_last_build_leaves() -> None:
 async def test_new_builds_wait_while_a_removal_runs() -> None:
     remover = Remover()
     remover.release.clear()
-    users = StorageUsers(remover)
+    users = StorageUsers(remover, batch=1)
 
     async def first() -> None:
         async with users.building():
@@ -70,6 +69,7 @@ async def test_new_builds_wait_while_a_removal_runs() -> None:
     waiter = asyncio.create_task(next_build_on(users, entered))
     await settle()
     assert not entered.is_set(), "a build started during a removal"
+    assert starter.done(), "the leaving build waited for the removal"
     remover.release.set()
     await asyncio.wait_for(asyncio.gather(starter, waiter), 5)
     assert entered.is_set()
@@ -83,7 +83,7 @@ async def next_build_on(users: StorageUsers, entered: asyncio.Event) -> None:
 
 async def test_a_full_queue_makes_new_builds_wait_for_quiet() -> None:
     remover = Remover()
-    users = StorageUsers(remover, max_deferred=2)
+    users = StorageUsers(remover, max_deferred=2, batch=1)
     hold = asyncio.Event()
 
     async def long_build() -> None:
@@ -108,22 +108,33 @@ async def test_a_full_queue_makes_new_builds_wait_for_quiet() -> None:
 async def test_a_cancelled_removal_is_queued_again() -> None:
     remover = Remover()
     remover.release.clear()
-    users = StorageUsers(remover)
-
-    async def build() -> None:
-        async with users.building():
-            users.remove_later("a")
-
-    task = asyncio.create_task(build())
+    users = StorageUsers(remover, batch=1)
+    async with users.building():
+        users.remove_later("a")
     await settle()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    (removal,) = users._removals  # e.g. the agent shutting down mid-removal
+    removal.cancel()
+    await users.idle()
     assert users.deferred == ("a",)
     remover.release.set()
     async with users.building():
         pass
+    await users.idle()
     assert remover.batches == [["a"]]
+
+
+async def test_removal_waits_for_a_batch_of_images() -> None:
+    remover = Remover()
+    users = StorageUsers(remover, batch=3)
+    for image in ("a", "b"):
+        async with users.building():
+            users.remove_later(image)
+    await users.idle()
+    assert remover.batches == [] and users.deferred == ("a", "b")
+    async with users.building():
+        users.remove_later("c")
+    await users.idle()
+    assert remover.batches == [["a", "b", "c"]] and users.deferred == ()
 
 
 def test_each_platform_builds_in_its_own_storage(tmp_path: Path) -> None:

@@ -114,8 +114,10 @@ def test_a_lost_attempt_goes_back_to_the_queue_until_the_last_one() -> None:
          Verdict.FAILED, "disk full"),
         (JobOutcome(ok=True, digest="sha256:zz", size=9, media_type=GOOD.media_type), 1,
          Verdict.RETRY, "agent a reported a malformed digest"),
-        (JobOutcome(ok=True, digest=GOOD.digest, size=0, media_type=GOOD.media_type),
-         MAX_ATTEMPTS, Verdict.FAILED, "a manifest size of 0"),
+        (JobOutcome(ok=True, digest=GOOD.digest, size=-1, media_type=GOOD.media_type),
+         MAX_ATTEMPTS, Verdict.FAILED, "a manifest size of -1"),
+        (JobOutcome(ok=True, digest=GOOD.digest, size=0, media_type=GOOD.media_type), 1,
+         Verdict.PUSHED, ""),
     ],
 )  # fmt: skip
 def test_the_verdict_on_each_kind_of_outcome(

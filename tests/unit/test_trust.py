@@ -158,7 +158,7 @@ def test_malformed_results_are_named() -> None:
     for change, says in [
         ({"digest": "sha256:abc"}, "malformed digest"),
         ({"digest": "md5:" + "0" * 64}, "malformed digest"),
-        ({"size": 0}, "size of 0"),
+        ({"size": -1}, "size of -1"),
         ({"media_type": "application/vnd.oci.image.index.v1+json"}, "unknown manifest media"),
     ]:
         assert says in describe_malformed(dataclasses.replace(good, **change))  # type: ignore[arg-type]
