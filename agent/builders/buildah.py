@@ -23,7 +23,11 @@ from polyarch.agent.builders.base import (
     resolve_dockerfile,
     secret_flags,
 )
-from polyarch.agent.builders.buildah_storage import StorageUsers, default_run_root
+from polyarch.agent.builders.buildah_storage import (
+    REMOVAL_BATCH,
+    StorageUsers,
+    default_run_root,
+)
 from polyarch.agent.builders.process import (
     ProcessNotFound,
     ProcessResult,
@@ -115,8 +119,10 @@ class BuildahBuilder:
         storage_driver: str | None = None,
         storage_root: Path | None = None,
         run_root: Path | None = None,
+        removal_batch: int = REMOVAL_BATCH,
     ) -> None:
         self.buildah_binary = buildah_binary
+        self.removal_batch = removal_batch
         self.storage_driver = storage_driver
         self.storage_root = storage_root
         self.run_root = run_root or (default_run_root(storage_root) if storage_root else None)
@@ -129,8 +135,13 @@ class BuildahBuilder:
             async def remove(images: list[str]) -> None:
                 await self._remove_images(platform, images)
 
-            self._users[key] = StorageUsers(remove)
+            self._users[key] = StorageUsers(remove, batch=self.removal_batch)
         return self._users[key]
+
+    async def idle(self) -> None:
+        """Returns once no removal of finished jobs' images runs in any storage."""
+        for users in list(self._users.values()):
+            await users.idle()
 
     def _base(self, platform: Platform | None = None) -> list[str]:
         argv = [self.buildah_binary]

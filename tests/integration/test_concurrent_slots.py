@@ -107,14 +107,16 @@ async def test_buildah_agent_removes_job_images_once_quiet(
     """Deferred removal still happens: no per-job image is left in any platform's storage."""
     work_dir = tmp_path / "agent"
     builder = make_builder("buildah", work_dir)
+    assert isinstance(builder, BuildahBuilder) and builder.run_root is not None
+    builder.removal_batch = 1  # an agent removes in batches (unit-tested); here: every image
     context = tmp_path / "ctx"
     context.mkdir()
     (context / "Dockerfile").write_text(DOCKERFILE)
     repository = f"{registry.address}/polyarch-test/slots-gc-{secrets.token_hex(4)}"
     results = await build_round(builder, context, repository, base_image, secrets.token_hex(4))
     assert all(isinstance(r, PushedImage) for _, r in results), results
+    await builder.idle()  # removals run in the background once the storage is quiet
 
-    assert isinstance(builder, BuildahBuilder) and builder.run_root is not None
     storages = sorted((work_dir / "buildah-storage").iterdir())
     assert [s.name for s in storages] == sorted(parse_platform(p).slug for p in PLATFORMS)
     for storage in storages:

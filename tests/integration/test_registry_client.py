@@ -16,10 +16,6 @@ import httpx
 import pytest
 
 from polyarch.coordinator.registry.client import (
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-    OCI_INDEX,
-    OCI_MANIFEST,
     ManifestNotFound,
     RegistryAuthError,
     RegistryClient,
@@ -27,6 +23,12 @@ from polyarch.coordinator.registry.client import (
 )
 from polyarch.coordinator.registry.credentials import CredentialStore
 from polyarch.coordinator.registry.index import PlatformMismatch, assemble_index
+from polyarch.proto.media_types import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
 from polyarch.proto.platforms import Platform, parse_platform
 from tests.support.services import Registry, free_port
 
