@@ -105,9 +105,7 @@ def snapshot_fleet(
     for session in sessions:
         key = ("draining" if session.draining else "ready", session.architecture)
         agents[key] = agents.get(key, 0) + 1
-    builds: dict[str, int] = {}
-    for build, _ in ledger.active():
-        builds[build.state.value] = builds.get(build.state.value, 0) + 1
+    builds = {state.value: n for state, n in ledger.unfinished_by_state.items() if n}
     return FleetSnapshot(
         queued_by_platform={str(p): n for p, n in scheduler.queued_by_platform().items()},
         agents_by_state=agents,

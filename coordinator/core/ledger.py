@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from polyarch.coordinator.core.events import BuildChanged, BuildEvent, EventHub, JobChanged
 from polyarch.coordinator.core.model import BuildRecord, BuildState, JobRecord, JobState, NotFound
@@ -33,12 +35,16 @@ class BuildLedger:
         self._build_of_job: dict[str, str] = {}
         # the newest write: writes commit in order, so once it is durable all earlier ones are
         self._last_write: asyncio.Future[None] | None = None
+        self._transition_counters: dict[JobState, Any] = {}
+        # unfinished builds by state, kept as they change: the fleet gauges read it each tick
+        self.unfinished_by_state: Counter[BuildState] = Counter()
         # called with the build id once a build has ended (e.g. to forget its credentials)
         self.on_finished: list[Callable[[str], None]] = []
 
     def track(self, build: BuildRecord, jobs: list[JobRecord]) -> None:
         """Adds an unfinished build (just submitted, or reloaded after a restart)."""
         self._active[build.id] = (build, {job.id: job for job in jobs})
+        self.unfinished_by_state[build.state] += 1
         for job in jobs:
             self._build_of_job[job.id] = build.id
 
@@ -78,7 +84,7 @@ class BuildLedger:
         check_job(job.id, job.state, state)
         job.state = state
         self._write(self.store.save_job(job, reason, self.clock()))
-        self.metrics.job_transitions.labels(state=state.value).inc()
+        self._transitions_to(state).inc()
         if self.hub.watched(build.id):
             self._announce(build.id, JobChanged(_copy_job(job)))
 
@@ -89,6 +95,9 @@ class BuildLedger:
     def move_build(self, build: BuildRecord, state: BuildState) -> None:
         """Changes a build's state (IllegalTransition if the machine does not allow it)."""
         check_build(build.id, build.state, state)
+        self.unfinished_by_state[build.state] -= 1
+        if not state.terminal:
+            self.unfinished_by_state[state] += 1
         build.state = state
         self._write(self.store.save_build(build))
         if self.hub.watched(build.id):
@@ -116,6 +125,15 @@ class BuildLedger:
             await asyncio.shield(self._last_write)
 
     # ---- internals ----------------------------------------------------------------------
+    def _transitions_to(self, state: JobState) -> Any:
+        """The counter child of one state, looked up once (every change increments one)."""
+        child = self._transition_counters.get(state)
+        if child is None:
+            child = self._transition_counters[state] = self.metrics.job_transitions.labels(
+                state=state.value
+            )
+        return child
+
     def _write(self, write: asyncio.Future[None]) -> None:
         self._last_write = write
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import hashlib
 import json
@@ -143,10 +142,15 @@ class BuildRecord:
     request_hash: str = ""
 
 
+def spec_json(spec: BuildSpec) -> str:
+    """The spec as canonical JSON. Its fields are flat (strings, lists and maps of strings, a
+    str enum), so vars() gives what dataclasses.asdict would, without its deep copies."""
+    return json.dumps(vars(spec), sort_keys=True)
+
+
 def request_hash(spec: BuildSpec) -> str:
     """A stable hash of what was asked for."""
-    text = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(spec_json(spec).encode()).hexdigest()
 
 
 def push_tag(build_id: str, platform: str, attempt: int) -> str:

@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from polyarch.coordinator.core.model import (
     JobRecord,
     JobState,
     Mode,
+    spec_json,
 )
 from polyarch.coordinator.core.store import (
     DuplicateIdempotencyKey,
@@ -35,10 +36,6 @@ from polyarch.coordinator.core.store import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def _spec_to_json(spec: BuildSpec) -> str:
-    return json.dumps(asdict(spec), sort_keys=True)
 
 
 def _spec_from_json(text: str) -> BuildSpec:
@@ -129,7 +126,7 @@ Row = tuple[Any, ...]
 
 def _build_row(build: BuildRecord) -> Row:
     return (
-        build.id, build.state.value, _spec_to_json(build.spec), build.created_at,
+        build.id, build.state.value, spec_json(build.spec), build.created_at,
         build.finished_at, build.idempotency_key or None, build.index_digest,
         build.index_media_type, build.index_size, build.error, build.owner,
         build.request_hash,
@@ -141,7 +138,7 @@ def _job_row(job: JobRecord) -> Row:
         job.id, job.build_id, job.platform, job.state.value, job.agent,
         job.mode.value if job.mode else None, job.attempt, job.digest, job.size,
         job.media_type, job.error, job.failed_step, job.queued_at, job.started_at,
-        job.finished_at, json.dumps(job.requeue_reasons),
+        job.finished_at, json.dumps(job.requeue_reasons) if job.requeue_reasons else "[]",
     )  # fmt: skip
 
 

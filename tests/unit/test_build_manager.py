@@ -397,3 +397,16 @@ async def test_the_welcome_tells_agents_how_often_to_heartbeat(manager: BuildMan
     session = connect(manager, "a", ["linux/amd64"])
     welcome = session.outbox.get_nowait()
     assert isinstance(welcome, Welcome) and welcome.heartbeat_interval == 2.5
+
+
+def test_the_request_hash_is_the_one_stored_builds_carry() -> None:
+    """spec_json skips asdict's deep copies but must give the same text: builds stored before
+    compare their idempotent resubmits against hashes of that text."""
+    import dataclasses
+    import json
+
+    from polyarch.coordinator.core.model import spec_json
+
+    full = spec(["linux/amd64", "linux/arm64"])
+    full.build_args, full.labels, full.cache_from = {"A": "1"}, {"l": "v"}, ["r/c:1"]
+    assert spec_json(full) == json.dumps(dataclasses.asdict(full), sort_keys=True, default=str)
