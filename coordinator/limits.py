@@ -79,3 +79,13 @@ def with_overrides(base: Limits, assignments: list[str]) -> Limits:
         if changes[name] <= 0:
             raise LimitSyntaxError(f"--limit {name} must be positive")
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def clip_utf8(text: str, limit: int) -> tuple[str, int]:
+    """The text cut to at most `limit` bytes of UTF-8 (never inside a character), and how
+    many bytes were cut (0 when it fits)."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text, 0
+    kept = data[:limit].decode(errors="ignore")
+    return kept, len(data) - len(kept.encode())

@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from polyarch.coordinator.core.model import BuildRecord, JobRecord
-from polyarch.coordinator.limits import KIB, Limits
+from polyarch.coordinator.limits import KIB, Limits, clip_utf8
 
 # One log line is kept and sent up to this size; the rest is replaced by a marker.
 MAX_LINE_BYTES = 16 * KIB
@@ -64,11 +64,8 @@ def _job_size(job: JobRecord) -> int:
 
 def clip_line(line: str) -> str:
     """The line, or its first MAX_LINE_BYTES with a marker saying how much was cut."""
-    data = line.encode()
-    if len(data) <= MAX_LINE_BYTES:
-        return line
-    kept = data[:MAX_LINE_BYTES].decode(errors="ignore")
-    return f"{kept} [polyarch: line truncated, {len(data) - len(kept.encode())} more bytes]"
+    kept, cut = clip_utf8(line, MAX_LINE_BYTES)
+    return f"{kept} [polyarch: line truncated, {cut} more bytes]" if cut else line
 
 
 @dataclass

@@ -8,7 +8,7 @@ import json
 from collections.abc import Awaitable, Callable
 
 from polyarch.coordinator.core.model import BuildRecord, InvalidRequest, JobRecord
-from polyarch.coordinator.limits import MIB, Limits
+from polyarch.coordinator.limits import MIB, Limits, clip_utf8
 from polyarch.coordinator.wire import convert
 from polyarch.proto.v1 import build_pb2
 
@@ -91,8 +91,5 @@ def trimmed(build: build_pb2.Build) -> build_pb2.Build:
 
 
 def _clip(text: str) -> str:
-    data = text.encode()
-    if len(data) <= LISTED_TEXT_BYTES:
-        return text
-    kept = data[:LISTED_TEXT_BYTES].decode(errors="ignore")
-    return f"{kept}... [{len(data) - len(kept.encode())} more bytes; GetBuild has all]"
+    kept, cut = clip_utf8(text, LISTED_TEXT_BYTES)
+    return f"{kept}... [{cut} more bytes; GetBuild has all]" if cut else text
