@@ -240,7 +240,7 @@ class Agent:
                 insecure_registry=insecure,
                 cache_from=list(job.cache_from), cache_to=list(job.cache_to),
                 secrets=own.secrets, docker_config_dir=own.docker_config_dir,
-                auth_file=own.auth_file,
+                auth_file=own.auth_file, no_cache=job.no_cache, pull=job.pull,
             )  # fmt: skip
 
             def on_line(line: str) -> None:

@@ -255,6 +255,8 @@ class BuildClient:
         cache_to: Iterable[str] = (),
         registry_auths: Iterable[tuple[str, str, str]] = (),
         secrets: Mapping[str, bytes] | None = None,
+        no_cache: bool = False,
+        pull: bool = False,
     ) -> build_pb2.SubmitBuildResponse:
         """Submits a build; the response's `existing` says the idempotency key matched one.
 
@@ -277,6 +279,8 @@ class BuildClient:
                 for r, u, p in registry_auths
             ],
             secrets=[common_pb2.BuildSecret(id=k, value=v) for k, v in (secrets or {}).items()],
+            no_cache=no_cache,
+            pull=pull,
         )
         return await self._call(self._stub().SubmitBuild, request)
 

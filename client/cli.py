@@ -187,7 +187,7 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
     tags = validate_tags(args.tag)
     build_args = _pairs(args.build_arg, "--build-arg", from_env=True)
     labels = _pairs(args.label, "--label", from_env=False)
-    quiet = args.progress == "quiet"
+    quiet = args.progress in ("quiet", "rawjson")  # rawjson: nothing but the JSON lines
     secrets = dict(parse_secret(spec) for spec in args.secret or [])
     registries = registries_of(tags, [*(args.cache_from or []), *(args.cache_to or [])])
     registry_auths = registry_auths_for(registries)
@@ -213,12 +213,18 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
                 cache_to=args.cache_to or [],
                 registry_auths=registry_auths,
                 secrets=secrets,
+                no_cache=args.no_cache,
+                pull=args.pull,
             )
             session.build_id = response.build.id
             if not quiet:
                 how = "attached to existing build" if response.existing else "submitted build"
                 _err(f"{how} {response.build.id}: {', '.join(platforms)} -> {', '.join(tags)}")
-            progress = render.ProgressRenderer(sys.stderr, quiet=quiet)
+            progress = (
+                render.RawJsonRenderer(sys.stderr)
+                if args.progress == "rawjson"
+                else render.ProgressRenderer(sys.stderr, quiet=quiet)
+            )
             return await client.follow(response.build.id, progress.handle, on_lost=_err)
 
     try:
@@ -230,7 +236,10 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
         return EXIT_FAILED
     code = 0
     outputs = [
-        (args.metadata_file, json.dumps(render.build_metadata(build), indent=2) + "\n"),
+        (
+            args.metadata_file,
+            json.dumps(render.build_metadata(build, args.coordinator), indent=2) + "\n",
+        ),
         (args.iidfile, build.index_digest),  # buildx writes the digest without a newline
     ]
     for path, text in outputs:
@@ -408,7 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push", action="store_true",
                    help="push the result (the default, and today the only output)")  # fmt: skip
     p.add_argument("--idempotency-key", metavar="KEY", help="default: a new UUID per run")
-    p.add_argument("--progress", choices=["plain", "quiet"], default="plain")
+    p.add_argument("--progress", choices=["auto", "plain", "quiet", "rawjson"], default="auto",
+                   help="auto and plain: a line per change and log line, [platform] first; "
+                   "rawjson: one JSON BuildEvent per line; quiet: nothing")  # fmt: skip
+    p.add_argument("--no-cache", action="store_true", help="use no cached layer")
+    p.add_argument("--pull", action="store_true", help="pull base images again")
     p.add_argument("--cancel-on-interrupt", action="store_true",
                    help="on Ctrl-C cancel the build without asking")  # fmt: skip
     p.add_argument("context", metavar="CONTEXT_DIR")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC
 from typing import Any, TextIO
@@ -129,6 +130,25 @@ class ProgressRenderer:
                     known.CopyFrom(job)
 
 
+class RawJsonRenderer:
+    """`--progress rawjson`: every event as one line of JSON, a polyarch.v1.BuildEvent in
+    proto3's JSON mapping with the .proto field names and every field (empty ones as "", 0,
+    [] or the enum's zero name): {"build": {...}}, {"job": {...}} or
+    {"log": {"job_id", "platform", "attempt", "line"}}, in the order they arrive."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def handle(self, event: build_pb2.BuildEvent) -> None:
+        from google.protobuf.json_format import MessageToDict
+
+        # every field, empty ones too: consumers see one stable shape per event kind
+        fields = MessageToDict(
+            event, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        print(json.dumps(fields, separators=(",", ":")), file=self.out, flush=True)
+
+
 def failure_summary(build: build_pb2.Build) -> list[str]:
     """What went wrong and what was pushed anyway, one platform per line."""
     lines = [f"build {build.id} {build_state(build.state)}: {build.error or 'a platform failed'}"]
@@ -149,8 +169,10 @@ def failure_summary(build: build_pb2.Build) -> list[str]:
     return lines
 
 
-def build_metadata(build: build_pb2.Build) -> dict[str, Any]:
-    """buildx's --metadata-file keys, plus polyarch's own per-platform record."""
+def build_metadata(build: build_pb2.Build, coordinator: str = "") -> dict[str, Any]:
+    """buildx's --metadata-file keys, plus polyarch's own per-platform record.
+    buildx.build.ref names the build as buildx names its own (builder/node/ref):
+    polyarch/<coordinator address>/<build id>."""
     descriptor: dict[str, Any] = {
         "mediaType": build.index_media_type,
         "digest": build.index_digest,
@@ -160,6 +182,7 @@ def build_metadata(build: build_pb2.Build) -> dict[str, Any]:
         "containerimage.descriptor": descriptor,
         "containerimage.digest": build.index_digest,
         "image.name": ",".join(build.tags),
+        "buildx.build.ref": f"polyarch/{coordinator}/{build.id}",
         "polyarch.build.id": build.id,
         "polyarch.platforms": {
             job.platform: {"digest": job.digest, "agent": job.agent, "mode": build_mode(job.mode)}

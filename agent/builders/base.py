@@ -64,6 +64,8 @@ class BuildRequest:
     secrets: Mapping[str, Path] = field(default_factory=dict)  # secret id -> file
     docker_config_dir: Path | None = None
     auth_file: Path | None = None
+    no_cache: bool = False  # no cached layer is used
+    pull: bool = False  # base images are pulled again
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,9 @@ class BuildahBuilder:
         argv = [*self._base(request.platform), "build", "--platform", str(request.platform)]
         argv += ["-f", dockerfile_path, "-t", request.image]
         argv += ["--layers", "--force-rm", "--format", "oci"]
+        argv += ["--no-cache"] if request.no_cache else []
+        # buildah's plain --pull means "if newer or missing"; buildx's means always
+        argv += ["--pull=always"] if request.pull else []
         if request.insecure_registry:
             argv.append("--tls-verify=false")
         argv += key_value_flags("--build-arg", request.build_args)

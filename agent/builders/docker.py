@@ -129,6 +129,8 @@ class DockerBuilder:
         """The `docker build` argv and notes about options this client cannot honour."""
         argv = [self.docker_binary, "build", "--progress=plain"]
         argv += ["--platform", str(request.platform), "-f", dockerfile_path, "-t", request.image]
+        argv += ["--no-cache"] if request.no_cache else []
+        argv += ["--pull"] if request.pull else []
         build_args = dict(request.build_args)
         notes: list[str] = []
         for spec in request.cache_to:

@@ -98,6 +98,8 @@ class BuildSpec:
     # the registries it has its own credentials for
     secret_ids: list[str] = field(default_factory=list)
     credential_registries: list[str] = field(default_factory=list)
+    no_cache: bool = False
+    pull: bool = False
 
 
 @dataclass
@@ -142,10 +144,16 @@ class BuildRecord:
     request_hash: str = ""
 
 
+# Fields added after the first release, with their defaults: left out of the JSON while they
+# hold them, so the request hash of a build stored before stays the same.
+_ADDED_LATER = {"no_cache": False, "pull": False}
+
+
 def spec_json(spec: BuildSpec) -> str:
     """The spec as canonical JSON. Its fields are flat (strings, lists and maps of strings, a
-    str enum), so vars() gives what dataclasses.asdict would, without its deep copies."""
-    return json.dumps(vars(spec), sort_keys=True)
+    str enum, booleans), so vars() gives what dataclasses.asdict would, without deep copies."""
+    fields = {k: v for k, v in vars(spec).items() if k not in _ADDED_LATER or v != _ADDED_LATER[k]}
+    return json.dumps(fields, sort_keys=True)
 
 
 def request_hash(spec: BuildSpec) -> str:

@@ -128,6 +128,8 @@ def spec_from(request: build_pb2.SubmitBuildRequest) -> BuildSpec:
         emulation=POLICIES[request.emulation],
         cache_from=list(request.cache_from),
         cache_to=list(request.cache_to),
+        no_cache=request.no_cache,
+        pull=request.pull,
     )
 
 
@@ -194,5 +196,6 @@ def assignment_message(assign: Assign) -> agent_pb2.Assignment:
         context_digest=spec.context_digest, dockerfile=spec.dockerfile,
         build_args=spec.build_args, target=spec.target, labels=spec.labels,
         repository=f"{spec.registry}/{spec.repository}", push_tag=assign.push_tag,
-        cache_from=spec.cache_from, cache_to=spec.cache_to,
+        cache_from=spec.cache_from, cache_to=spec.cache_to, no_cache=spec.no_cache,
+        pull=spec.pull,
     )  # fmt: skip

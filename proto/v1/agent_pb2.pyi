@@ -119,7 +119,7 @@ class Welcome(_message.Message):
     def __init__(self, coordinator_version: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("job_id", "attempt", "build_id", "platform", "mode", "context_digest", "dockerfile", "build_args", "target", "labels", "repository", "push_tag", "cache_from", "cache_to", "registry_auths", "secrets")
+    __slots__ = ("job_id", "attempt", "build_id", "platform", "mode", "context_digest", "dockerfile", "build_args", "target", "labels", "repository", "push_tag", "cache_from", "cache_to", "registry_auths", "secrets", "no_cache", "pull")
     class BuildArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,8 @@ class Assignment(_message.Message):
     CACHE_TO_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_AUTHS_FIELD_NUMBER: _ClassVar[int]
     SECRETS_FIELD_NUMBER: _ClassVar[int]
+    NO_CACHE_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     build_id: str
@@ -166,7 +168,9 @@ class Assignment(_message.Message):
     cache_to: _containers.RepeatedScalarFieldContainer[str]
     registry_auths: _containers.RepeatedCompositeFieldContainer[_common_pb2.RegistryAuth]
     secrets: _containers.RepeatedCompositeFieldContainer[_common_pb2.BuildSecret]
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., build_id: _Optional[str] = ..., platform: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.BuildMode, str]] = ..., context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., build_args: _Optional[_Mapping[str, str]] = ..., target: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., repository: _Optional[str] = ..., push_tag: _Optional[str] = ..., cache_from: _Optional[_Iterable[str]] = ..., cache_to: _Optional[_Iterable[str]] = ..., registry_auths: _Optional[_Iterable[_Union[_common_pb2.RegistryAuth, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[_common_pb2.BuildSecret, _Mapping]]] = ...) -> None: ...
+    no_cache: bool
+    pull: bool
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., build_id: _Optional[str] = ..., platform: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.BuildMode, str]] = ..., context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., build_args: _Optional[_Mapping[str, str]] = ..., target: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., repository: _Optional[str] = ..., push_tag: _Optional[str] = ..., cache_from: _Optional[_Iterable[str]] = ..., cache_to: _Optional[_Iterable[str]] = ..., registry_auths: _Optional[_Iterable[_Union[_common_pb2.RegistryAuth, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[_common_pb2.BuildSecret, _Mapping]]] = ..., no_cache: _Optional[bool] = ..., pull: _Optional[bool] = ...) -> None: ...
 
 class CancelJob(_message.Message):
     __slots__ = ("job_id", "attempt", "reason")

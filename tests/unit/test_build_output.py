@@ -421,6 +421,19 @@ def test_buildah_commands(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+def test_no_cache_and_pull_as_each_builder_spells_them(tmp_path: Path) -> None:
+    request = make_request(tmp_path, no_cache=True, pull=True, cache_to=[], cache_from=[])
+    docker, _ = DockerBuilder().build_command(request, "/abs/Dockerfile")
+    buildah, _ = BuildahBuilder().build_command(request, "/abs/Dockerfile")
+    assert "--no-cache" in docker and "--pull" in docker
+    # buildah's bare --pull means "if newer or missing"; buildx's --pull means always
+    assert "--no-cache" in buildah and "--pull=always" in buildah
+    plain = make_request(tmp_path, cache_to=[], cache_from=[])
+    for argv in (DockerBuilder().build_command(plain, "/D")[0],
+                 BuildahBuilder().build_command(plain, "/D")[0]):  # fmt: skip
+        assert not {"--no-cache", "--pull", "--pull=always"} & set(argv)
+
+
 def test_buildah_verifies_tls_by_default(tmp_path: Path) -> None:
     request = make_request(tmp_path, cache_to=["type=local,dest=/x"])
     argv, notes = BuildahBuilder().build_command(request, "/abs/Dockerfile")

@@ -231,9 +231,12 @@ def test_successful_build_renders_progress_and_prints_the_digest_last(
         "containerimage.digest",
         "containerimage.descriptor",
         "image.name",
+        "buildx.build.ref",
         "polyarch.build.id",
         "polyarch.platforms",
     }
+    assert meta["buildx.build.ref"] == f"polyarch/{address}/b-1"
+    assert not request.no_cache and not request.pull
     assert meta["containerimage.digest"] == INDEX
     assert meta["containerimage.descriptor"]["digest"] == INDEX
     assert meta["containerimage.descriptor"]["mediaType"].endswith("index.v1+json")
@@ -244,6 +247,25 @@ def test_successful_build_renders_progress_and_prints_the_digest_last(
         "agent": "agent-b",
         "mode": "native",
     }
+
+
+def test_no_cache_and_pull_reach_the_request_and_rawjson_prints_only_json_events(
+    coordinator: tuple[str, FakeCoordinator],
+    context_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    address, fake = coordinator
+    argv = build_argv(address, context_dir, "--no-cache", "--pull", "--progress", "rawjson")
+    assert cli.main(argv) == 0
+    request = fake.submitted[0]
+    assert request.no_cache and request.pull
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [INDEX]
+    events = [json.loads(line) for line in err.splitlines()]  # every line is one JSON event
+    assert {next(iter(e)) for e in events} == {"build", "job", "log"}
+    logs = [e["log"] for e in events if "log" in e]
+    assert {"job_id", "platform", "line"} <= set(logs[0])
+    assert events[-1]["build"]["state"] == "BUILD_STATE_SUCCEEDED"
 
 
 def test_second_build_skips_the_upload_and_uses_a_new_idempotency_key(

@@ -114,6 +114,14 @@ async def test_create_and_read_back_a_build_with_its_jobs(store: StateStore) -> 
     assert await store.get_build("missing") is None
 
 
+async def test_every_spec_field_round_trips(store: StateStore) -> None:
+    build, jobs = make_build("b1", 10.0)
+    build.spec.no_cache, build.spec.pull, build.spec.secret_ids = True, True, ["npm"]
+    await store.create_build(build, jobs)
+    loaded = await store.get_build("b1")
+    assert loaded is not None and loaded.spec == build.spec
+
+
 async def test_duplicate_idempotency_key_names_the_first_build(store: StateStore) -> None:
     await store.create_build(*make_build("b1", 1.0, key="same"))
     with pytest.raises(DuplicateIdempotencyKey) as raised:

@@ -1,0 +1,90 @@
+"""buildx's flags on real builders through the farm: --no-cache and --pull, rawjson, metadata."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from polyarch.agent.builders.base import Builder
+from polyarch.agent.builders.buildah import BuildahBuilder
+from polyarch.agent.builders.docker import DockerBuilder
+from tests.support.farm import Farm, running_farm
+from tests.support.verify import skopeo_raw
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
+
+
+def run_step_cached(backend: str, log: str) -> bool:
+    """Whether the RUN step of examples/hello came from the layer cache, as the builder said
+    in the [platform]-prefixed log: BuildKit prints `#N CACHED` for step #N, buildah prints
+    `--> Using cache` under the step. (A FROM is `CACHED` even with --no-cache, as in buildx.)"""
+    lines = [line.partition("] ")[2] for line in log.splitlines() if line.startswith("[linux/")]
+    if backend == "docker":
+        steps = {m[1] for line in lines if (m := re.match(r"(#\d+) \[.*\] RUN echo", line))}
+        assert steps, "the log shows no RUN step"
+        return any(f"{step} CACHED" in lines for step in steps)
+    at = next(i for i, line in enumerate(lines) if "RUN echo" in line)
+    following = lines[at + 1 :]
+    until = next((i for i, line in enumerate(following) if line.startswith("STEP ")), None)
+    return any("Using cache" in line for line in following[:until])
+
+
+@pytest.fixture
+async def farm(tmp_path: Path) -> AsyncIterator[Farm]:
+    async with running_farm(tmp_path) as running:
+        yield running
+
+
+def make_builder(kind: str, docker_binary: str) -> Builder:
+    return DockerBuilder(docker_binary) if kind == "docker" else BuildahBuilder()
+
+
+@pytest.mark.parametrize("backend", ["docker", "buildah"])
+async def test_the_same_build_hits_the_cache_and_no_cache_rebuilds_every_step(
+    farm: Farm, backend: str, docker_binary: str, registry, base_image: str, unique_repo: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    await farm.add_agent(f"{backend}-agent", make_builder(backend, docker_binary),
+                         native=["linux/amd64"], slots=1)  # fmt: skip
+    repo = f"{registry.address}/{unique_repo}"
+    build = [
+        "build", "--platform", "linux/amd64", "-t", f"{repo}:v1",
+        "--build-arg", f"BASE={base_image}", "--build-arg", f"BUILD_ID={secrets.token_hex(4)}",
+    ]  # fmt: skip
+    first = await farm.cli(*build, str(EXAMPLE))
+    assert first.returncode == 0, first.stderr
+    again = await farm.cli(*build, str(EXAMPLE))
+    assert again.returncode == 0, again.stderr
+    assert run_step_cached(backend, again.stderr), "the repeated build ran its RUN step again"
+    metadata = tmp_path / "metadata.json"
+    fresh = await farm.cli(*build, "--no-cache", "--pull", "--metadata-file", str(metadata),
+                           str(EXAMPLE))  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr
+    assert not run_step_cached(backend, fresh.stderr), "--no-cache reused the cached RUN step"
+    meta = json.loads(metadata.read_text())
+    digest = fresh.stdout.strip().splitlines()[-1]
+    assert meta["containerimage.digest"] == digest
+    assert meta["buildx.build.ref"] == f"polyarch/{farm.address}/{meta['polyarch.build.id']}"
+    assert skopeo_raw(f"{repo}@{digest}")["manifests"], "no index was pushed"
+
+
+async def test_rawjson_progress_is_one_json_event_per_line(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str
+) -> None:
+    await farm.add_agent("docker-agent", DockerBuilder(docker_binary), native=["linux/amd64"])
+    repo = f"{registry.address}/{unique_repo}"
+    result = await farm.cli(
+        "build", "--platform", "linux/amd64", "-t", f"{repo}:v1", "--progress", "rawjson",
+        "--build-arg", f"BASE={base_image}", str(EXAMPLE),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    assert any("log" in e and "RUN echo" in e["log"]["line"] for e in events)
+    states = [e["job"]["state"] for e in events if "job" in e]
+    assert "JOB_STATE_PUSHED" in states
+    assert events[-1]["build"]["index_digest"] == result.stdout.strip()
