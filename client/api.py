@@ -257,6 +257,7 @@ class BuildClient:
         secrets: Mapping[str, bytes] | None = None,
         no_cache: bool = False,
         pull: bool = False,
+        annotations: Iterable[str] = (),
     ) -> build_pb2.SubmitBuildResponse:
         """Submits a build; the response's `existing` says the idempotency key matched one.
 
@@ -281,6 +282,7 @@ class BuildClient:
             secrets=[common_pb2.BuildSecret(id=k, value=v) for k, v in (secrets or {}).items()],
             no_cache=no_cache,
             pull=pull,
+            annotations=list(annotations),
         )
         return await self._call(self._stub().SubmitBuild, request)
 

@@ -215,6 +215,7 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
                 secrets=secrets,
                 no_cache=args.no_cache,
                 pull=args.pull,
+                annotations=args.annotation or [],
             )
             session.build_id = response.build.id
             if not quiet:
@@ -421,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto and plain: a line per change and log line, [platform] first; "
                    "rawjson: one JSON BuildEvent per line; quiet: nothing")  # fmt: skip
     p.add_argument("--no-cache", action="store_true", help="use no cached layer")
+    p.add_argument("--annotation", action="append", metavar="TYPE[PLATFORMS]:KEY=VALUE",
+                   help="on the index (index:) or its entries (manifest-descriptor:, "
+                   "optionally [linux/arm64,...]); repeatable")  # fmt: skip
     p.add_argument("--pull", action="store_true", help="pull base images again")
     p.add_argument("--cancel-on-interrupt", action="store_true",
                    help="on Ctrl-C cancel the build without asking")  # fmt: skip

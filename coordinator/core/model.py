@@ -100,6 +100,8 @@ class BuildSpec:
     credential_registries: list[str] = field(default_factory=list)
     no_cache: bool = False
     pull: bool = False
+    # buildx --annotation specs for the index and its entries (registry/annotations.py)
+    annotations: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -146,7 +148,7 @@ class BuildRecord:
 
 # Fields added after the first release, with their defaults: left out of the JSON while they
 # hold them, so the request hash of a build stored before stays the same.
-_ADDED_LATER = {"no_cache": False, "pull": False}
+_ADDED_LATER: dict[str, object] = {"no_cache": False, "pull": False, "annotations": []}
 
 
 def spec_json(spec: BuildSpec) -> str:

@@ -9,6 +9,7 @@ from polyarch.coordinator.contexts.store import ContextStore, check_digest
 from polyarch.coordinator.core.fleet import AgentSession
 from polyarch.coordinator.core.model import BuildSpec, EmulationPolicy, InvalidRequest, NotFound
 from polyarch.coordinator.limits import Limits
+from polyarch.coordinator.registry.annotations import parse_annotations
 from polyarch.coordinator.wire.caps import check_caps
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 from polyarch.proto.references import ReferenceError, parse_reference
@@ -40,6 +41,7 @@ def validate_spec(
     for key in spec.build_args:
         if not key or "=" in key:
             raise InvalidRequest(f"malformed build arg name {key!r}")
+    parse_annotations(spec.annotations, platforms)  # refused now, not after the builds
     return platforms
 
 

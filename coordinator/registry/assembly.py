@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from polyarch.coordinator.core.model import BuildSpec, JobRecord, push_tag
+from polyarch.coordinator.registry.annotations import parse_annotations
 from polyarch.coordinator.registry.build_credentials import BuildCredentials, LayeredCredentialStore
 from polyarch.coordinator.registry.client import RegistryClient, RegistryError
 from polyarch.coordinator.registry.index import IndexResult, assemble_index
@@ -29,8 +30,9 @@ class IndexPublisher:
         await asyncio.gather(*(self.check_pushed(client, spec, job) for job in jobs))
         children = {parse_platform(job.platform): job.digest for job in jobs}
         tags = [parse_reference(tag).tag for tag in spec.tags]
+        annotations = parse_annotations(spec.annotations, list(children))
         result = await assemble_index(
-            client, spec.registry, spec.repository, children, [t for t in tags if t]
+            client, spec.registry, spec.repository, children, [t for t in tags if t], annotations
         )
         # The registry's word on each child (media type, size) replaces the agent's report.
         verified = {child.platform: child for child in result.children}

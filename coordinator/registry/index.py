@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from polyarch.coordinator.registry.annotations import IndexAnnotations, annotated
 from polyarch.coordinator.registry.client import RegistryClient, compute_digest
 from polyarch.proto.media_types import (
     DOCKER_MANIFEST,
@@ -55,9 +56,13 @@ class IndexResult:
     children: tuple[ChildManifest, ...]
 
 
-def index_media_type(children: Sequence[ChildManifest]) -> str:
-    """A Docker manifest list when every child is a Docker manifest, an OCI index otherwise."""
-    if children and all(child.media_type == DOCKER_MANIFEST for child in children):
+def index_media_type(
+    children: Sequence[ChildManifest], annotations: IndexAnnotations | None = None
+) -> str:
+    """A Docker manifest list when every child is a Docker manifest and nothing is annotated,
+    an OCI index otherwise."""
+    plain = not annotations
+    if plain and children and all(child.media_type == DOCKER_MANIFEST for child in children):
         return DOCKER_MANIFEST_LIST
     return OCI_INDEX
 
@@ -71,8 +76,12 @@ def platform_json(platform: Platform) -> dict[str, str]:
     return entry
 
 
-def render_index(children: Sequence[ChildManifest]) -> bytes:
-    """Canonical index JSON (sorted keys, no whitespace, entries sorted by platform)."""
+def render_index(
+    children: Sequence[ChildManifest], annotations: IndexAnnotations | None = None
+) -> bytes:
+    """Canonical index JSON (sorted keys, no whitespace, entries sorted by platform); with
+    annotations always an OCI index (a Docker manifest list has no annotations)."""
+    annotations = annotations or IndexAnnotations()
     if not children:
         raise ValueError("an image index needs at least one child manifest")
     seen: set[Platform] = set()
@@ -81,19 +90,25 @@ def render_index(children: Sequence[ChildManifest]) -> bytes:
             raise DuplicatePlatform(f"two child manifests for platform {child.platform}")
         seen.add(child.platform)
     manifests = [
-        {
-            "mediaType": child.media_type,
-            "digest": child.digest,
-            "size": child.size,
-            "platform": platform_json(child.platform),
-        }
+        annotated(
+            {
+                "mediaType": child.media_type,
+                "digest": child.digest,
+                "size": child.size,
+                "platform": platform_json(child.platform),
+            },
+            annotations.for_entry(child.platform),
+        )
         for child in sorted(children, key=lambda c: str(c.platform))
     ]
-    document = {
-        "schemaVersion": 2,
-        "mediaType": index_media_type(children),
-        "manifests": manifests,
-    }
+    document = annotated(
+        {
+            "schemaVersion": 2,
+            "mediaType": index_media_type(children, annotations),
+            "manifests": manifests,
+        },
+        annotations.index,
+    )
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
@@ -200,6 +215,7 @@ async def assemble_index(
     repository: str,
     children: Mapping[Platform, str],
     tags: Sequence[str],
+    annotations: IndexAnnotations | None = None,
 ) -> IndexResult:
     """Verifies every child, pushes the index under every tag and reads each tag back."""
     if not tags:
@@ -213,8 +229,8 @@ async def assemble_index(
             for platform, digest in children.items()
         )
     )
-    body = render_index(resolved)
-    media_type = index_media_type(resolved)
+    body = render_index(resolved, annotations)
+    media_type = index_media_type(resolved, annotations)
     digest = compute_digest(body)
     for tag in tags:
         await client.put_manifest(registry, repository, tag, body, media_type)

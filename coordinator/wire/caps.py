@@ -27,6 +27,10 @@ def check_caps(spec: BuildSpec, limits: Limits) -> None:
             _size(f"a {field}", reference, MAX_REFERENCE_BYTES, "image reference format")
     for text in spec.platforms:
         _size("a platform", text, MAX_REFERENCE_BYTES, "platform format")
+    _count("annotations", len(spec.annotations), limits.max_labels, "max_labels")
+    for annotation in spec.annotations:
+        bound = limits.max_key_bytes + limits.max_value_bytes + MAX_REFERENCE_BYTES
+        _size("an annotation", annotation, bound, "max_key_bytes + max_value_bytes")
     _size("the dockerfile path", spec.dockerfile, limits.max_path_bytes, "max_path_bytes")
     _size("the target", spec.target, limits.max_path_bytes, "max_path_bytes")
     total = _pairs("build args", spec.build_args, limits.max_build_args, "max_build_args", limits)

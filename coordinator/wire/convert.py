@@ -130,6 +130,7 @@ def spec_from(request: build_pb2.SubmitBuildRequest) -> BuildSpec:
         cache_to=list(request.cache_to),
         no_cache=request.no_cache,
         pull=request.pull,
+        annotations=list(request.annotations),
     )
 
 

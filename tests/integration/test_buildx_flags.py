@@ -88,3 +88,31 @@ async def test_rawjson_progress_is_one_json_event_per_line(
     states = [e["job"]["state"] for e in events if "job" in e]
     assert "JOB_STATE_PUSHED" in states
     assert events[-1]["build"]["index_digest"] == result.stdout.strip()
+
+
+async def test_annotations_land_on_the_index_and_its_entries(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str
+) -> None:
+    await farm.add_agent("buildah-agent", BuildahBuilder(), native=["linux/amd64"],
+                         emulated=["linux/arm64"], slots=2)  # fmt: skip
+    repo = f"{registry.address}/{unique_repo}"
+    description = "org.opencontainers.image.description"
+    result = await farm.cli(
+        "build", "--platform", "linux/amd64,linux/arm64", "-t", f"{repo}:v1",
+        "--build-arg", f"BASE={base_image}",
+        "--annotation", f"index:{description}=built by the farm",
+        "--annotation", "manifest-descriptor[linux/arm64]:org.example.arch=arm",
+        str(EXAMPLE),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    index = skopeo_raw(f"{repo}:v1")  # read by skopeo, not by our own client
+    assert index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    assert index["annotations"] == {description: "built by the farm"}
+    by_arch = {m["platform"]["architecture"]: m.get("annotations") for m in index["manifests"]}
+    assert by_arch == {"amd64": None, "arm64": {"org.example.arch": "arm"}}
+    refused = await farm.cli(
+        "build", "--platform", "linux/amd64", "-t", f"{repo}:v2",
+        "--annotation", f"{description}=on the manifests", str(EXAMPLE),
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "manifest annotations are not supported" in refused.stderr
