@@ -1,0 +1,121 @@
+"""The CI templates on a real farm: the GitHub action's steps run as the runner runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from polyarch.agent.builders.docker import DockerBuilder
+from tests.support.farm import Farm, running_farm
+from tests.support.verify import skopeo_raw
+
+ROOT = Path(__file__).resolve().parents[2]
+ACTION = ROOT / "deploy" / "ci" / "github" / "action.yml"
+EXAMPLE = ROOT / "examples" / "hello"
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+@pytest.fixture
+async def farm(tmp_path: Path) -> AsyncIterator[Farm]:
+    async with running_farm(tmp_path) as running:
+        yield running
+
+
+def action_step(inputs: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The build step's `run` and its env, with `${{ inputs.X }}` resolved as a runner does:
+    the caller's value, else the input's default. (The file's layout is ours, so a small
+    reader does; no YAML library is a dependency.)"""
+    text = ACTION.read_text()
+    defaults = dict(re.findall(r"^  ([a-z-]+):\n(?:    .*\n)*?    default: (.*)$", text, re.M))
+    values = {name: value.strip('"') for name, value in defaults.items()} | inputs
+    step = text[text.index("    - id: build") :]
+    run = re.search(r"^      run: (.*)$", step, re.M)
+    assert run is not None
+    env = {
+        key: values.get(name, "")
+        for key, name in re.findall(
+            r"^        ([A-Z_]+): \$\{\{ inputs\.([a-z-]+) \}\}$", step, re.M
+        )
+    }
+    return run[1], env
+
+
+async def run_action(inputs: dict[str, str], tmp_path: Path) -> tuple[int, str, dict[str, str]]:
+    """Runs the build step in bash with the runner's variables; returns (exit, stderr, outputs)."""
+    command, env = action_step(inputs)
+    outputs = tmp_path / "github_output"
+    outputs.write_text("")
+    full_env = {
+        **os.environ, **env, "GITHUB_ACTION_PATH": str(ACTION.parent),
+        "GITHUB_OUTPUT": str(outputs), "RUNNER_TEMP": str(tmp_path),
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+    }  # fmt: skip
+    done = await asyncio.to_thread(
+        subprocess.run, ["bash", "-c", command], env=full_env, capture_output=True, text=True,
+        timeout=600, check=False,
+    )  # fmt: skip
+    return done.returncode, done.stderr, parse_outputs(outputs.read_text())
+
+
+def parse_outputs(text: str) -> dict[str, str]:
+    """GITHUB_OUTPUT's format: NAME=value lines and NAME<<DELIMITER blocks."""
+    found, lines = {}, iter(text.splitlines())
+    for line in lines:
+        if "<<" in line:
+            name, delimiter = line.split("<<", 1)
+            block = []
+            for inner in lines:
+                if inner == delimiter:
+                    break
+                block.append(inner)
+            found[name] = "\n".join(block)
+        elif "=" in line:
+            name, value = line.split("=", 1)
+            found[name] = value
+    return found
+
+
+@pytest.mark.emulated
+async def test_the_github_action_builds_pushes_and_reports_its_outputs(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str, tmp_path: Path
+) -> None:
+    await farm.add_agent("docker-agent", DockerBuilder(docker_binary), native=["linux/amd64"],
+                         emulated=["linux/arm64"], slots=2)  # fmt: skip
+    repo = f"{registry.address}/{unique_repo}"
+    token = farm.admin_token_file.read_text().strip()
+    inputs = {
+        "coordinator": farm.address,
+        "token": token,
+        "context": str(EXAMPLE),
+        "platforms": "linux/amd64\nlinux/arm64",
+        "tags": f"{repo}:v1,{repo}:latest",
+        "build-args": f"BASE={base_image}\nBUILD_ID=action",
+        "labels": "org.example.from=action",
+        "annotations": "index:org.opencontainers.image.description=built by the action",
+        "secrets": "UNUSED_TOKEN=s3cr3t-value",
+    }
+    code, stderr, outputs = await run_action(inputs, tmp_path)
+    assert code == 0, stderr
+    assert "s3cr3t-value" not in stderr  # a secret travels in a file, never on a command line
+    index = skopeo_raw(f"{repo}:latest")
+    assert index["annotations"] == {"org.opencontainers.image.description": "built by the action"}
+    assert outputs["digest"] == outputs["imageid"]
+    assert skopeo_raw(f"{repo}@{outputs['digest']}") == index  # the digest is what v1 holds
+    metadata = json.loads(outputs["metadata"])
+    assert metadata["containerimage.digest"] == outputs["digest"]
+    assert sorted(metadata["polyarch.platforms"]) == ["linux/amd64", "linux/arm64"]
+
+
+async def test_the_github_action_refuses_push_false_naming_why(farm: Farm, tmp_path: Path) -> None:
+    inputs = {"coordinator": farm.address, "token": "unused", "platforms": "linux/amd64",
+              "tags": "127.0.0.1:5000/a/b:1", "push": "false"}  # fmt: skip
+    code, stderr, outputs = await run_action(inputs, tmp_path)
+    assert code == 2 and outputs == {}
+    assert "push: false needs an output that publishes nothing" in stderr
