@@ -144,22 +144,6 @@ def missing_dockerfile_failure(dockerfile: str) -> BuildFailed:
     return BuildFailed("prepare", f"Dockerfile {dockerfile!r} not found in the build context")
 
 
-def cache_reference(spec: str) -> str:
-    """The image reference of a cache spec: `ref=` of `type=registry,ref=R`, or a bare ref."""
-    if "=" not in spec:
-        return spec
-    fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
-    return fields.get("ref", "")
-
-
-def cache_type(spec: str) -> str:
-    """The `type=` of a cache spec ("registry" for a bare reference)."""
-    if "=" not in spec:
-        return "registry"
-    fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
-    return fields.get("type", "registry")
-
-
 def key_value_flags(flag: str, values: Mapping[str, str]) -> list[str]:
     """`--flag K=V` pairs in a stable (sorted) order."""
     argv: list[str] = []

@@ -13,8 +13,6 @@ from polyarch.agent.builders.base import (
     BuildFailed,
     BuildRequest,
     PushedImage,
-    cache_reference,
-    cache_type,
     key_value_flags,
     last_meaningful_line,
     looks_like_infrastructure_failure,
@@ -34,6 +32,7 @@ from polyarch.agent.builders.process import (
     run_captured,
     run_streaming,
 )
+from polyarch.proto.caches import cache_reference, cache_type
 from polyarch.proto.media_types import OCI_MANIFEST
 from polyarch.proto.platforms import Platform
 

@@ -11,8 +11,6 @@ from polyarch.agent.builders.base import (
     BuildFailed,
     BuildRequest,
     PushedImage,
-    cache_reference,
-    cache_type,
     key_value_flags,
     last_meaningful_line,
     looks_like_infrastructure_failure,
@@ -23,6 +21,7 @@ from polyarch.agent.builders.base import (
 )
 from polyarch.agent.builders.process import ProcessNotFound, ProcessResult, run_captured
 from polyarch.agent.builders.process import run_streaming as _run_streaming
+from polyarch.proto.caches import cache_reference, cache_type
 from polyarch.proto.media_types import DOCKER_MANIFEST
 from polyarch.proto.references import registry_of
 from polyarch.proto.registries import is_loopback_registry

@@ -36,7 +36,11 @@ from polyarch.coordinator.core.states import (
 )
 from polyarch.coordinator.core.store import DuplicateIdempotencyKey, StateStore
 from polyarch.coordinator.core.timeouts import AttemptClock, timeout_reason
-from polyarch.coordinator.core.validation import describe_unschedulable, validate_spec
+from polyarch.coordinator.core.validation import (
+    describe_unschedulable,
+    refuse_unhonoured_caches,
+    validate_spec,
+)
 from polyarch.coordinator.limits import Limits
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.registry.build_credentials import BuildCredentials, CredentialVault
@@ -382,4 +386,7 @@ class BuildManager:
             raise Unschedulable(
                 describe_unschedulable(unschedulable, spec.emulation, self.sessions)
             )
+        if spec.cache_from or spec.cache_to:
+            candidates = {p: self.roster.candidates(p, spec.emulation) for p in platforms}
+            refuse_unhonoured_caches(spec, candidates)
         return platforms

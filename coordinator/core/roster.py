@@ -11,15 +11,17 @@ from polyarch.coordinator.core.ledger import BuildLedger
 from polyarch.coordinator.core.model import (
     AlreadyExists,
     BuildRecord,
+    EmulationPolicy,
     InvalidRequest,
     JobRecord,
     JobState,
+    Mode,
     NotFound,
 )
 from polyarch.coordinator.core.scheduler import AgentView, QueuedJob, Scheduler
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.proto.agent_protocol import DEFAULT_HEARTBEAT_INTERVAL, MAX_AGENT_SLOTS
-from polyarch.proto.platforms import PlatformError, parse_platform
+from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 from polyarch.proto.registries import polyarch_version
 from polyarch.proto.trust import NAME_PATTERN
 
@@ -133,6 +135,15 @@ class Roster:
         """The non-terminal jobs currently assigned to an agent."""
         found = (self.ledger.find_job(job_id) for job_id in self.scheduler.running_on(agent))
         return [f[1] for f in found if f is not None]
+
+    def candidates(self, platform: Platform, policy: EmulationPolicy) -> list[AgentSession]:
+        """The connected agents a job of this platform may run on under its policy."""
+        modes = self.scheduler.eligible_modes(platform, policy)
+        return [
+            s for s in self.sessions.values()
+            if (Mode.NATIVE in modes and platform in s.native)
+            or (Mode.EMULATED in modes and platform in s.emulated)
+        ]  # fmt: skip
 
     def jobs_on_agents(self) -> list[tuple[BuildRecord, JobRecord]]:
         """Every live attempt an agent holds: bounded by the fleet's slots, not the queue."""

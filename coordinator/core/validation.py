@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 
 from polyarch.coordinator.contexts.store import ContextStore, check_digest
@@ -11,6 +11,7 @@ from polyarch.coordinator.core.model import BuildSpec, EmulationPolicy, InvalidR
 from polyarch.coordinator.limits import Limits
 from polyarch.coordinator.registry.annotations import parse_annotations
 from polyarch.coordinator.wire.caps import check_caps
+from polyarch.proto.caches import cache_refusal
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 from polyarch.proto.references import ReferenceError, parse_reference
 
@@ -84,3 +85,26 @@ def describe_unschedulable(
         f"no connected agent can build {names} with emulation={policy.value}{hint}; "
         f"native: {', '.join(native) or 'none'}; emulated: {', '.join(emulated) or 'none'}"
     )
+
+
+def refuse_unhonoured_caches(
+    spec: BuildSpec,
+    candidates: Mapping[Platform, Sequence[AgentSession]],
+) -> None:
+    """InvalidRequest naming each cache spec an agent that may take the build cannot honour
+    (docker agents export only inline caches, say): refused now rather than skipped there.
+    `candidates` are, per platform, the connected agents its emulation policy allows."""
+    problems = []
+    for direction, flag, specs in (("from", "--cache-from", spec.cache_from),
+                                   ("to", "--cache-to", spec.cache_to)):  # fmt: skip
+        for cache in specs:
+            for platform, sessions in candidates.items():
+                for session in sessions:
+                    why = cache_refusal(session.builder, direction, cache)
+                    if why:
+                        problems.append(
+                            f"{flag} {cache!r}: {why} (agent {session.name} could take {platform})"
+                        )
+                        break
+    if problems:
+        raise InvalidRequest("; ".join(dict.fromkeys(problems)))

@@ -116,3 +116,19 @@ async def test_annotations_land_on_the_index_and_its_entries(
     )  # fmt: skip
     assert refused.returncode == 2, refused.stderr
     assert "manifest annotations are not supported" in refused.stderr
+
+
+async def test_a_cache_export_a_docker_agent_cannot_do_is_refused_before_building(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str
+) -> None:
+    await farm.add_agent("docker-1", DockerBuilder(docker_binary), native=["linux/amd64"])
+    repo = f"{registry.address}/{unique_repo}"
+    result = await farm.cli(
+        "build", "--platform", "linux/amd64", "-t", f"{repo}:v1",
+        "--build-arg", f"BASE={base_image}",
+        "--cache-to", f"type=registry,ref={repo}-cache", str(EXAMPLE),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "docker agents export only type=inline caches (agent docker-1" in result.stderr
+    builds = await farm.cli("builds", "--json")
+    assert json.loads(builds.stdout) == []  # refused: nothing was queued or built

@@ -57,9 +57,10 @@ def connect(
     emulated: tuple[str, ...] = (),
     slots: int = 2,
     running: tuple[tuple[str, int], ...] = (),
+    builder: str = "sim",
 ) -> AgentSession:
     hello = Hello(
-        name=name, builder="sim", native_platforms=tuple(native), emulated_platforms=emulated,
+        name=name, builder=builder, native_platforms=tuple(native), emulated_platforms=emulated,
         slots=slots, running=running,
     )  # fmt: skip
     return manager.attach_agent(hello, "sim")

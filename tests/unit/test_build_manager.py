@@ -321,6 +321,32 @@ async def test_concurrent_submits_with_one_key_make_one_build(manager: BuildMana
     assert sorted(existing for _, existing in results) == [False, True, True, True, True]
 
 
+async def test_a_cache_spec_an_agent_cannot_honour_is_refused_at_submit(
+    manager: BuildManager,
+) -> None:
+    connect(manager, "docker-1", ["linux/amd64"], builder="docker")
+    connect(manager, "buildah-1", ["linux/arm64"], builder="buildah")
+    registry_cache = "type=registry,ref=127.0.0.1:5000/team/cache"
+    with_cache = spec(["linux/amd64"])
+    with_cache.cache_to = [registry_cache]
+    with pytest.raises(InvalidRequest) as caught:
+        await manager.submit(with_cache, "")
+    assert str(caught.value) == (
+        f"--cache-to {registry_cache!r}: docker agents export only type=inline caches "
+        "(agent docker-1 could take linux/amd64)"
+    )
+    inline = spec(["linux/amd64"])
+    inline.cache_to, inline.cache_from = ["type=inline"], ["127.0.0.1:5000/team/app:1"]
+    assert not (await manager.submit(inline, ""))[1]  # what docker does is accepted
+    on_buildah = spec(["linux/arm64"])
+    on_buildah.cache_to = [registry_cache]
+    assert not (await manager.submit(on_buildah, ""))[1]
+    local = spec(["linux/arm64"])
+    local.cache_from = ["type=local,src=/tmp/cache"]
+    with pytest.raises(InvalidRequest, match="buildah agents import only type=registry caches"):
+        await manager.submit(local, "")
+
+
 async def test_only_the_owner_or_an_admin_may_cancel(manager: BuildManager) -> None:
     connect(manager, "a", ["linux/amd64"])
     build, _ = await manager.submit(spec(["linux/amd64"]), "", owner="token-a")

@@ -12,8 +12,6 @@ import pytest
 from polyarch.agent.builders.base import (
     BuildFailed,
     BuildRequest,
-    cache_reference,
-    cache_type,
     looks_like_infrastructure_failure,
     push_failure_is_transient,
     push_with_retries,
@@ -32,6 +30,7 @@ from polyarch.agent.builders.process import (
     run_captured,
     run_streaming,
 )
+from polyarch.proto.caches import cache_reference, cache_type
 from polyarch.proto.platforms import parse_platform
 
 # --- Output captured from the real tools on the test machine (Docker 20.10.24, buildah 1.28.2).
