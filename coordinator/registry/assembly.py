@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from polyarch.coordinator.core.model import BuildSpec, JobRecord, push_tag
 from polyarch.coordinator.registry.annotations import parse_annotations
 from polyarch.coordinator.registry.build_credentials import BuildCredentials, LayeredCredentialStore
 from polyarch.coordinator.registry.client import RegistryClient, RegistryError
 from polyarch.coordinator.registry.index import IndexResult, assemble_index
+from polyarch.coordinator.registry.staging import remove_staging_tags
 from polyarch.proto.platforms import parse_platform
 from polyarch.proto.references import parse_reference
+
+log = logging.getLogger(__name__)
 
 
 class IndexPublisher:
@@ -34,6 +38,7 @@ class IndexPublisher:
         result = await assemble_index(
             client, spec.registry, spec.repository, children, [t for t in tags if t], annotations
         )
+        await self.remove_staging_tags(client, spec, jobs)
         # The registry's word on each child (media type, size) replaces the agent's report.
         verified = {child.platform: child for child in result.children}
         for job in jobs:
@@ -60,3 +65,19 @@ class IndexPublisher:
                 f"{tag} holds {held.digest}; refusing to publish",
                 spec.registry,
             )
+
+    @staticmethod
+    async def remove_staging_tags(
+        client: RegistryClient, spec: BuildSpec, jobs: list[JobRecord]
+    ) -> None:
+        """Every attempt's per-job tag goes once the index is published; a registry that
+        refuses deletes keeps them (said in the log), and nothing here fails the build."""
+        tags = [push_tag(j.build_id, j.platform, a) for j in jobs for a in range(1, j.attempt + 1)]
+        if not jobs or not tags:
+            return
+        try:
+            await remove_staging_tags(
+                client, spec.registry, spec.repository, jobs[0].build_id, tags
+            )
+        except RegistryError as exc:
+            log.warning("build %s: staging tags stay: %s", jobs[0].build_id, exc)

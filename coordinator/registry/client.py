@@ -230,6 +230,32 @@ class RegistryClient:
             )
         return digest
 
+    async def put_blob(self, registry: str, repository: str, data: bytes) -> str:
+        """Uploads a small blob unless the repository holds it (POST, then PUT with the
+        digest: the monolithic upload every registry takes); returns its digest."""
+        digest = compute_digest(data)
+        try:
+            await self._request("HEAD", registry, repository, f"blobs/{digest}", blob=True)
+            return digest
+        except BlobNotFound:
+            pass
+        started = await self._request("POST", registry, repository, "blobs/uploads/")
+        location = started.headers.get("location", "")
+        if not location:
+            raise RegistryError(f"{registry}/{repository}: upload has no Location", registry)
+        sep = "&" if "?" in location else "?"
+        await self._request(
+            "PUT", registry, repository, f"{location}{sep}digest={digest}", content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )  # fmt: skip
+        return digest
+
+    async def delete_manifest(self, registry: str, repository: str, digest: str) -> None:
+        """Deletes a manifest by digest (with the tags that name it, as registries do)."""
+        if not is_digest(digest):
+            raise ValueError(f"not a digest: {digest!r}")
+        await self._request("DELETE", registry, repository, f"manifests/{digest}")
+
     # -- internals --------------------------------------------------------------------------
 
     def _verify(
@@ -259,7 +285,12 @@ class RegistryClient:
         content: bytes | None = None,
         blob: bool = False,
     ) -> httpx.Response:
-        url = f"{self.base_url(registry)}/v2/{repository}/{path}"
+        if path.startswith(("http://", "https://")):  # an upload's Location, as given
+            url = path
+        elif path.startswith("/"):
+            url = f"{self.base_url(registry)}{path}"
+        else:
+            url = f"{self.base_url(registry)}/v2/{repository}/{path}"
         actions = "pull,push" if method in ("PUT", "POST", "PATCH", "DELETE") else "pull"
         scope = f"repository:{repository}:{actions}"
         where = f"{registry}/{repository}"

@@ -13,8 +13,9 @@ import pytest
 from polyarch.agent.builders.base import Builder
 from polyarch.agent.builders.buildah import BuildahBuilder
 from polyarch.agent.builders.docker import DockerBuilder
+from tests.support import services
 from tests.support.farm import Farm, running_farm
-from tests.support.verify import skopeo_raw
+from tests.support.verify import skopeo_raw, skopeo_tags
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
 
@@ -132,3 +133,38 @@ async def test_a_cache_export_a_docker_agent_cannot_do_is_refused_before_buildin
     assert "docker agents export only type=inline caches (agent docker-1" in result.stderr
     builds = await farm.cli("builds", "--json")
     assert json.loads(builds.stdout) == []  # refused: nothing was queued or built
+
+
+async def test_staging_tags_are_removed_once_published_and_the_index_stays_whole(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str
+) -> None:
+    await farm.add_agent("docker-1", DockerBuilder(docker_binary), native=["linux/amd64"],
+                         emulated=["linux/arm64"], slots=2)  # fmt: skip
+    repo = f"{registry.address}/{unique_repo}"
+    result = await farm.cli(
+        "build", "--platform", "linux/amd64,linux/arm64", "-t", f"{repo}:v1",
+        "--build-arg", f"BASE={base_image}", str(EXAMPLE),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert skopeo_tags(repo) == ["v1"]  # no polyarch-<build>-<platform>-<attempt> left
+    index = skopeo_raw(f"{repo}:v1")
+    for child in index["manifests"]:  # every image the index names is still there
+        assert skopeo_raw(f"{repo}@{child['digest']}")["layers"]
+
+
+async def test_where_deletes_are_off_staging_tags_stay_pointing_at_an_empty_manifest(
+    farm: Farm, docker_binary: str, base_image: str, unique_repo: str, tmp_path: Path
+) -> None:
+    await farm.add_agent("docker-1", DockerBuilder(docker_binary), native=["linux/amd64"])
+    with services.running_registry(tmp_path / "no-deletes", delete=False) as strict:
+        repo = f"{strict.address}/{unique_repo}"
+        result = await farm.cli(
+            "build", "--platform", "linux/amd64", "-t", f"{repo}:v1",
+            "--build-arg", f"BASE={base_image}", str(EXAMPLE),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr  # the build succeeds all the same
+        staging = [t for t in skopeo_tags(repo) if t.startswith("polyarch-")]
+        assert len(staging) == 1
+        empty = skopeo_raw(f"{repo}:{staging[0]}")
+        assert empty["layers"] == [] and "org.polyarch.staging-of" in empty["annotations"]
+        assert skopeo_raw(f"{repo}:v1")["manifests"]  # the index is intact

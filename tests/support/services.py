@@ -81,13 +81,15 @@ def htpasswd_entry(username: str, password: str) -> str:
     return out.stdout.strip() + "\n"
 
 
-def _registry_config(storage: Path, port: int, htpasswd: Path | None) -> dict[str, Any]:
+def _registry_config(
+    storage: Path, port: int, htpasswd: Path | None, delete: bool = True
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "version": 0.1,
         "log": {"level": "info"},
         "storage": {
             "filesystem": {"rootdirectory": str(storage)},
-            "delete": {"enabled": True},
+            "delete": {"enabled": delete},
         },
         # A fixed secret silences the "no secret" warning; only this process uses it.
         "http": {"addr": f"127.0.0.1:{port}", "secret": secrets.token_hex(16)},
@@ -122,6 +124,7 @@ def running_registry(
     *,
     credentials: tuple[str, str] | None = None,
     timeout: float = REGISTRY_READY_TIMEOUT,
+    delete: bool = True,
 ) -> Iterator[Registry]:
     """Runs docker-registry on a free 127.0.0.1 port with storage under workdir.
 
@@ -141,7 +144,9 @@ def running_registry(
         port = free_port()
         config_path = workdir / "config.yml"
         # JSON is YAML; no YAML library needed.
-        config_path.write_text(json.dumps(_registry_config(storage, port, htpasswd), indent=2))
+        config_path.write_text(
+            json.dumps(_registry_config(storage, port, htpasswd, delete), indent=2)
+        )
         log_path = workdir / f"registry-{attempt}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from typing import Any
 
@@ -9,7 +10,9 @@ from polyarch.proto.platforms import parse_platform
 
 from .services import skopeo_raw
 
-__all__ = ["docker_run_uname", "index_platforms", "skopeo_missing", "skopeo_raw"]
+__all__ = [
+    "docker_run_uname", "index_platforms", "skopeo_missing", "skopeo_raw", "skopeo_tags",
+]  # fmt: skip
 
 
 def skopeo_missing(reference: str) -> bool:
@@ -39,3 +42,12 @@ def docker_run_uname(docker: str, reference: str, platform: str) -> str:
     out = subprocess.run([*command, "uname", "-m"], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, f"docker run --platform {platform} {reference}: {out.stderr}"
     return out.stdout.strip()
+
+
+def skopeo_tags(repository: str) -> list[str]:
+    """The repository's tags as skopeo lists them (an independent client)."""
+    done = subprocess.run(
+        ["skopeo", "list-tags", "--tls-verify=false", f"docker://{repository}"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return sorted(json.loads(done.stdout)["Tags"])
