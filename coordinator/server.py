@@ -115,6 +115,7 @@ class Coordinator:
         self._metrics_server: Any = None
         self._store: SQLiteStore | None = None
         self._registry: RegistryClient | None = None
+        self._publisher: IndexPublisher | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._context_gc: asyncio.Task[None] | None = None
         self._trust_store: SQLiteTrustStore | None = None
@@ -156,8 +157,9 @@ class Coordinator:
             on_request_error=lambda kind: self.metrics.registry_errors.labels(kind=kind).inc(),
         )
         contexts = ContextStore(cfg.data_dir / "contexts", cfg.limits)
+        self._publisher = IndexPublisher(self._registry)
         self.manager = BuildManager(
-            self._store, contexts, IndexPublisher(self._registry), self.metrics,
+            self._store, contexts, self._publisher, self.metrics,
             limits=cfg.limits,
         )  # fmt: skip
         self.metrics.context_store_bytes.set_function(lambda: contexts.stored_bytes)
@@ -283,6 +285,8 @@ class Coordinator:
                 self._metrics_server.server_close()
             if self.manager is not None:
                 await self.manager.close()
+            if self._publisher is not None:
+                await self._publisher.aclose()
             if self._registry is not None:
                 await self._registry.aclose()
             if self._store is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 
 from polyarch.coordinator.core.model import BuildSpec, JobRecord, push_tag
@@ -22,6 +23,12 @@ class IndexPublisher:
 
     def __init__(self, client: RegistryClient) -> None:
         self.client = client
+        # staging-tag removals run after the build is reported: CI waits for none of them
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def aclose(self) -> None:
+        """Lets running removals finish (bounded by the registry client's timeouts)."""
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
 
     async def publish(
         self, spec: BuildSpec, jobs: list[JobRecord], own: BuildCredentials | None = None
@@ -38,7 +45,11 @@ class IndexPublisher:
         result = await assemble_index(
             client, spec.registry, spec.repository, children, [t for t in tags if t], annotations
         )
-        await self.remove_staging_tags(client, spec, jobs)
+        cleanup = asyncio.get_running_loop().create_task(
+            self.remove_staging_tags(client, spec, [copy.copy(j) for j in jobs])
+        )
+        self._cleanups.add(cleanup)
+        cleanup.add_done_callback(self._cleanups.discard)
         # The registry's word on each child (media type, size) replaces the agent's report.
         verified = {child.platform: child for child in result.children}
         for job in jobs:
