@@ -258,6 +258,7 @@ class BuildClient:
         no_cache: bool = False,
         pull: bool = False,
         annotations: Iterable[str] = (),
+        no_publish: bool = False,
     ) -> build_pb2.SubmitBuildResponse:
         """Submits a build; the response's `existing` says the idempotency key matched one.
 
@@ -283,6 +284,7 @@ class BuildClient:
             no_cache=no_cache,
             pull=pull,
             annotations=list(annotations),
+            no_publish=no_publish,
         )
         return await self._call(self._stub().SubmitBuild, request)
 

@@ -50,6 +50,7 @@ from polyarch.client.credentials import (
     credentials_from_args,
 )
 from polyarch.client.dockerignore import DockerignoreError
+from polyarch.client.outputs import OutputError, publishes
 from polyarch.coordinator.config import add_coordinator_flags
 from polyarch.proto.config_files import ConfigError
 from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
@@ -191,6 +192,10 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
     secrets = dict(parse_secret(spec) for spec in args.secret or [])
     registries = registries_of(tags, [*(args.cache_from or []), *(args.cache_to or [])])
     registry_auths = registry_auths_for(registries)
+    try:
+        publish = publishes(args.output or [], args.push, args.load)
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
     packed = pack_context(args.context, args.file)
 
     async def run() -> build_pb2.Build:
@@ -216,6 +221,7 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
                 no_cache=args.no_cache,
                 pull=args.pull,
                 annotations=args.annotation or [],
+                no_publish=not publish,
             )
             session.build_id = response.build.id
             if not quiet:
@@ -235,6 +241,9 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
     if build.state != common_pb2.BUILD_STATE_SUCCEEDED:
         _err(*render.failure_summary(build))
         return EXIT_FAILED
+    if not publish and not quiet:
+        _err(f"built and verified; nothing published (--output): the index would be "
+             f"{build.index_digest}; the platforms' digests are in the metadata")  # fmt: skip
     code = 0
     outputs = [
         (
@@ -416,7 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata-file", metavar="FILE", help="buildx-style JSON, on success")
     p.add_argument("--iidfile", metavar="FILE", help="write the image index digest, on success")
     p.add_argument("--push", action="store_true",
-                   help="push the result (the default, and today the only output)")  # fmt: skip
+                   help="push the result (the default without --output)")  # fmt: skip
+    p.add_argument("-o", "--output", action="append", metavar="type=TYPE[,push=BOOL]",
+                   help="registry (push), image (push=false: build and verify, publish "
+                   "nothing) or none; replaces the default push")  # fmt: skip
+    p.add_argument("--load", action="store_true", help="not supported yet (refused)")
     p.add_argument("--idempotency-key", metavar="KEY", help="default: a new UUID per run")
     p.add_argument("--progress", choices=["auto", "plain", "quiet", "rawjson"], default="auto",
                    help="auto and plain: a line per change and log line, [platform] first; "

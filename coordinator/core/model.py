@@ -102,6 +102,8 @@ class BuildSpec:
     pull: bool = False
     # buildx --annotation specs for the index and its entries (registry/annotations.py)
     annotations: list[str] = field(default_factory=list)
+    # build and verify, publish no tag (buildx --output type=image,push=false / type=none)
+    no_publish: bool = False
 
 
 @dataclass
@@ -148,7 +150,9 @@ class BuildRecord:
 
 # Fields added after the first release, with their defaults: left out of the JSON while they
 # hold them, so the request hash of a build stored before stays the same.
-_ADDED_LATER: dict[str, object] = {"no_cache": False, "pull": False, "annotations": []}
+_ADDED_LATER: dict[str, object] = {
+    "no_cache": False, "pull": False, "annotations": [], "no_publish": False,
+}  # fmt: skip
 
 
 def spec_json(spec: BuildSpec) -> str:

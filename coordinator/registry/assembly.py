@@ -43,8 +43,9 @@ class IndexPublisher:
         tags = [parse_reference(tag).tag for tag in spec.tags]
         annotations = parse_annotations(spec.annotations, list(children))
         result = await assemble_index(
-            client, spec.registry, spec.repository, children, [t for t in tags if t], annotations
-        )
+            client, spec.registry, spec.repository, children, [t for t in tags if t],
+            annotations, push=not spec.no_publish,
+        )  # fmt: skip
         cleanup = asyncio.get_running_loop().create_task(
             self.remove_staging_tags(client, spec, [copy.copy(j) for j in jobs])
         )

@@ -216,8 +216,10 @@ async def assemble_index(
     children: Mapping[Platform, str],
     tags: Sequence[str],
     annotations: IndexAnnotations | None = None,
+    push: bool = True,
 ) -> IndexResult:
-    """Verifies every child, pushes the index under every tag and reads each tag back."""
+    """Verifies every child, pushes the index under every tag and reads each tag back; with
+    push=False only verifies, and the result names the index that would have been pushed."""
     if not tags:
         raise ValueError("assemble_index needs at least one tag")
     for tag in tags:
@@ -232,9 +234,9 @@ async def assemble_index(
     body = render_index(resolved, annotations)
     media_type = index_media_type(resolved, annotations)
     digest = compute_digest(body)
-    for tag in tags:
+    for tag in tags if push else ():
         await client.put_manifest(registry, repository, tag, body, media_type)
-    for tag in tags:
+    for tag in tags if push else ():
         _, descriptor = await client.get_manifest(registry, repository, tag)
         if descriptor.digest != digest:
             raise VerificationError(

@@ -131,6 +131,7 @@ def spec_from(request: build_pb2.SubmitBuildRequest) -> BuildSpec:
         no_cache=request.no_cache,
         pull=request.pull,
         annotations=list(request.annotations),
+        no_publish=request.no_publish,
     )
 
 

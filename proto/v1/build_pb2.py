@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from polyarch.proto.v1 import common_pb2 as polyarch_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpolyarch/proto/v1/build.proto\x12\x0bpolyarch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1epolyarch/proto/v1/common.proto\"$\n\x12StatContextRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"G\n\x13StatContextResponse\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\"N\n\x15UploadContextResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"\xd6\x04\n\x12SubmitBuildRequest\x12\x16\n\x0e\x63ontext_digest\x18\x01 \x01(\t\x12\x12\n\ndockerfile\x18\x02 \x01(\t\x12\x11\n\tplatforms\x18\x03 \x03(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x42\n\nbuild_args\x18\x05 \x03(\x0b\x32..polyarch.v1.SubmitBuildRequest.BuildArgsEntry\x12\x0e\n\x06target\x18\x06 \x01(\t\x12;\n\x06labels\x18\x07 \x03(\x0b\x32+.polyarch.v1.SubmitBuildRequest.LabelsEntry\x12/\n\temulation\x18\x08 \x01(\x0e\x32\x1c.polyarch.v1.EmulationPolicy\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x12\n\ncache_from\x18\n \x03(\t\x12\x10\n\x08\x63\x61\x63he_to\x18\x0b \x03(\t\x12\x31\n\x0eregistry_auths\x18\x0c \x03(\x0b\x32\x19.polyarch.v1.RegistryAuth\x12)\n\x07secrets\x18\r \x03(\x0b\x32\x18.polyarch.v1.BuildSecret\x12\x10\n\x08no_cache\x18\x0e \x01(\x08\x12\x0c\n\x04pull\x18\x0f \x01(\x08\x12\x13\n\x0b\x61nnotations\x18\x10 \x03(\t\x1a\x30\n\x0e\x42uildArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x13SubmitBuildResponse\x12!\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.polyarch.v1.Build\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"\x8e\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.polyarch.v1.JobState\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12$\n\x04mode\x18\x05 \x01(\x0e\x32\x16.polyarch.v1.BuildMode\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x03\x12\x12\n\nmedia_type\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x13\n\x0b\x66\x61iled_step\x18\x0b \x01(\t\x12-\n\tqueued_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frequeue_reasons\x18\x0f \x03(\t\"\xfa\x02\n\x05\x42uild\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.polyarch.v1.BuildState\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x14\n\x0cindex_digest\x18\x04 \x01(\t\x12\x18\n\x10index_media_type\x18\x05 \x01(\t\x12\x1e\n\x04jobs\x18\x06 \x03(\x0b\x32\x10.polyarch.v1.Job\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x16\n\x0e\x63ontext_digest\x18\x08 \x01(\t\x12\x12\n\ndockerfile\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\temulation\x18\x0c \x01(\x0e\x32\x1c.polyarch.v1.EmulationPolicy\x12\x12\n\nindex_size\x18\r \x01(\x03\"J\n\x07LogLine\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0c\n\x04line\x18\x04 \x01(\t\"\x80\x01\n\nBuildEvent\x12#\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.polyarch.v1.BuildH\x00\x12\x1f\n\x03job\x18\x02 \x01(\x0b\x32\x10.polyarch.v1.JobH\x00\x12#\n\x03log\x18\x03 \x01(\x0b\x32\x14.polyarch.v1.LogLineH\x00\x42\x07\n\x05\x65vent\"7\n\x11WatchBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x10\n\x08log_tail\x18\x02 \x01(\x05\"#\n\x0fGetBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"6\n\x12\x43\x61ncelBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x11ListBuildsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Q\n\x12ListBuildsResponse\x12\"\n\x06\x62uilds\x18\x01 \x03(\x0b\x32\x12.polyarch.v1.Build\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x9e\x04\n\x0c\x42uildService\x12P\n\x0bStatContext\x12\x1f.polyarch.v1.StatContextRequest\x1a .polyarch.v1.StatContextResponse\x12P\n\rUploadContext\x12\x19.polyarch.v1.ContextChunk\x1a\".polyarch.v1.UploadContextResponse(\x01\x12P\n\x0bSubmitBuild\x12\x1f.polyarch.v1.SubmitBuildRequest\x1a .polyarch.v1.SubmitBuildResponse\x12G\n\nWatchBuild\x12\x1e.polyarch.v1.WatchBuildRequest\x1a\x17.polyarch.v1.BuildEvent0\x01\x12<\n\x08GetBuild\x12\x1c.polyarch.v1.GetBuildRequest\x1a\x12.polyarch.v1.Build\x12\x42\n\x0b\x43\x61ncelBuild\x12\x1f.polyarch.v1.CancelBuildRequest\x1a\x12.polyarch.v1.Build\x12M\n\nListBuilds\x12\x1e.polyarch.v1.ListBuildsRequest\x1a\x1f.polyarch.v1.ListBuildsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpolyarch/proto/v1/build.proto\x12\x0bpolyarch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1epolyarch/proto/v1/common.proto\"$\n\x12StatContextRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"G\n\x13StatContextResponse\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\"N\n\x15UploadContextResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"\xea\x04\n\x12SubmitBuildRequest\x12\x16\n\x0e\x63ontext_digest\x18\x01 \x01(\t\x12\x12\n\ndockerfile\x18\x02 \x01(\t\x12\x11\n\tplatforms\x18\x03 \x03(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x42\n\nbuild_args\x18\x05 \x03(\x0b\x32..polyarch.v1.SubmitBuildRequest.BuildArgsEntry\x12\x0e\n\x06target\x18\x06 \x01(\t\x12;\n\x06labels\x18\x07 \x03(\x0b\x32+.polyarch.v1.SubmitBuildRequest.LabelsEntry\x12/\n\temulation\x18\x08 \x01(\x0e\x32\x1c.polyarch.v1.EmulationPolicy\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x12\n\ncache_from\x18\n \x03(\t\x12\x10\n\x08\x63\x61\x63he_to\x18\x0b \x03(\t\x12\x31\n\x0eregistry_auths\x18\x0c \x03(\x0b\x32\x19.polyarch.v1.RegistryAuth\x12)\n\x07secrets\x18\r \x03(\x0b\x32\x18.polyarch.v1.BuildSecret\x12\x10\n\x08no_cache\x18\x0e \x01(\x08\x12\x0c\n\x04pull\x18\x0f \x01(\x08\x12\x13\n\x0b\x61nnotations\x18\x10 \x03(\t\x12\x12\n\nno_publish\x18\x11 \x01(\x08\x1a\x30\n\x0e\x42uildArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x13SubmitBuildResponse\x12!\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.polyarch.v1.Build\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"\x8e\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.polyarch.v1.JobState\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12$\n\x04mode\x18\x05 \x01(\x0e\x32\x16.polyarch.v1.BuildMode\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x03\x12\x12\n\nmedia_type\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x13\n\x0b\x66\x61iled_step\x18\x0b \x01(\t\x12-\n\tqueued_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frequeue_reasons\x18\x0f \x03(\t\"\xfa\x02\n\x05\x42uild\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.polyarch.v1.BuildState\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x14\n\x0cindex_digest\x18\x04 \x01(\t\x12\x18\n\x10index_media_type\x18\x05 \x01(\t\x12\x1e\n\x04jobs\x18\x06 \x03(\x0b\x32\x10.polyarch.v1.Job\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x16\n\x0e\x63ontext_digest\x18\x08 \x01(\t\x12\x12\n\ndockerfile\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\temulation\x18\x0c \x01(\x0e\x32\x1c.polyarch.v1.EmulationPolicy\x12\x12\n\nindex_size\x18\r \x01(\x03\"J\n\x07LogLine\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0c\n\x04line\x18\x04 \x01(\t\"\x80\x01\n\nBuildEvent\x12#\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.polyarch.v1.BuildH\x00\x12\x1f\n\x03job\x18\x02 \x01(\x0b\x32\x10.polyarch.v1.JobH\x00\x12#\n\x03log\x18\x03 \x01(\x0b\x32\x14.polyarch.v1.LogLineH\x00\x42\x07\n\x05\x65vent\"7\n\x11WatchBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x10\n\x08log_tail\x18\x02 \x01(\x05\"#\n\x0fGetBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"6\n\x12\x43\x61ncelBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x11ListBuildsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Q\n\x12ListBuildsResponse\x12\"\n\x06\x62uilds\x18\x01 \x03(\x0b\x32\x12.polyarch.v1.Build\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x9e\x04\n\x0c\x42uildService\x12P\n\x0bStatContext\x12\x1f.polyarch.v1.StatContextRequest\x1a .polyarch.v1.StatContextResponse\x12P\n\rUploadContext\x12\x19.polyarch.v1.ContextChunk\x1a\".polyarch.v1.UploadContextResponse(\x01\x12P\n\x0bSubmitBuild\x12\x1f.polyarch.v1.SubmitBuildRequest\x1a .polyarch.v1.SubmitBuildResponse\x12G\n\nWatchBuild\x12\x1e.polyarch.v1.WatchBuildRequest\x1a\x17.polyarch.v1.BuildEvent0\x01\x12<\n\x08GetBuild\x12\x1c.polyarch.v1.GetBuildRequest\x1a\x12.polyarch.v1.Build\x12\x42\n\x0b\x43\x61ncelBuild\x12\x1f.polyarch.v1.CancelBuildRequest\x1a\x12.polyarch.v1.Build\x12M\n\nListBuilds\x12\x1e.polyarch.v1.ListBuildsRequest\x1a\x1f.polyarch.v1.ListBuildsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,31 +44,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADCONTEXTRESPONSE']._serialized_start=222
   _globals['_UPLOADCONTEXTRESPONSE']._serialized_end=300
   _globals['_SUBMITBUILDREQUEST']._serialized_start=303
-  _globals['_SUBMITBUILDREQUEST']._serialized_end=901
-  _globals['_SUBMITBUILDREQUEST_BUILDARGSENTRY']._serialized_start=806
-  _globals['_SUBMITBUILDREQUEST_BUILDARGSENTRY']._serialized_end=854
-  _globals['_SUBMITBUILDREQUEST_LABELSENTRY']._serialized_start=856
-  _globals['_SUBMITBUILDREQUEST_LABELSENTRY']._serialized_end=901
-  _globals['_SUBMITBUILDRESPONSE']._serialized_start=903
-  _globals['_SUBMITBUILDRESPONSE']._serialized_end=977
-  _globals['_JOB']._serialized_start=980
-  _globals['_JOB']._serialized_end=1378
-  _globals['_BUILD']._serialized_start=1381
-  _globals['_BUILD']._serialized_end=1759
-  _globals['_LOGLINE']._serialized_start=1761
-  _globals['_LOGLINE']._serialized_end=1835
-  _globals['_BUILDEVENT']._serialized_start=1838
-  _globals['_BUILDEVENT']._serialized_end=1966
-  _globals['_WATCHBUILDREQUEST']._serialized_start=1968
-  _globals['_WATCHBUILDREQUEST']._serialized_end=2023
-  _globals['_GETBUILDREQUEST']._serialized_start=2025
-  _globals['_GETBUILDREQUEST']._serialized_end=2060
-  _globals['_CANCELBUILDREQUEST']._serialized_start=2062
-  _globals['_CANCELBUILDREQUEST']._serialized_end=2116
-  _globals['_LISTBUILDSREQUEST']._serialized_start=2118
-  _globals['_LISTBUILDSREQUEST']._serialized_end=2191
-  _globals['_LISTBUILDSRESPONSE']._serialized_start=2193
-  _globals['_LISTBUILDSRESPONSE']._serialized_end=2274
-  _globals['_BUILDSERVICE']._serialized_start=2277
-  _globals['_BUILDSERVICE']._serialized_end=2819
+  _globals['_SUBMITBUILDREQUEST']._serialized_end=921
+  _globals['_SUBMITBUILDREQUEST_BUILDARGSENTRY']._serialized_start=826
+  _globals['_SUBMITBUILDREQUEST_BUILDARGSENTRY']._serialized_end=874
+  _globals['_SUBMITBUILDREQUEST_LABELSENTRY']._serialized_start=876
+  _globals['_SUBMITBUILDREQUEST_LABELSENTRY']._serialized_end=921
+  _globals['_SUBMITBUILDRESPONSE']._serialized_start=923
+  _globals['_SUBMITBUILDRESPONSE']._serialized_end=997
+  _globals['_JOB']._serialized_start=1000
+  _globals['_JOB']._serialized_end=1398
+  _globals['_BUILD']._serialized_start=1401
+  _globals['_BUILD']._serialized_end=1779
+  _globals['_LOGLINE']._serialized_start=1781
+  _globals['_LOGLINE']._serialized_end=1855
+  _globals['_BUILDEVENT']._serialized_start=1858
+  _globals['_BUILDEVENT']._serialized_end=1986
+  _globals['_WATCHBUILDREQUEST']._serialized_start=1988
+  _globals['_WATCHBUILDREQUEST']._serialized_end=2043
+  _globals['_GETBUILDREQUEST']._serialized_start=2045
+  _globals['_GETBUILDREQUEST']._serialized_end=2080
+  _globals['_CANCELBUILDREQUEST']._serialized_start=2082
+  _globals['_CANCELBUILDREQUEST']._serialized_end=2136
+  _globals['_LISTBUILDSREQUEST']._serialized_start=2138
+  _globals['_LISTBUILDSREQUEST']._serialized_end=2211
+  _globals['_LISTBUILDSRESPONSE']._serialized_start=2213
+  _globals['_LISTBUILDSRESPONSE']._serialized_end=2294
+  _globals['_BUILDSERVICE']._serialized_start=2297
+  _globals['_BUILDSERVICE']._serialized_end=2839
 # @@protoc_insertion_point(module_scope)

@@ -173,3 +173,26 @@ async def test_where_deletes_are_off_staging_tags_stay_pointing_at_an_empty_mani
 
         await poll_until(staging_emptied, timeout=30, message="the staging tag was not emptied")
         assert skopeo_raw(f"{repo}:v1")["manifests"]  # the index is intact
+
+
+async def test_an_image_output_without_push_verifies_every_platform_and_tags_nothing(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str, tmp_path: Path
+) -> None:
+    await farm.add_agent("docker-1", DockerBuilder(docker_binary), native=["linux/amd64"],
+                         emulated=["linux/arm64"], slots=2)  # fmt: skip
+    repo = f"{registry.address}/{unique_repo}"
+    metadata = tmp_path / "metadata.json"
+    result = await farm.cli(
+        "build", "--platform", "linux/amd64,linux/arm64", "-t", f"{repo}:pr-7",
+        "--output", "type=image,push=false", "--metadata-file", str(metadata),
+        "--build-arg", f"BASE={base_image}", str(EXAMPLE),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "nothing published (--output)" in result.stderr
+    platforms = json.loads(metadata.read_text())["polyarch.platforms"]
+    assert sorted(platforms) == ["linux/amd64", "linux/arm64"]
+    for platform, record in platforms.items():  # each image was built, pushed by digest
+        config = skopeo_raw(f"{repo}@{record['digest']}")["config"]
+        assert config["digest"].startswith("sha256:"), platform
+    await poll_until(lambda: skopeo_tags(repo) == [], timeout=30,
+                     message="an unpublished build left a tag")  # fmt: skip

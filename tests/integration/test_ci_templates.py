@@ -14,7 +14,8 @@ import pytest
 
 from polyarch.agent.builders.docker import DockerBuilder
 from tests.support.farm import Farm, running_farm
-from tests.support.verify import skopeo_raw
+from tests.support.poll import poll_until
+from tests.support.verify import skopeo_raw, skopeo_tags
 
 ROOT = Path(__file__).resolve().parents[2]
 ACTION = ROOT / "deploy" / "ci" / "github" / "action.yml"
@@ -113,9 +114,20 @@ async def test_the_github_action_builds_pushes_and_reports_its_outputs(
     assert sorted(metadata["polyarch.platforms"]) == ["linux/amd64", "linux/arm64"]
 
 
-async def test_the_github_action_refuses_push_false_naming_why(farm: Farm, tmp_path: Path) -> None:
-    inputs = {"coordinator": farm.address, "token": "unused", "platforms": "linux/amd64",
-              "tags": "127.0.0.1:5000/a/b:1", "push": "false"}  # fmt: skip
+async def test_the_github_action_with_push_false_builds_and_publishes_no_tag(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str, tmp_path: Path
+) -> None:
+    await farm.add_agent("docker-agent", DockerBuilder(docker_binary), native=["linux/amd64"])
+    repo = f"{registry.address}/{unique_repo}"
+    inputs = {
+        "coordinator": farm.address, "token": farm.admin_token_file.read_text().strip(),
+        "context": str(EXAMPLE), "platforms": "linux/amd64", "tags": f"{repo}:pr-1",
+        "build-args": f"BASE={base_image}", "push": "false",
+    }  # fmt: skip
     code, stderr, outputs = await run_action(inputs, tmp_path)
-    assert code == 2 and outputs == {}
-    assert "push: false needs an output that publishes nothing" in stderr
+    assert code == 0, stderr
+    metadata = json.loads(outputs["metadata"])
+    image = metadata["polyarch.platforms"]["linux/amd64"]["digest"]
+    assert skopeo_raw(f"{repo}@{image}")["layers"]  # built and pushed by digest, verified
+    await poll_until(lambda: skopeo_tags(repo) == [], timeout=30,
+                     message="a pull-request build left a tag")  # fmt: skip

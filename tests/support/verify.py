@@ -50,4 +50,4 @@ def skopeo_tags(repository: str) -> list[str]:
         ["skopeo", "list-tags", "--tls-verify=false", f"docker://{repository}"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
-    return sorted(json.loads(done.stdout)["Tags"])
+    return sorted(json.loads(done.stdout)["Tags"] or [])

@@ -268,6 +268,20 @@ def test_no_cache_and_pull_reach_the_request_and_rawjson_prints_only_json_events
     assert events[-1]["build"]["state"] == "BUILD_STATE_SUCCEEDED"
 
 
+def test_an_image_output_without_push_builds_and_publishes_nothing(
+    coordinator: tuple[str, FakeCoordinator],
+    context_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    address, fake = coordinator
+    assert cli.main(build_argv(address, context_dir, "--output", "type=image,push=false")) == 0
+    assert fake.submitted[0].no_publish
+    assert "nothing published (--output)" in capsys.readouterr().err
+    assert cli.main(build_argv(address, context_dir, "--load")) == 2
+    assert "--load: no --load / type=docker yet" in capsys.readouterr().err
+    assert len(fake.submitted) == 1  # the refused one never reached the coordinator
+
+
 def test_second_build_skips_the_upload_and_uses_a_new_idempotency_key(
     coordinator: tuple[str, FakeCoordinator],
     context_dir: Path,
