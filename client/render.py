@@ -183,6 +183,12 @@ def build_metadata(build: build_pb2.Build, coordinator: str = "") -> dict[str, A
         "containerimage.digest": build.index_digest,
         "image.name": ",".join(build.tags),
         "buildx.build.ref": f"polyarch/{coordinator}/{build.id}",
+        # as buildx: the config digest of a single-platform build's image
+        **(
+            {"containerimage.config.digest": build.jobs[0].config_digest}
+            if len(build.jobs) == 1 and build.jobs[0].config_digest
+            else {}
+        ),
         "polyarch.build.id": build.id,
         "polyarch.platforms": {
             job.platform: {"digest": job.digest, "agent": job.agent, "mode": build_mode(job.mode)}
@@ -205,6 +211,7 @@ def job_to_dict(job: build_pb2.Job) -> dict[str, Any]:
         "error": job.error,
         "failed_step": job.failed_step,
         "requeue_reasons": list(job.requeue_reasons),
+        "config_digest": job.config_digest,
         "queued_at": _time(job.queued_at),
         "started_at": _time(job.started_at),
         "finished_at": _time(job.finished_at),

@@ -126,6 +126,8 @@ class JobRecord:
     started_at: float | None = None
     finished_at: float | None = None
     requeue_reasons: list[str] = field(default_factory=list)
+    # the image config's digest, once the coordinator has verified the pushed image
+    config_digest: str = ""
 
 
 @dataclass

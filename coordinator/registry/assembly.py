@@ -57,6 +57,7 @@ class IndexPublisher:
             child = verified.get(parse_platform(job.platform))
             if child is not None:
                 job.media_type, job.size = child.media_type, child.size
+                job.config_digest = child.config_digest
         return result
 
     @staticmethod

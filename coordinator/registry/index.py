@@ -44,6 +44,7 @@ class ChildManifest:
     digest: str
     media_type: str
     size: int
+    config_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ async def resolve_child(
         raise PlatformMismatch(
             f"{where}: expected platform {expected} but the image config says {actual}"
         )
-    return ChildManifest(expected, descriptor.digest, media_type, descriptor.size)
+    return ChildManifest(expected, descriptor.digest, media_type, descriptor.size, config_digest)
 
 
 async def assemble_index(

@@ -71,6 +71,7 @@ def job_message(job: JobRecord) -> build_pb2.Job:
         started_at=timestamp(job.started_at),
         finished_at=timestamp(job.finished_at),
         requeue_reasons=job.requeue_reasons,
+        config_digest=job.config_digest,
     )
 
 

@@ -97,7 +97,7 @@ class SubmitBuildResponse(_message.Message):
     def __init__(self, build: _Optional[_Union[Build, _Mapping]] = ..., existing: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "platform", "state", "agent", "mode", "digest", "size", "media_type", "attempt", "error", "failed_step", "queued_at", "started_at", "finished_at", "requeue_reasons")
+    __slots__ = ("id", "platform", "state", "agent", "mode", "digest", "size", "media_type", "attempt", "error", "failed_step", "queued_at", "started_at", "finished_at", "requeue_reasons", "config_digest")
     ID_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class Job(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     REQUEUE_REASONS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
     id: str
     platform: str
     state: _common_pb2.JobState
@@ -128,7 +129,8 @@ class Job(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     requeue_reasons: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., platform: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., agent: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.BuildMode, str]] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., media_type: _Optional[str] = ..., attempt: _Optional[int] = ..., error: _Optional[str] = ..., failed_step: _Optional[str] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requeue_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+    config_digest: str
+    def __init__(self, id: _Optional[str] = ..., platform: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., agent: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.BuildMode, str]] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., media_type: _Optional[str] = ..., attempt: _Optional[int] = ..., error: _Optional[str] = ..., failed_step: _Optional[str] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requeue_reasons: _Optional[_Iterable[str]] = ..., config_digest: _Optional[str] = ...) -> None: ...
 
 class Build(_message.Message):
     __slots__ = ("id", "state", "tags", "index_digest", "index_media_type", "jobs", "error", "context_digest", "dockerfile", "created_at", "finished_at", "emulation", "index_size")

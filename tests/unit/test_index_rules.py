@@ -198,8 +198,10 @@ async def test_resolve_image_checks_config_platform(
 ) -> None:
     digest = fake.add_image("linux", "arm")  # no variant: arm means v7
     child = await resolve_child(client, REG, REPO, digest, parse_platform("linux/arm/v7"))
+    body = fake.manifests[digest][0]
+    config_digest = json.loads(body)["config"]["digest"]
     assert child == ChildManifest(
-        parse_platform("linux/arm/v7"), digest, OCI_MANIFEST, len(fake.manifests[digest][0])
+        parse_platform("linux/arm/v7"), digest, OCI_MANIFEST, len(body), config_digest
     )
     with pytest.raises(PlatformMismatch, match=r"expected platform linux/arm/v6 .* linux/arm/v7"):
         await resolve_child(client, REG, REPO, digest, parse_platform("linux/arm/v6"))
@@ -243,7 +245,10 @@ async def test_child_index_with_attestation_is_flattened(
     }
     index_digest = fake.add_manifest(index, OCI_INDEX)
     child = await resolve_child(client, REG, REPO, index_digest, parse_platform("linux/arm64"))
-    assert child == ChildManifest(parse_platform("linux/arm64"), image, OCI_MANIFEST, size)
+    config_digest = json.loads(fake.manifests[image][0])["config"]["digest"]
+    assert child == ChildManifest(
+        parse_platform("linux/arm64"), image, OCI_MANIFEST, size, config_digest
+    )
     with pytest.raises(PlatformMismatch, match="no entry for platform linux/amd64"):
         await resolve_child(client, REG, REPO, index_digest, parse_platform("linux/amd64"))
 

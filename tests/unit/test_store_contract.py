@@ -120,6 +120,9 @@ async def test_every_spec_field_round_trips(store: StateStore) -> None:
     await store.create_build(build, jobs)
     loaded = await store.get_build("b1")
     assert loaded is not None and loaded.spec == build.spec
+    jobs[0].config_digest = "sha256:" + "c" * 64
+    await store.save_job(jobs[0], "verified", 11.0)
+    assert (await store.jobs_of("b1"))[0].config_digest == jobs[0].config_digest
 
 
 async def test_duplicate_idempotency_key_names_the_first_build(store: StateStore) -> None:
