@@ -54,7 +54,7 @@ from polyarch.client.outputs import OutputError, publishes
 from polyarch.coordinator.config import add_coordinator_flags
 from polyarch.proto.config_files import ConfigError
 from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
-from polyarch.proto.references import ReferenceError, names_registry, parse_reference
+from polyarch.proto.references import ReferenceError, parse_reference
 from polyarch.proto.registries import polyarch_version
 from polyarch.proto.v1 import build_pb2, common_pb2, trust_pb2
 
@@ -113,7 +113,8 @@ def _platforms(values: list[str] | None, flag: str) -> list[Platform]:
 
 
 def validate_tags(tags: Sequence[str]) -> list[str]:
-    """Checks every tag is registry/repository:tag and all share one repository."""
+    """Normalises every tag the Docker way (`app` -> docker.io/library/app:latest) and checks
+    that all share one repository; returns them in full."""
     result: list[str] = []
     repository = None
     for tag in tags:
@@ -122,15 +123,10 @@ def validate_tags(tags: Sequence[str]) -> list[str]:
         try:
             # the coordinator parses tags the same way (proto.references), so what passes
             # here passes there
-            ref = parse_reference(tag, default_tag=None)
+            ref = parse_reference(tag)
         except ReferenceError as exc:
             raise UsageError(f"invalid tag {tag!r}: {exc}") from None
-        first, sep, _ = tag.partition("/")
-        if ref.tag is None or not (sep and names_registry(first)):
-            raise UsageError(
-                f"invalid tag {tag!r}: expected registry/repository:tag with the registry "
-                "named, e.g. ghcr.io/acme/app:1.2 or localhost:5000/app:latest"
-            )
+        full = f"{ref.repository_ref}:{ref.tag}"
         repo = ref.repository_ref
         if repository is not None and repo != repository:
             raise UsageError(
@@ -138,8 +134,8 @@ def validate_tags(tags: Sequence[str]) -> list[str]:
                 "(one image index is pushed to one repository)"
             )
         repository = repo
-        if tag not in result:
-            result.append(tag)
+        if full not in result:
+            result.append(full)
     if not result:
         raise UsageError("at least one -t registry/repository:tag is required")
     return result

@@ -54,10 +54,12 @@ def _check_dockerfile(path: str) -> str:
 
 
 def _check_tags(tags: list[str]) -> tuple[str, str]:
+    """Normalises the tags in place the Docker way (docker.io, library/, latest); returns the
+    registry and repository they share."""
     if not tags:
         raise InvalidRequest("no tag given: name at least one, e.g. -t registry/repo:tag")
     repositories: set[tuple[str, str]] = set()
-    for tag in tags:
+    for i, tag in enumerate(tags):
         try:
             ref = parse_reference(tag)
         except ReferenceError as exc:
@@ -65,6 +67,7 @@ def _check_tags(tags: list[str]) -> tuple[str, str]:
         if ref.digest or not ref.tag:
             raise InvalidRequest(f"tag {tag!r} must name a tag, not a digest")
         repositories.add((ref.registry, ref.repository))
+        tags[i] = f"{ref.registry}/{ref.repository}:{ref.tag}"
     if len(repositories) > 1:
         names = ", ".join(sorted(f"{r}/{n}" for r, n in repositories))
         raise InvalidRequest(f"all tags of one build must be in one repository; got {names}")

@@ -199,3 +199,18 @@ async def test_an_image_output_without_push_verifies_every_platform_and_tags_not
         assert config["digest"].startswith("sha256:"), platform
     await poll_until(lambda: skopeo_tags(repo) == [], timeout=30,
                      message="an unpublished build left a tag")  # fmt: skip
+
+
+async def test_a_tag_without_a_tag_part_is_pushed_as_latest(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str
+) -> None:
+    await farm.add_agent("docker-1", DockerBuilder(docker_binary), native=["linux/amd64"])
+    repo = f"{registry.address}/{unique_repo}"
+    result = await farm.cli(
+        "build", "--platform", "linux/amd64", "-t", repo, "--build-arg", f"BASE={base_image}",
+        str(EXAMPLE),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert skopeo_raw(f"{repo}:latest")["manifests"]
+    await poll_until(lambda: skopeo_tags(repo) == ["latest"], timeout=30,
+                     message="the staging tag was left")  # fmt: skip

@@ -347,6 +347,19 @@ async def test_a_cache_spec_an_agent_cannot_honour_is_refused_at_submit(
         await manager.submit(local, "")
 
 
+async def test_tags_are_stored_normalised_the_docker_way(manager: BuildManager) -> None:
+    connect(manager, "a", ["linux/amd64"])
+    given = spec(["linux/amd64"])
+    given.tags = ["127.0.0.1:5000/team/app", "127.0.0.1:5000/team/app:1"]
+    build, _ = await manager.submit(given, "")
+    assert build.spec.tags == ["127.0.0.1:5000/team/app:latest", "127.0.0.1:5000/team/app:1"]
+    hub = spec(["linux/amd64"])
+    hub.tags = ["app"]
+    build, _ = await manager.submit(hub, "")
+    assert (build.spec.registry, build.spec.repository) == ("docker.io", "library/app")
+    assert build.spec.tags == ["docker.io/library/app:latest"]
+
+
 async def test_only_the_owner_or_an_admin_may_cancel(manager: BuildManager) -> None:
     connect(manager, "a", ["linux/amd64"])
     build, _ = await manager.submit(spec(["linux/amd64"]), "", owner="token-a")

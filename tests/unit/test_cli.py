@@ -342,9 +342,8 @@ def test_bad_platform_exits_2_naming_it(
 @pytest.mark.parametrize(
     ("tags", "message"),
     [
-        (["app:1.0"], "registry/repository:tag"),
-        (["registry.example/team/app"], "registry/repository:tag"),
         (["registry.example/team/app:1", "registry.example/team/other:1"], "one repository"),
+        (["Team/App:1"], "invalid tag 'Team/App:1'"),
         (["registry.example/team/app@sha256:" + "0" * 64], "not a digest"),
     ],
 )
@@ -354,6 +353,25 @@ def test_bad_tags_exit_2(
     argv = ["build", "--platform", "linux/amd64", *(f"-t{t}" for t in tags), str(context_dir)]
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ("app", "docker.io/library/app:latest"),
+        ("user/app:1", "docker.io/user/app:1"),
+        ("registry.gitlab.com/g/p", "registry.gitlab.com/g/p:latest"),
+        ("localhost:5000/app:2", "localhost:5000/app:2"),
+    ],
+)
+def test_tags_are_normalised_the_docker_way(
+    coordinator: tuple[str, FakeCoordinator], context_dir: Path, given: str, sent: str
+) -> None:
+    address, fake = coordinator
+    argv = ["build", "--coordinator", address, "--insecure", "--platform", "linux/amd64",
+            "-t", given, str(context_dir)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert list(fake.submitted[-1].tags) == [sent]
 
 
 def test_missing_context_dir_exits_2_naming_it(
