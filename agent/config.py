@@ -35,6 +35,9 @@ class AgentConfig:
     slots: int = 2
     work_dir: Path | None = None  # None = WORK_ROOT/NAME
     state_dir: Path | None = None  # the enrolled identity; None = WORK_DIR/state
+    # buildah's containers-storage (one per platform below it): its layer cache. Agents on
+    # one host each keep their own; None = WORK_DIR/buildah-storage
+    storage_dir: Path | None = None
     insecure_registries: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     # Used only until the coordinator's Welcome sets the pace (it owns the lease).
@@ -147,7 +150,8 @@ def _labels(key: str, value: Any) -> dict[str, str]:
 _COERCE: dict[str, Callable[[str, Any], Any]] = {
     "coordinator": _address, "name": _agent_name, "builder": _builder,
     "docker_binary": _text, "native": _platforms, "emulated": _platforms, "slots": _slots,
-    "work_dir": _path, "state_dir": _path, "insecure_registries": _strings, "labels": _labels,
+    "work_dir": _path, "state_dir": _path, "storage_dir": _path,
+    "insecure_registries": _strings, "labels": _labels,
     "heartbeat_interval": _seconds, "shutdown_grace": _seconds, "job_timeout": _seconds,
     "metrics_listen": _address_or_off, "reconnect_max_delay": _seconds,
     "tls_cert": _path, "tls_key": _path, "agent_channel": _address_or_off,
@@ -205,6 +209,8 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
     add("--slots", type=int, help=f"concurrent jobs, 1-{MAX_AGENT_SLOTS} (default {d.slots})")
     add("--docker-binary", metavar="PATH", help=f"default {d.docker_binary}")
     add("--work-dir", metavar="DIR", help=f"default {WORK_ROOT}/NAME")
+    add("--storage-dir", metavar="DIR",
+        help="buildah: images and layer cache (default WORK_DIR/buildah-storage)")  # fmt: skip
     add("--state-dir", metavar="DIR",
         help="enrolment key and certificate (default: WORK_DIR/state)")  # fmt: skip
     add("--insecure-registry", action="append", metavar="HOST",

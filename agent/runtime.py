@@ -304,7 +304,9 @@ def _describe(exc: BaseException) -> str:
     return str(exc)
 
 
-def make_builder(kind: str, work_dir: Path, docker_binary: str | None = None) -> Builder:
+def make_builder(
+    kind: str, work_dir: Path, docker_binary: str | None = None, storage_dir: Path | None = None
+) -> Builder:
     """The agent's builder backend: "docker" (BuildKit through a docker CLI) or "buildah"."""
     if kind == "docker":
         from polyarch.agent.builders.docker import DockerBuilder
@@ -313,7 +315,7 @@ def make_builder(kind: str, work_dir: Path, docker_binary: str | None = None) ->
     from polyarch.agent.builders.buildah import BuildahBuilder
 
     # one containers-storage per platform under the work dir: concurrent slots are safe
-    return BuildahBuilder(storage_root=work_dir / "buildah-storage")
+    return BuildahBuilder(storage_root=storage_dir or work_dir / "buildah-storage")
 
 
 async def serve(config: AgentConfig, builder: Builder) -> int:
@@ -385,5 +387,7 @@ def run_agent(config: AgentConfig, args: argparse.Namespace) -> int:
         log.error("cannot reach the coordinator at %s to enrol: %s", config.coordinator, exc)
         return EXIT_IDENTITY_REFUSED
     config = dataclasses.replace(config, trust=trust, channel_address=channel_address)
-    builder = make_builder(config.builder, config.workspace_dir(), config.docker_binary)
+    builder = make_builder(
+        config.builder, config.workspace_dir(), config.docker_binary, config.storage_dir
+    )
     return asyncio.run(serve(config, builder))

@@ -64,6 +64,7 @@ def test_the_file_fills_the_config(tmp_path: Path) -> None:
         native = ["linux/arm64"]
         emulated = "none"
         work_dir = "/srv/agent"
+        storage_dir = "/srv/cache/arm-1"
         insecure_registries = ["reg.lan:5000", "cache.lan"]
         job_timeout = 600
         metrics_listen = "0.0.0.0:9601"
@@ -79,6 +80,7 @@ def test_the_file_fills_the_config(tmp_path: Path) -> None:
     assert config.slots == 4 and config.job_timeout == 600.0
     assert config.native == [parse_platform("linux/arm64")] and config.emulated == []
     assert config.workspace_dir() == Path("/srv/agent")
+    assert config.storage_dir == Path("/srv/cache/arm-1")
     assert config.insecure_registries == ["reg.lan:5000", "cache.lan"]
     assert config.labels == {"rack": "b2"} and config.metrics_listen == "0.0.0.0:9601"
 
@@ -169,3 +171,15 @@ def test_detection_fills_only_what_is_unset_and_drops_emulating_a_native_platfor
     amd64, arm64 = parse_platform("linux/amd64"), parse_platform("linux/arm64")
     config = detect_platforms(AgentConfig(name="a", native=[amd64], emulated=[amd64, arm64]))
     assert (config.native, config.emulated) == ([amd64], [arm64])
+
+
+def test_a_buildah_agent_keeps_its_layer_cache_where_storage_dir_says(tmp_path: Path) -> None:
+    from polyarch.agent.builders.buildah import BuildahBuilder
+    from polyarch.agent.runtime import make_builder
+
+    config = config_for(*REQUIRED, "--storage-dir", str(tmp_path / "cache"))
+    builder = make_builder("buildah", tmp_path / "work", storage_dir=config.storage_dir)
+    assert isinstance(builder, BuildahBuilder) and builder.storage_root == tmp_path / "cache"
+    default = make_builder("buildah", tmp_path / "work")
+    assert isinstance(default, BuildahBuilder)
+    assert default.storage_root == tmp_path / "work" / "buildah-storage"
