@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from polyarch.agent.builders.base import Builder
 from polyarch.agent.builders.buildah import BuildahBuilder
 from polyarch.agent.builders.docker import DockerBuilder
 from tests.support import services
-from tests.support.farm import Farm, running_farm
+from tests.support.farm import Farm, builder_named
 from tests.support.poll import poll_until
 from tests.support.verify import skopeo_raw, skopeo_tags
 
@@ -36,22 +34,12 @@ def run_step_cached(backend: str, log: str) -> bool:
     return any("Using cache" in line for line in following[:until])
 
 
-@pytest.fixture
-async def farm(tmp_path: Path) -> AsyncIterator[Farm]:
-    async with running_farm(tmp_path) as running:
-        yield running
-
-
-def make_builder(kind: str, docker_binary: str) -> Builder:
-    return DockerBuilder(docker_binary) if kind == "docker" else BuildahBuilder()
-
-
 @pytest.mark.parametrize("backend", ["docker", "buildah"])
 async def test_the_same_build_hits_the_cache_and_no_cache_rebuilds_every_step(
     farm: Farm, backend: str, docker_binary: str, registry, base_image: str, unique_repo: str,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    await farm.add_agent(f"{backend}-agent", make_builder(backend, docker_binary),
+    await farm.add_agent(f"{backend}-agent", builder_named(backend, docker_binary),
                          native=["linux/amd64"], slots=1)  # fmt: skip
     repo = f"{registry.address}/{unique_repo}"
     build = [

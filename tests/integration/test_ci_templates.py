@@ -7,13 +7,12 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from polyarch.agent.builders.docker import DockerBuilder
-from tests.support.farm import Farm, running_farm
+from tests.support.farm import Farm
 from tests.support.poll import poll_until
 from tests.support.verify import skopeo_raw, skopeo_tags
 
@@ -21,12 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ACTION = ROOT / "deploy" / "ci" / "github" / "action.yml"
 EXAMPLE = ROOT / "examples" / "hello"
 VENV_BIN = ROOT / ".venv" / "bin"
-
-
-@pytest.fixture
-async def farm(tmp_path: Path) -> AsyncIterator[Farm]:
-    async with running_farm(tmp_path) as running:
-        yield running
 
 
 def action_step(inputs: dict[str, str]) -> tuple[str, dict[str, str]]:

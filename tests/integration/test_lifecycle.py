@@ -8,27 +8,18 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from polyarch.agent.builders.docker import DockerBuilder
 from polyarch.client.api import BuildClient
 from polyarch.client.credentials import Credentials
-from tests.support.farm import POLYARCH, Farm, running_farm
+from tests.support.farm import POLYARCH, Farm
 from tests.support.poll import poll_until
 from tests.support.services import free_port
 from tests.support.verify import skopeo_missing, skopeo_raw
 
 # BUILD_ID is fresh per test so the shared dockerd never answers a slow step from cache.
 SLOW = "ARG BASE\nFROM ${BASE}\nARG BUILD_ID\nRUN echo ${BUILD_ID} > /id && sleep {sleep}\n"
-
-
-@pytest.fixture
-async def farm(tmp_path: Path) -> AsyncIterator[Farm]:
-    async with running_farm(tmp_path) as running:
-        yield running
 
 
 def slow_context(tmp_path: Path, seconds: int) -> Path:

@@ -9,7 +9,6 @@ import json
 import os
 import sqlite3
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ import pytest
 from polyarch.agent.builders.buildah import BuildahBuilder
 from polyarch.agent.builders.docker import DockerBuilder
 from polyarch.proto.trust import Role
-from tests.support.farm import Farm, running_farm
+from tests.support.farm import Farm
 from tests.support.services import Registry
 from tests.support.verify import index_platforms
 
@@ -33,12 +32,6 @@ ARG NONCE=0
 RUN --mount=type=secret,id=npm sha256sum /run/secrets/npm | cut -c1-64 > /secret.sha256
 RUN uname -m > /arch
 """
-
-
-@pytest.fixture
-async def farm(tmp_path: Path) -> AsyncIterator[Farm]:
-    async with running_farm(tmp_path / "farm") as running:
-        yield running
 
 
 def client_docker_config(directory: Path, registry: Registry) -> Path:

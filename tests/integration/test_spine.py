@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from polyarch.agent.builders.base import Builder
 from polyarch.agent.builders.buildah import BuildahBuilder
 from polyarch.agent.builders.docker import DockerBuilder
-from tests.support.farm import Farm, running_farm
+from tests.support.farm import Farm, builder_named
 from tests.support.poll import poll_until
 from tests.support.services import free_port
 from tests.support.verify import docker_run_uname, index_platforms, skopeo_missing, skopeo_raw
@@ -23,16 +21,6 @@ THREE = ["linux/amd64", "linux/arm64", "linux/arm/v7"]
 UNAME = {"linux/amd64": "x86_64", "linux/arm64": "aarch64", "linux/arm/v7": "armv7l"}
 
 
-@pytest.fixture
-async def farm(tmp_path: Path) -> AsyncIterator[Farm]:
-    async with running_farm(tmp_path) as running:
-        yield running
-
-
-def make_builder(kind: str, docker_binary: str) -> Builder:
-    return DockerBuilder(docker_binary) if kind == "docker" else BuildahBuilder()
-
-
 @pytest.mark.emulated
 @pytest.mark.parametrize("backend", ["docker", "buildah"])
 async def test_three_platform_build_publishes_a_verified_index(
@@ -40,7 +28,7 @@ async def test_three_platform_build_publishes_a_verified_index(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     await farm.add_agent(
-        f"{backend}-agent", make_builder(backend, docker_binary),
+        f"{backend}-agent", builder_named(backend, docker_binary),
         native=["linux/amd64"], emulated=["linux/arm64", "linux/arm/v7"], slots=3,
     )  # fmt: skip
     repo = f"{registry.address}/{unique_repo}"

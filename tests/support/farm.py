@@ -168,3 +168,11 @@ async def running_farm(work_dir: Path) -> AsyncIterator[Farm]:
                 proc.kill()
                 await proc.wait()
         await coordinator.stop(grace=1)
+
+
+def builder_named(kind: str, docker_binary: str) -> Builder:
+    """A docker (BuildKit through `docker_binary`) or buildah builder."""
+    from polyarch.agent.builders.buildah import BuildahBuilder
+    from polyarch.agent.builders.docker import DockerBuilder
+
+    return DockerBuilder(docker_binary) if kind == "docker" else BuildahBuilder()
