@@ -113,10 +113,9 @@ def _platforms(values: list[str] | None, flag: str) -> list[Platform]:
 
 
 def validate_tags(tags: Sequence[str]) -> list[str]:
-    """Normalises every tag the Docker way (`app` -> docker.io/library/app:latest) and checks
-    that all share one repository; returns them in full."""
+    """Normalises every tag the Docker way (`app` -> docker.io/library/app:latest); returns
+    them in full. Tags may name several repositories: the first is where agents push."""
     result: list[str] = []
-    repository = None
     for tag in tags:
         if "@" in tag:
             raise UsageError(f"tag {tag!r}: give a tag, not a digest (registry/repository:tag)")
@@ -127,13 +126,6 @@ def validate_tags(tags: Sequence[str]) -> list[str]:
         except ReferenceError as exc:
             raise UsageError(f"invalid tag {tag!r}: {exc}") from None
         full = f"{ref.repository_ref}:{ref.tag}"
-        repo = ref.repository_ref
-        if repository is not None and repo != repository:
-            raise UsageError(
-                f"all tags must be in one repository: {repository} and {repo} differ "
-                "(one image index is pushed to one repository)"
-            )
-        repository = repo
         if full not in result:
             result.append(full)
     if not result:

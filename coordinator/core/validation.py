@@ -55,10 +55,11 @@ def _check_dockerfile(path: str) -> str:
 
 def _check_tags(tags: list[str]) -> tuple[str, str]:
     """Normalises the tags in place the Docker way (docker.io, library/, latest); returns the
-    registry and repository they share."""
+    first tag's registry and repository, where the agents push (the index is copied to the
+    other tags' repositories once it is published)."""
     if not tags:
         raise InvalidRequest("no tag given: name at least one, e.g. -t registry/repo:tag")
-    repositories: set[tuple[str, str]] = set()
+    repositories: list[tuple[str, str]] = []
     for i, tag in enumerate(tags):
         try:
             ref = parse_reference(tag)
@@ -66,12 +67,9 @@ def _check_tags(tags: list[str]) -> tuple[str, str]:
             raise InvalidRequest(f"invalid tag {tag!r}: {exc}") from None
         if ref.digest or not ref.tag:
             raise InvalidRequest(f"tag {tag!r} must name a tag, not a digest")
-        repositories.add((ref.registry, ref.repository))
+        repositories.append((ref.registry, ref.repository))
         tags[i] = f"{ref.registry}/{ref.repository}:{ref.tag}"
-    if len(repositories) > 1:
-        names = ", ".join(sorted(f"{r}/{n}" for r, n in repositories))
-        raise InvalidRequest(f"all tags of one build must be in one repository; got {names}")
-    return repositories.pop()
+    return repositories[0]
 
 
 def describe_unschedulable(

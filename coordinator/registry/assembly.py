@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from collections import Counter
 
 from polyarch.coordinator.core.model import BuildSpec, JobRecord, push_tag
 from polyarch.coordinator.registry.annotations import parse_annotations
 from polyarch.coordinator.registry.build_credentials import BuildCredentials, LayeredCredentialStore
 from polyarch.coordinator.registry.client import RegistryClient, RegistryError
-from polyarch.coordinator.registry.index import IndexResult, assemble_index
+from polyarch.coordinator.registry.copies import publish_copy, tags_by_repository
+from polyarch.coordinator.registry.index import IndexResult, assemble_index, render_index
 from polyarch.coordinator.registry.staging import remove_staging_tags
 from polyarch.proto.platforms import parse_platform
-from polyarch.proto.references import parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,19 @@ class IndexPublisher:
             )
         await asyncio.gather(*(self.check_pushed(client, spec, job) for job in jobs))
         children = {parse_platform(job.platform): job.digest for job in jobs}
-        tags = [parse_reference(tag).tag for tag in spec.tags]
+        groups = tags_by_repository(spec.tags)
+        primary = (spec.registry, spec.repository)
         annotations = parse_annotations(spec.annotations, list(children))
         result = await assemble_index(
-            client, spec.registry, spec.repository, children, [t for t in tags if t],
+            client, spec.registry, spec.repository, children, groups.pop(primary, []),
             annotations, push=not spec.no_publish,
         )  # fmt: skip
+        if groups and not spec.no_publish:
+            index = (render_index(result.children, annotations), result.media_type, result.digest)
+            for target, tags in groups.items():
+                how = await publish_copy(client, primary, target, result.children, index, tags)
+                log.info("index %s copied to %s/%s (blobs: %s)", result.digest, *target,
+                         ", ".join(f"{n} {w}" for w, n in Counter(how).items()))  # fmt: skip
         cleanup = asyncio.get_running_loop().create_task(
             self.remove_staging_tags(client, spec, [copy.copy(j) for j in jobs])
         )

@@ -250,6 +250,60 @@ class RegistryClient:
         )  # fmt: skip
         return digest
 
+    async def has_blob(self, registry: str, repository: str, digest: str) -> bool:
+        try:
+            await self._request("HEAD", registry, repository, f"blobs/{digest}", blob=True)
+        except BlobNotFound:
+            return False
+        return True
+
+    async def copy_blob(self, source: tuple[str, str], target: tuple[str, str], digest: str) -> str:
+        """Makes blob `digest` of (registry, repository) `source` exist in `target`: already
+        there, mounted across repositories of one registry (no bytes move), or streamed
+        from one registry to the other. Returns how ("present", "mounted" or "copied")."""
+        (src_registry, src_repo), (dst_registry, dst_repo) = source, target
+        if await self.has_blob(dst_registry, dst_repo, digest):
+            return "present"
+        if src_registry == dst_registry:
+            mount = f"blobs/uploads/?mount={digest}&from={src_repo}"
+            started = await self._request("POST", dst_registry, dst_repo, mount)
+            if started.status_code == 201:
+                return "mounted"
+        else:
+            started = await self._request("POST", dst_registry, dst_repo, "blobs/uploads/")
+        # 202: an upload session; the bytes come from the source, streamed through
+        location = started.headers.get("location", "")
+        if not location:
+            raise RegistryError(f"{dst_registry}/{dst_repo}: upload has no Location", dst_registry)
+        if location.startswith("/"):
+            location = f"{self.base_url(dst_registry)}{location}"
+        await self._request("HEAD", src_registry, src_repo, f"blobs/{digest}", blob=True)
+        src_auth = await self._auth.header(src_registry, f"repository:{src_repo}:pull")
+        dst_auth = await self._auth.header(dst_registry, f"repository:{dst_repo}:pull,push")
+        url = f"{self.base_url(src_registry)}/v2/{src_repo}/blobs/{digest}"
+        sep = "&" if "?" in location else "?"
+        async with self._http.stream(
+            "GET", url, headers={"Authorization": src_auth} if src_auth else {}
+        ) as body:
+            if not body.is_success:
+                raise RegistryError(
+                    f"{src_registry}/{src_repo}: GET blob {digest} failed with HTTP "
+                    f"{body.status_code}", src_registry, body.status_code,
+                )  # fmt: skip
+            headers = {"Content-Type": "application/octet-stream"}
+            if dst_auth:
+                headers["Authorization"] = dst_auth
+            done = await self._http.put(
+                f"{location}{sep}digest={digest}", content=body.aiter_raw(), headers=headers
+            )
+        if done.status_code != 201:
+            raise RegistryError(
+                f"{dst_registry}/{dst_repo}: upload of blob {digest} failed with HTTP "
+                f"{done.status_code} ({registry_errors_text(done.content)})",
+                dst_registry, done.status_code,
+            )  # fmt: skip
+        return "copied"
+
     async def delete_manifest(self, registry: str, repository: str, digest: str) -> None:
         """Deletes a manifest by digest (with the tags that name it, as registries do)."""
         if not is_digest(digest):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -14,7 +15,7 @@ from polyarch.agent.builders.docker import DockerBuilder
 from tests.support import services
 from tests.support.farm import Farm, builder_named
 from tests.support.poll import poll_until
-from tests.support.verify import skopeo_raw, skopeo_tags
+from tests.support.verify import docker_run_uname, skopeo_raw, skopeo_tags
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
 
@@ -202,3 +203,35 @@ async def test_a_tag_without_a_tag_part_is_pushed_as_latest(
     assert skopeo_raw(f"{repo}:latest")["manifests"]
     await poll_until(lambda: skopeo_tags(repo) == ["latest"], timeout=30,
                      message="the staging tag was left")  # fmt: skip
+
+
+async def test_tags_in_several_repositories_and_registries_each_hold_the_whole_index(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str, tmp_path: Path
+) -> None:
+    """As docker/metadata-action gives them: the index is pushed where the agents pushed,
+    then copied by digest: blobs mounted within one registry, streamed to another."""
+    await farm.add_agent("docker-1", DockerBuilder(docker_binary), native=["linux/amd64"],
+                         emulated=["linux/arm64"], slots=2)  # fmt: skip
+    with services.running_registry(tmp_path / "second") as second:
+        first_repo = f"{registry.address}/{unique_repo}"
+        mirror_repo = f"{registry.address}/{unique_repo}-mirror"
+        other_repo = f"{second.address}/elsewhere/app"
+        result = await farm.cli(
+            "build", "--platform", "linux/amd64,linux/arm64", "-t", f"{first_repo}:v1",
+            "-t", f"{mirror_repo}:v1", "-t", f"{mirror_repo}:stable", "-t", f"{other_repo}:v1",
+            "--build-arg", f"BASE={base_image}", str(EXAMPLE),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        digest = result.stdout.strip().splitlines()[-1]
+        first = skopeo_raw(f"{first_repo}:v1")
+        for reference in (f"{mirror_repo}:v1", f"{mirror_repo}:stable", f"{other_repo}:v1"):
+            assert skopeo_raw(reference) == first, reference  # the same index, byte for byte
+            repo = reference.rsplit(":", 1)[0]
+            assert skopeo_raw(f"{repo}@{digest}") == first
+            for child in first["manifests"]:  # every image and blob came along
+                image = skopeo_raw(f"{repo}@{child['digest']}")
+                assert image["layers"], (reference, child["platform"])
+        machine = await asyncio.to_thread(
+            docker_run_uname, docker_binary, f"{other_repo}:v1", "linux/arm64"
+        )
+        assert machine == "aarch64"  # pulled from the second registry and run

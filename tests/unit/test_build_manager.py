@@ -191,8 +191,8 @@ async def test_submit_rejects_what_no_agent_can_build_and_bad_input(
     with pytest.raises(InvalidRequest, match="unknown architecture 'sparc'"):
         await manager.submit(spec(["linux/sparc"]), "")
     bad_tags = spec(["linux/amd64"])
-    bad_tags.tags = ["127.0.0.1:5000/a:1", "127.0.0.1:5000/b:1"]
-    with pytest.raises(InvalidRequest, match="one repository"):
+    bad_tags.tags = ["127.0.0.1:5000/a:1", "127.0.0.1:5000/B:1"]
+    with pytest.raises(InvalidRequest, match=r"invalid tag '127\.0\.0\.1:5000/B:1'"):
         await manager.submit(bad_tags, "")
     missing = spec(["linux/amd64"])
     missing.context_digest = "sha256:" + "0" * 64
@@ -345,6 +345,15 @@ async def test_a_cache_spec_an_agent_cannot_honour_is_refused_at_submit(
     local.cache_from = ["type=local,src=/tmp/cache"]
     with pytest.raises(InvalidRequest, match="buildah agents import only type=registry caches"):
         await manager.submit(local, "")
+
+
+async def test_tags_in_several_repositories_push_to_the_first(manager: BuildManager) -> None:
+    connect(manager, "a", ["linux/amd64"])
+    several = spec(["linux/amd64"])
+    several.tags = ["127.0.0.1:5000/team/app:1", "127.0.0.1:6000/mirror/app:1", "user/app"]
+    build, _ = await manager.submit(several, "")
+    assert (build.spec.registry, build.spec.repository) == ("127.0.0.1:5000", "team/app")
+    assert build.spec.tags[2] == "docker.io/user/app:latest"
 
 
 async def test_tags_are_stored_normalised_the_docker_way(manager: BuildManager) -> None:

@@ -342,7 +342,6 @@ def test_bad_platform_exits_2_naming_it(
 @pytest.mark.parametrize(
     ("tags", "message"),
     [
-        (["registry.example/team/app:1", "registry.example/team/other:1"], "one repository"),
         (["Team/App:1"], "invalid tag 'Team/App:1'"),
         (["registry.example/team/app@sha256:" + "0" * 64], "not a digest"),
     ],
