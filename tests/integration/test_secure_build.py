@@ -24,6 +24,7 @@ from tests.support.verify import index_platforms
 THREE = ["linux/amd64", "linux/arm64", "linux/arm/v7"]
 UNAME = {"linux/amd64": "x86_64", "linux/arm64": "aarch64", "linux/arm/v7": "armv7l"}
 # The image keeps only the secret's hash: proof it was mounted, without leaking it.
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
 DOCKERFILE = """\
 ARG BASE=scratch
 FROM ${BASE}
@@ -128,3 +129,29 @@ def _file_in_image(layout: Path, name: str) -> str:
                     assert extracted is not None
                     return extracted.read().decode()
     raise AssertionError(f"{name} is in no layer of {layout}")
+
+
+async def test_a_second_repository_behind_a_login_gets_the_index_with_the_builds_credentials(
+    farm: Farm, docker_binary: str, registry: Registry, auth_registry: Registry,
+    base_image: str, unique_repo: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """The agents push to the first tag's (anonymous) registry; the coordinator copies the
+    images and the index into the registry that needs a login, with the credentials the
+    build brought from the CI's docker config (its host has none)."""
+    await farm.add_agent("docker-agent", DockerBuilder(docker_binary), native=["linux/amd64"])
+    config_dir = client_docker_config(tmp_path / "ci-docker", auth_registry)
+    first = f"{registry.address}/{unique_repo}"
+    guarded = f"{auth_registry.address}/{unique_repo}-mirror"
+    result = await farm.cli(
+        "build", "--platform", "linux/amd64", "-t", f"{first}:v1", "-t", f"{guarded}:v1",
+        "--build-arg", f"BASE={base_image}", "--build-arg", f"NONCE={os.urandom(8).hex()}",
+        str(EXAMPLE), env={"DOCKER_CONFIG": str(config_dir)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    creds = f"{auth_registry.username}:{auth_registry.password}"
+    copied = skopeo("inspect", "--raw", f"docker://{guarded}:v1", creds=creds)
+    assert "sha256:" + hashlib.sha256(copied.encode()).hexdigest() == result.stdout.split()[-1]
+    (child,) = json.loads(copied)["manifests"]
+    image = json.loads(skopeo("inspect", "--raw", f"docker://{guarded}@{child['digest']}",
+                              creds=creds))  # fmt: skip
+    assert image["layers"] and image["config"]["digest"]
