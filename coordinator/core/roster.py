@@ -19,6 +19,7 @@ from polyarch.coordinator.core.model import (
     NotFound,
 )
 from polyarch.coordinator.core.scheduler import AgentView, QueuedJob, Scheduler
+from polyarch.coordinator.core.timeouts import ON_AGENT
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.proto.agent_protocol import DEFAULT_HEARTBEAT_INTERVAL, MAX_AGENT_SLOTS
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
@@ -26,8 +27,6 @@ from polyarch.proto.registries import polyarch_version
 from polyarch.proto.trust import NAME_PATTERN
 
 log = logging.getLogger(__name__)
-
-ON_AGENT = (JobState.ASSIGNED, JobState.RUNNING)
 
 
 class Roster:

@@ -234,11 +234,8 @@ class RegistryClient:
         """Uploads a small blob unless the repository holds it (POST, then PUT with the
         digest: the monolithic upload every registry takes); returns its digest."""
         digest = compute_digest(data)
-        try:
-            await self._request("HEAD", registry, repository, f"blobs/{digest}", blob=True)
+        if await self.has_blob(registry, repository, digest):
             return digest
-        except BlobNotFound:
-            pass
         started = await self._request("POST", registry, repository, "blobs/uploads/")
         location = started.headers.get("location", "")
         if not location:
