@@ -508,13 +508,19 @@ def test_agent_flags_are_parsed_and_handed_to_run_agent(
     assert cli.main([*argv, "--native", "linux/amd64", "--emulated", "linux/amd64"]) == 2
 
 
-def test_coordinator_flags_are_handed_to_run_coordinator(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def fake_coordinator_entry(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Stands in for `polyarch coordinator`'s entry point; returns what it is handed."""
     seen: list[Any] = []
     server = types.ModuleType("polyarch.coordinator.server")
     server.run_coordinator = recorder(seen)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "polyarch.coordinator.server", server)
+    return seen
+
+
+def test_coordinator_flags_are_handed_to_run_coordinator(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen = fake_coordinator_entry(monkeypatch)
     argv = ["coordinator", "--data-dir", str(tmp_path), "--insecure-registry", "localhost:5000"]
     assert cli.main([*argv, "--metrics-listen", "off"]) == 0
     config = config_from(seen[0])
@@ -528,10 +534,7 @@ def test_coordinator_flags_are_handed_to_run_coordinator(
 def test_coordinator_config_is_defaults_then_file_then_flags(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    seen: list[Any] = []
-    server = types.ModuleType("polyarch.coordinator.server")
-    server.run_coordinator = recorder(seen)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "polyarch.coordinator.server", server)
+    seen = fake_coordinator_entry(monkeypatch)
     config_file = tmp_path / "coordinator.toml"
     config_file.write_text(
         '[coordinator]\nlisten = "0.0.0.0:7700"\ndata_dir = "/srv/polyarch"\n'
