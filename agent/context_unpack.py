@@ -84,19 +84,25 @@ def unpack_context(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_members: int = DEFAULT_MAX_MEMBERS,
-) -> None:
-    """Unpacks `archive` (plain, gzip, bzip2 or xz tar) into the empty directory `target`.
+    rootfs: bool = False,
+) -> int:
+    """Unpacks `archive` (plain, gzip, bzip2 or xz tar) into the empty directory `target`;
+    returns how many entries were skipped.
 
     Raises ContextRefused naming the member and the rule it broke; on any failure the
-    target is left empty again.
+    target is left empty again. `rootfs` unpacks an image's filesystem (an export) rather
+    than a context: symlinks may point anywhere, as nothing here follows them, and devices
+    and FIFOs are skipped rather than refused.
     """
     root_fd = os.open(target, _DIR_FLAGS)
     try:
         if os.listdir(root_fd):
             raise ValueError(f"unpack target {str(target)!r} is not empty")
         try:
+            unpacker = _Unpacker(root_fd, max_bytes, max_members, rootfs)
             with archive.open("rb") as raw:
-                _Unpacker(root_fd, max_bytes, max_members).run(raw)
+                unpacker.run(raw)
+            return unpacker.skipped
         except BaseException as exc:
             try:
                 _empty(root_fd)
@@ -177,8 +183,10 @@ class _CappedReader:
 class _Unpacker:
     """Validates each member against what the archive already made, then writes it via fds."""
 
-    def __init__(self, root_fd: int, max_bytes: int, max_members: int) -> None:
+    def __init__(self, root_fd: int, max_bytes: int, max_members: int, rootfs: bool) -> None:
         self.root_fd = root_fd
+        self.rootfs = rootfs
+        self.skipped = 0
         self.max_bytes = max_bytes
         self.max_members = max_members
         self.kinds: dict[str, Kind] = {}  # every path made so far, "a/b" form
@@ -211,6 +219,9 @@ class _Unpacker:
     def _add(self, tar: tarfile.TarFile, reader: _CappedReader, member: tarfile.TarInfo) -> None:
         name = member.name
         parts = _split(name, name, "")
+        if self.rootfs and member.type in _REFUSED_TYPES:
+            self.skipped += 1
+            return
         kind = _kind_of(member)
         if not parts:
             if kind == "dir":
@@ -222,7 +233,7 @@ class _Unpacker:
         if existing is not None and existing != kind:
             _refuse(name, f"is already in the archive as a {existing}; it cannot become a {kind}")
         if member.type == tarfile.SYMTYPE:
-            _check_symlink(name, parts, member.linkname)
+            _check_symlink(name, parts, member.linkname, anywhere=self.rootfs)
         elif member.type == tarfile.LNKTYPE:
             source = self._hardlink_source(name, key, member.linkname)
         elif kind == "file" and member.size < 0:  # base-256 sizes can be negative
@@ -363,8 +374,11 @@ def _kind_of(member: tarfile.TarInfo) -> Kind:
     _refuse(member.name, f"is {what}; only files, directories, symlinks and hard links are allowed")
 
 
-def _check_symlink(member: str, parts: tuple[str, ...], target: str) -> None:
-    """Allows relative targets like ../../a/b that stay inside the tree.
+def _check_symlink(
+    member: str, parts: tuple[str, ...], target: str, anywhere: bool = False
+) -> None:
+    """Allows relative targets like ../../a/b that stay inside the tree (any target with
+    `anywhere`).
 
     The link's directory is real (nothing is written through a symlink), so leading '..'
     climb real directories and are counted against its depth. A '..' after a name would
@@ -376,6 +390,8 @@ def _check_symlink(member: str, parts: tuple[str, ...], target: str) -> None:
         _refuse(member, "is a symlink whose target contains a NUL byte")
     if len(os.fsencode(target)) >= MAX_PATH_BYTES:
         _refuse(member, f"is a symlink whose target is {MAX_PATH_BYTES} bytes or longer")
+    if anywhere:
+        return
     if target.startswith("/"):
         _refuse(member, f"is a symlink to the absolute path {target!r}; targets must be relative")
     ups = 0

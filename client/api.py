@@ -347,6 +347,31 @@ class BuildClient:
                 if on_lost is not None:
                     on_lost(f"{exc}; watching build {build_id} again")
 
+    async def export(
+        self,
+        build_id: str,
+        export_format: build_pb2.ExportFormat,
+        platforms: Iterable[str] = (),
+        registry_auths: Iterable[tuple[str, str, str]] = (),
+    ) -> AsyncIterator[bytes]:
+        """A succeeded build's export (build_pb2.ExportFormat) as a tar stream, in chunks."""
+        call = self._stub().ExportBuild(
+            build_pb2.ExportBuildRequest(
+                build_id=build_id, format=export_format, platforms=list(platforms),
+                registry_auths=[
+                    common_pb2.RegistryAuth(registry=r, username=u, password=p)
+                    for r, u, p in registry_auths
+                ],
+            )
+        )  # fmt: skip
+        try:
+            async for chunk in call:
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            call.cancel()
+
     async def get_build(self, build_id: str) -> build_pb2.Build:
         return await self._call(self._stub().GetBuild, build_pb2.GetBuildRequest(build_id=build_id))
 

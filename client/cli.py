@@ -50,10 +50,16 @@ from polyarch.client.credentials import (
     credentials_from_args,
 )
 from polyarch.client.dockerignore import DockerignoreError
-from polyarch.client.outputs import OutputError, publishes
+from polyarch.client.exports import check_local_dest, engine_platform, write_export
+from polyarch.client.outputs import Export, OutputError, docker_platform, plan_outputs
 from polyarch.coordinator.config import add_coordinator_flags
 from polyarch.proto.config_files import ConfigError
-from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
+from polyarch.proto.platforms import (
+    Platform,
+    PlatformError,
+    parse_platforms,
+    platform_from_uname,
+)
 from polyarch.proto.references import ReferenceError, parse_reference
 from polyarch.proto.registries import polyarch_version
 from polyarch.proto.v1 import build_pb2, common_pb2, trust_pb2
@@ -128,8 +134,6 @@ def validate_tags(tags: Sequence[str]) -> list[str]:
         full = f"{ref.repository_ref}:{ref.tag}"
         if full not in result:
             result.append(full)
-    if not result:
-        raise UsageError("at least one -t registry/repository:tag is required")
     return result
 
 
@@ -173,7 +177,7 @@ def _ttl(text: str) -> int:
 
 def cmd_build(args: argparse.Namespace, session: _Session) -> int:
     platforms = [str(p) for p in _platforms(args.platform, "--platform")]
-    tags = validate_tags(args.tag)
+    tags = validate_tags(args.tag or [])
     build_args = _pairs(args.build_arg, "--build-arg", from_env=True)
     labels = _pairs(args.label, "--label", from_env=False)
     quiet = args.progress in ("quiet", "rawjson")  # rawjson: nothing but the JSON lines
@@ -181,9 +185,16 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
     registries = registries_of(tags, [*(args.cache_from or []), *(args.cache_to or [])])
     registry_auths = registry_auths_for(registries)
     try:
-        publish = publishes(args.output or [], args.push, args.load)
+        plan = plan_outputs(args.output or [], args.push, args.load)
+        exports = [(export, _export_platforms(export, platforms)) for export in plan.exports]
     except OutputError as exc:
         raise UsageError(str(exc)) from None
+    publish = plan.publish
+    if publish and not tags:
+        raise UsageError(
+            "no tag given: pushing needs -t registry/repository:tag (to build without "
+            "pushing: --output type=image,push=false, type=oci, type=tar, type=local or --load)"
+        )
     packed = pack_context(args.context, args.file)
 
     async def run() -> build_pb2.Build:
@@ -214,23 +225,34 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
             session.build_id = response.build.id
             if not quiet:
                 how = "attached to existing build" if response.existing else "submitted build"
-                _err(f"{how} {response.build.id}: {', '.join(platforms)} -> {', '.join(tags)}")
+                where = ", ".join(tags) or "no tag"
+                _err(f"{how} {response.build.id}: {', '.join(platforms)} -> {where}")
             progress = (
                 render.RawJsonRenderer(sys.stderr)
                 if args.progress == "rawjson"
                 else render.ProgressRenderer(sys.stderr, quiet=quiet)
             )
-            return await client.follow(response.build.id, progress.handle, on_lost=_err)
+            build = await client.follow(response.build.id, progress.handle, on_lost=_err)
+            if build.state == common_pb2.BUILD_STATE_SUCCEEDED:
+                for export, chosen in exports:
+                    await write_export(
+                        client, build.id, export, chosen, registry_auths,
+                        (lambda line: None) if quiet else _err,
+                    )  # fmt: skip
+            return build
 
     try:
         build = asyncio.run(run())
+    except OutputError as exc:
+        _err(f"polyarch: error: {exc}")
+        return EXIT_FAILED
     finally:
         packed.discard()
     if build.state != common_pb2.BUILD_STATE_SUCCEEDED:
         _err(*render.failure_summary(build))
         return EXIT_FAILED
     if not publish and not quiet:
-        _err(f"built and verified; nothing published (--output): the index would be "
+        _err(f"built and verified; no tag published (--output): the index would be "
              f"{build.index_digest}; the platforms' digests are in the metadata")  # fmt: skip
     code = 0
     outputs = [
@@ -248,8 +270,20 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
         except OSError as exc:
             _err(f"polyarch: error: cannot write {path}: {exc.strerror}")
             code = EXIT_FAILED
-    print(build.index_digest, flush=True)  # the last (and only) line on stdout
+    if not plan.to_stdout:  # stdout carries an export's tar stream otherwise
+        print(build.index_digest, flush=True)  # the last (and only) line on stdout
     return code
+
+
+def _export_platforms(export: Export, platforms: list[str]) -> list[str]:
+    """Every platform, except for a Docker archive or --load: the one Docker can run.
+    Checked before the build, so a flag that cannot work costs no build."""
+    if export.kind == "local":
+        check_local_dest(Path(export.dest))
+    if export.kind != "docker":
+        return []
+    local = engine_platform() if export.loads else str(platform_from_uname(os.uname().machine))
+    return [docker_platform(platforms, local)]
 
 
 # -- fleet and build inspection ----------------------------------------------------------------
@@ -399,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--platform", action="append", required=True, metavar="PLATFORMS",
                    help="comma-separated, repeatable: linux/amd64,linux/arm64")  # fmt: skip
-    p.add_argument("-t", "--tag", action="append", required=True, metavar="REG/REPO:TAG",
-                   help="repeatable; all tags in one repository")  # fmt: skip
+    p.add_argument("-t", "--tag", action="append", metavar="[REG/]REPO[:TAG]",
+                   help="repeatable, in any repositories; needed to push")  # fmt: skip
     p.add_argument("-f", "--file", metavar="DOCKERFILE", help="default: CONTEXT_DIR/Dockerfile")
     p.add_argument("--build-arg", action="append", metavar="KEY=VALUE")
     p.add_argument("--target")
@@ -414,10 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iidfile", metavar="FILE", help="write the image index digest, on success")
     p.add_argument("--push", action="store_true",
                    help="push the result (the default without --output)")  # fmt: skip
-    p.add_argument("-o", "--output", action="append", metavar="type=TYPE[,push=BOOL]",
-                   help="registry (push), image (push=false: build and verify, publish "
-                   "nothing) or none; replaces the default push")  # fmt: skip
-    p.add_argument("--load", action="store_true", help="not supported yet (refused)")
+    p.add_argument("-o", "--output", action="append", metavar="type=TYPE[,KEY=VALUE]",
+                   help="registry (push); image (push=false: build and verify, publish "
+                   "nothing); none; oci,dest=FILE; docker[,dest=FILE]; tar,dest=FILE; "
+                   "local,dest=DIR. Replaces the default push; repeatable")  # fmt: skip
+    p.add_argument("--load", action="store_true",
+                   help="load the image into Docker (DOCKER_HOST): its platform's")  # fmt: skip
     p.add_argument("--idempotency-key", metavar="KEY", help="default: a new UUID per run")
     p.add_argument("--progress", choices=["auto", "plain", "quiet", "rawjson"], default="auto",
                    help="auto and plain: a line per change and log line, [platform] first; "

@@ -12,6 +12,7 @@ from polyarch.coordinator.limits import Limits, LimitSyntaxError, with_overrides
 from polyarch.proto.agent_protocol import DEFAULT_AGENT_LEASE
 from polyarch.proto.config_files import ConfigError as ConfigError  # server.py imports it here
 from polyarch.proto.config_files import read_toml_table
+from polyarch.proto.references import ReferenceError, parse_reference
 
 
 @dataclass
@@ -43,6 +44,8 @@ class CoordinatorConfig:
     registry_timeout: float = 30.0
     # How often unused contexts are garbage-collected (the limits say which go).
     context_gc_interval: float = 600.0
+    # "registry/repository" for the images of builds that publish no tag (exports, --load).
+    scratch_repository: str = ""
 
 
 _PATHS = {"data_dir", "tls_cert", "tls_key", "tls_client_ca", "docker_config"}
@@ -111,6 +114,16 @@ def _address(text: str) -> str:
     return text
 
 
+def _repository(text: str) -> str:
+    try:
+        ref = parse_reference(text, default_tag=None)
+    except ReferenceError as exc:
+        raise argparse.ArgumentTypeError(f"expected REGISTRY/REPOSITORY: {exc}") from None
+    if ref.tag or ref.digest:
+        raise argparse.ArgumentTypeError(f"expected a repository without tag, got {text!r}")
+    return f"{ref.registry}/{ref.repository}"
+
+
 def _address_or_off(text: str) -> str:
     return "" if text in ("", "off", "none") else _address(text)
 
@@ -126,6 +139,8 @@ def add_coordinator_flags(parser: argparse.ArgumentParser) -> None:
     add("--metrics-listen", type=_address_or_off, metavar="ADDR",
         help=f"Prometheus endpoint (default {d.metrics_listen}; 'off' disables)")  # fmt: skip
     add("--docker-config", type=Path, metavar="PATH", help="the farm's registry credentials")
+    add("--scratch-repository", type=_repository, metavar="REGISTRY/REPO",
+        help="where builds without a tag push their images (for exports and --load)")  # fmt: skip
     add("--agent-timeout", type=float, metavar="SECONDS",
         help=f"an agent's lease (default {d.agent_timeout:g})")  # fmt: skip
     add("--agent-listen", type=_address, metavar="ADDR",

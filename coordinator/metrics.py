@@ -114,6 +114,13 @@ class CoordinatorMetrics:
         self.context_bytes_served = Counter(
             "polyarch_context_bytes_served", "Build context bytes sent to agents.", registry=r
         )
+        self.exports = Counter(
+            "polyarch_exports", "Build exports streamed to clients, by format and outcome.",
+            ["format", "outcome"], registry=r,
+        )  # fmt: skip
+        self.export_bytes = Counter(
+            "polyarch_export_bytes", "Bytes of build exports streamed to clients.", registry=r
+        )
         self.stale_messages = Counter(
             "polyarch_stale_agent_messages", "Agent messages ignored because their attempt is old.",
             ["kind"], registry=r,

@@ -19,6 +19,7 @@ from polyarch.coordinator.contexts.gc import ContextCollector, digests_in_use
 from polyarch.coordinator.contexts.store import ContextStore
 from polyarch.coordinator.core.manager import BuildManager
 from polyarch.coordinator.core.sqlite_store import SQLiteStore
+from polyarch.coordinator.exports.exporter import BuildExporter
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.registry.assembly import IndexPublisher
 from polyarch.coordinator.registry.client import RegistryClient
@@ -158,9 +159,10 @@ class Coordinator:
         )
         contexts = ContextStore(cfg.data_dir / "contexts", cfg.limits)
         self._publisher = IndexPublisher(self._registry)
+        self._exporter = BuildExporter(self._registry, cfg.data_dir / "exports", self.metrics)
         self.manager = BuildManager(
             self._store, contexts, self._publisher, self.metrics,
-            limits=cfg.limits,
+            limits=cfg.limits, scratch_repository=cfg.scratch_repository,
         )  # fmt: skip
         self.metrics.context_store_bytes.set_function(lambda: contexts.stored_bytes)
         self.metrics.context_uploads_in_flight.set_function(lambda: contexts.uploads.in_flight)
@@ -193,7 +195,8 @@ class Coordinator:
         ]
         server = grpc.aio.server(options=options, interceptors=interceptors)
         manager = self.manager
-        build_pb2_grpc.add_BuildServiceServicer_to_server(BuildServicer(manager), server)
+        builds = BuildServicer(manager, self._exporter)
+        build_pb2_grpc.add_BuildServiceServicer_to_server(builds, server)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(manager), server)
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(manager), server)
         if self.tokens is not None:

@@ -62,8 +62,11 @@ class BuildManager:
         metrics: CoordinatorMetrics,
         clock: Callable[[], float] = time.time,
         limits: Limits | None = None,
+        scratch_repository: str = "",
     ) -> None:
         self.limits = limits or Limits()
+        # where builds that publish no tag push their images (validation._scratch)
+        self.scratch_repository = scratch_repository
         self.store = store
         self.contexts = contexts
         self.metrics = metrics
@@ -201,8 +204,9 @@ class BuildManager:
             return live[0]
         return existing
 
-    async def may_cancel(self, build_id: str, token_id: str, is_admin: bool) -> None:
-        """Raises PermissionDenied unless the caller submitted the build or is an admin."""
+    async def check_owner(self, build_id: str, token_id: str, is_admin: bool) -> None:
+        """Raises PermissionDenied unless the caller submitted the build or is an admin (who
+        may cancel or export it)."""
         build, _ = await self.get(build_id)
         if not is_admin and build.owner != token_id:
             raise PermissionDenied(f"build {build_id} was submitted by another token")
@@ -378,7 +382,7 @@ class BuildManager:
 
     def _validate(self, spec: BuildSpec) -> list[Platform]:
         """Checks a submission; fills in the registry and repository its tags share."""
-        platforms = validate_spec(spec, self.contexts, self.limits)
+        platforms = validate_spec(spec, self.contexts, self.limits, self.scratch_repository)
         unschedulable = [
             p for p in platforms if not self.scheduler.eligible_modes(p, spec.emulation)
         ]

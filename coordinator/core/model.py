@@ -77,6 +77,11 @@ class LimitExceeded(PolyarchError):
     """A request over one of the coordinator's limits (size, count, rate)."""
 
 
+class NotReady(PolyarchError):
+    """A request about a build that is not in the state it needs (an export of a running
+    build, say)."""
+
+
 @dataclass
 class BuildSpec:
     """What the client asked for; stored with the build so jobs can be re-dispatched."""

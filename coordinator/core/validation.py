@@ -19,9 +19,14 @@ DEFAULT_LIMITS = Limits()
 
 
 def validate_spec(
-    spec: BuildSpec, contexts: ContextStore, limits: Limits = DEFAULT_LIMITS
+    spec: BuildSpec,
+    contexts: ContextStore,
+    limits: Limits = DEFAULT_LIMITS,
+    scratch_repository: str = "",
 ) -> list[Platform]:
-    """Validates a spec in place (normalising platforms, dockerfile, registry/repository)."""
+    """Validates a spec in place (normalising platforms, dockerfile, registry/repository).
+    The images of a build that publishes nothing go to `scratch_repository`
+    ("registry/repository") where one is set, and it may then come without a tag."""
     check_caps(spec, limits)
     check_digest(spec.context_digest)
     if contexts.size_of(spec.context_digest) is None:
@@ -38,7 +43,12 @@ def validate_spec(
         if platform not in platforms:
             platforms.append(platform)
     spec.platforms = [str(p) for p in platforms]
-    spec.registry, spec.repository = _check_tags(spec.tags)
+    if spec.tags or not spec.no_publish:
+        where = _check_tags(spec.tags)
+    if spec.no_publish and (scratch_repository or not spec.tags):
+        # nothing is published: the images stay out of the tags' repositories, as in buildx
+        where = _scratch(scratch_repository)
+    spec.registry, spec.repository = where
     for key in spec.build_args:
         if not key or "=" in key:
             raise InvalidRequest(f"malformed build arg name {key!r}")
@@ -70,6 +80,16 @@ def _check_tags(tags: list[str]) -> tuple[str, str]:
         repositories.append((ref.registry, ref.repository))
         tags[i] = f"{ref.registry}/{ref.repository}:{ref.tag}"
     return repositories[0]
+
+
+def _scratch(repository: str) -> tuple[str, str]:
+    if not repository:
+        raise InvalidRequest(
+            "no tag given, and this coordinator has no --scratch-repository for the images of "
+            "builds that publish nothing: give a tag (-t) to push the images under"
+        )
+    ref = parse_reference(repository, default_tag=None)
+    return ref.registry, ref.repository
 
 
 def describe_unschedulable(

@@ -9,7 +9,7 @@ from collections import Counter
 
 from polyarch.coordinator.core.model import BuildSpec, JobRecord, push_tag
 from polyarch.coordinator.registry.annotations import parse_annotations
-from polyarch.coordinator.registry.build_credentials import BuildCredentials, LayeredCredentialStore
+from polyarch.coordinator.registry.build_credentials import BuildCredentials, client_for
 from polyarch.coordinator.registry.client import RegistryClient, RegistryError
 from polyarch.coordinator.registry.copies import publish_copy, tags_by_repository
 from polyarch.coordinator.registry.index import IndexResult, assemble_index, render_index
@@ -34,11 +34,7 @@ class IndexPublisher:
     async def publish(
         self, spec: BuildSpec, jobs: list[JobRecord], own: BuildCredentials | None = None
     ) -> IndexResult:
-        client = self.client
-        if own is not None and own.registry_auths:
-            client = self.client.with_credentials(
-                LayeredCredentialStore(own.registry_auths, self.client.credentials)
-            )
+        client = client_for(self.client, own)
         await asyncio.gather(*(self.check_pushed(client, spec, job) for job in jobs))
         children = {parse_platform(job.platform): job.digest for job in jobs}
         groups = tags_by_repository(spec.tags)

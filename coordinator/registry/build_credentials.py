@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from polyarch.coordinator.core.model import InvalidRequest
+from polyarch.coordinator.registry.client import RegistryClient
 from polyarch.coordinator.registry.credentials import (
     Credentials,
     CredentialStore,
@@ -110,3 +111,10 @@ class LayeredCredentialStore(CredentialStore):
         if own is not None:
             return own
         return await self._farm.get(registry) if self._farm is not None else None
+
+
+def client_for(client: RegistryClient, own: BuildCredentials | None) -> RegistryClient:
+    """`client`, or a copy that tries a build's own registry credentials before the farm's."""
+    if own is None or not own.registry_auths:
+        return client
+    return client.with_credentials(LayeredCredentialStore(own.registry_auths, client.credentials))

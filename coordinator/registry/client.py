@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -274,19 +275,9 @@ class RegistryClient:
             raise RegistryError(f"{dst_registry}/{dst_repo}: upload has no Location", dst_registry)
         if location.startswith("/"):
             location = f"{self.base_url(dst_registry)}{location}"
-        await self._request("HEAD", src_registry, src_repo, f"blobs/{digest}", blob=True)
-        src_auth = await self._auth.header(src_registry, f"repository:{src_repo}:pull")
         dst_auth = await self._auth.header(dst_registry, f"repository:{dst_repo}:pull,push")
-        url = f"{self.base_url(src_registry)}/v2/{src_repo}/blobs/{digest}"
         sep = "&" if "?" in location else "?"
-        async with self._http.stream(
-            "GET", url, headers={"Authorization": src_auth} if src_auth else {}
-        ) as body:
-            if not body.is_success:
-                raise RegistryError(
-                    f"{src_registry}/{src_repo}: GET blob {digest} failed with HTTP "
-                    f"{body.status_code}", src_registry, body.status_code,
-                )  # fmt: skip
+        async with self.stream_blob(src_registry, src_repo, digest) as body:
             headers = {"Content-Type": "application/octet-stream"}
             if dst_auth:
                 headers["Authorization"] = dst_auth
@@ -300,6 +291,25 @@ class RegistryClient:
                 dst_registry, done.status_code,
             )  # fmt: skip
         return "copied"
+
+    @contextlib.asynccontextmanager
+    async def stream_blob(
+        self, registry: str, repository: str, digest: str
+    ) -> AsyncIterator[httpx.Response]:
+        """An open GET of a blob of any size (its bytes from `aiter_raw()`, unverified: the
+        caller hashes them). A HEAD first gets the token and names a missing blob."""
+        await self._request("HEAD", registry, repository, f"blobs/{digest}", blob=True)
+        auth = await self._auth.header(registry, f"repository:{repository}:pull")
+        url = f"{self.base_url(registry)}/v2/{repository}/blobs/{digest}"
+        async with self._http.stream(
+            "GET", url, headers={"Authorization": auth} if auth else {}, follow_redirects=True
+        ) as body:
+            if not body.is_success:
+                raise RegistryError(
+                    f"{registry}/{repository}: GET blob {digest} failed with HTTP "
+                    f"{body.status_code}", registry, body.status_code,
+                )  # fmt: skip
+            yield body
 
     async def delete_manifest(self, registry: str, repository: str, digest: str) -> None:
         """Deletes a manifest by digest (with the tags that name it, as registries do)."""

@@ -221,8 +221,8 @@ async def assemble_index(
 ) -> IndexResult:
     """Verifies every child, pushes the index under every tag and reads each tag back; with
     push=False only verifies, and the result names the index that would have been pushed."""
-    if not tags:
-        raise ValueError("assemble_index needs at least one tag")
+    if push and not tags:
+        raise ValueError("assemble_index needs at least one tag to push to")
     for tag in tags:
         if not TAG_PATTERN.match(tag):
             raise ValueError(f"invalid tag {tag!r}")

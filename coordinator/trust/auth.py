@@ -57,6 +57,7 @@ METHOD_ACCESS: dict[str, Requirement] = {
     _B + "SubmitBuild": Role.CI,
     _B + "WatchBuild": Role.CI,
     _B + "CancelBuild": Role.CI,  # its own builds; admin: any
+    _B + "ExportBuild": Role.CI,  # its own builds; admin: any
     _B + "GetBuild": Role.READ,
     _B + "ListBuilds": Role.READ,
     _F + "ListAgents": Role.READ,

@@ -12,7 +12,9 @@ from polyarch.coordinator.contexts.store import check_digest
 from polyarch.coordinator.contexts.uploads import timed
 from polyarch.coordinator.core.manager import BuildManager
 from polyarch.coordinator.core.model import InvalidRequest, PolyarchError
-from polyarch.coordinator.registry.build_credentials import check_build_credentials
+from polyarch.coordinator.exports.exporter import BuildExporter
+from polyarch.coordinator.registry.build_credentials import check_build_credentials, client_for
+from polyarch.coordinator.registry.client import RegistryError
 from polyarch.coordinator.trust.auth import current_principal
 from polyarch.coordinator.wire import convert
 from polyarch.coordinator.wire.errors import domain_errors, status_code
@@ -22,8 +24,9 @@ from polyarch.proto.v1 import build_pb2, build_pb2_grpc, common_pb2
 
 
 class BuildServicer(build_pb2_grpc.BuildServiceServicer):
-    def __init__(self, manager: BuildManager) -> None:
+    def __init__(self, manager: BuildManager, exporter: BuildExporter) -> None:
         self.manager = manager
+        self.exporter = exporter
 
     @domain_errors
     async def StatContext(
@@ -109,7 +112,7 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
         self, request: build_pb2.CancelBuildRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> build_pb2.Build:
         caller = current_principal()
-        await self.manager.may_cancel(request.build_id, caller.token_id, caller.role is Role.ADMIN)
+        await self.manager.check_owner(request.build_id, caller.token_id, caller.role is Role.ADMIN)
         await self.manager.cancel(request.build_id, request.reason or "cancelled by request")
         return convert.build_message(*await self.manager.get(request.build_id))
 
@@ -119,3 +122,26 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
     ) -> build_pb2.ListBuildsResponse:
         manager = self.manager
         return await list_page(manager.list_page, request, manager.limits)
+
+    async def ExportBuild(
+        self, request: build_pb2.ExportBuildRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[build_pb2.ExportChunk]:
+        try:
+            caller = current_principal()
+            manager = self.manager
+            await manager.check_owner(request.build_id, caller.token_id, caller.role is Role.ADMIN)
+            build, jobs = await manager.get(request.build_id)
+            own = check_build_credentials(
+                [(a.registry, a.username, a.password) for a in request.registry_auths], []
+            )
+            stream = self.exporter.export(
+                build, jobs, convert.export_format_from(request.format), list(request.platforms),
+                client_for(self.exporter.client, own),
+            )  # fmt: skip
+            async with contextlib.aclosing(stream) as chunks:
+                async for chunk in chunks:
+                    yield build_pb2.ExportChunk(data=chunk)
+        except PolyarchError as exc:
+            await context.abort(status_code(exc), str(exc))
+        except RegistryError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"reading the images: {exc}")

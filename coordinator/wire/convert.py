@@ -11,11 +11,13 @@ from polyarch.coordinator.core.model import (
     BuildSpec,
     BuildState,
     EmulationPolicy,
+    InvalidRequest,
     JobRecord,
     JobState,
     Mode,
 )
 from polyarch.coordinator.core.states import JobOutcome
+from polyarch.coordinator.exports.exporter import ExportFormat
 from polyarch.proto.v1 import agent_pb2, build_pb2, common_pb2, fleet_pb2
 
 BUILD_STATES = {
@@ -202,3 +204,17 @@ def assignment_message(assign: Assign) -> agent_pb2.Assignment:
         cache_from=spec.cache_from, cache_to=spec.cache_to, no_cache=spec.no_cache,
         pull=spec.pull,
     )  # fmt: skip
+
+
+_EXPORT_FORMATS = {
+    build_pb2.EXPORT_FORMAT_OCI_LAYOUT: ExportFormat.OCI_LAYOUT,
+    build_pb2.EXPORT_FORMAT_DOCKER_ARCHIVE: ExportFormat.DOCKER_ARCHIVE,
+    build_pb2.EXPORT_FORMAT_ROOTFS: ExportFormat.ROOTFS,
+}
+
+
+def export_format_from(value: int) -> ExportFormat:
+    try:
+        return _EXPORT_FORMATS[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidRequest(f"unknown export format {value}") from None

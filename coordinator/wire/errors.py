@@ -13,11 +13,13 @@ from polyarch.coordinator.core.model import (
     InvalidRequest,
     LimitExceeded,
     NotFound,
+    NotReady,
     PermissionDenied,
     PolyarchError,
     Unauthenticated,
     Unschedulable,
 )
+from polyarch.coordinator.exports.images import ExportError
 
 _CODES: list[tuple[type[PolyarchError], grpc.StatusCode]] = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -27,6 +29,8 @@ _CODES: list[tuple[type[PolyarchError], grpc.StatusCode]] = [
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotReady, grpc.StatusCode.FAILED_PRECONDITION),
+    (ExportError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 P = ParamSpec("P")

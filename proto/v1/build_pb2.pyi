@@ -3,12 +3,24 @@ import datetime
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from polyarch.proto.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_OCI_LAYOUT: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_DOCKER_ARCHIVE: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_ROOTFS: _ClassVar[ExportFormat]
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat
+EXPORT_FORMAT_OCI_LAYOUT: ExportFormat
+EXPORT_FORMAT_DOCKER_ARCHIVE: ExportFormat
+EXPORT_FORMAT_ROOTFS: ExportFormat
 
 class StatContextRequest(_message.Message):
     __slots__ = ("digest",)
@@ -223,3 +235,21 @@ class ListBuildsResponse(_message.Message):
     builds: _containers.RepeatedCompositeFieldContainer[Build]
     next_page_token: str
     def __init__(self, builds: _Optional[_Iterable[_Union[Build, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ExportBuildRequest(_message.Message):
+    __slots__ = ("build_id", "format", "platforms", "registry_auths")
+    BUILD_ID_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PLATFORMS_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_AUTHS_FIELD_NUMBER: _ClassVar[int]
+    build_id: str
+    format: ExportFormat
+    platforms: _containers.RepeatedScalarFieldContainer[str]
+    registry_auths: _containers.RepeatedCompositeFieldContainer[_common_pb2.RegistryAuth]
+    def __init__(self, build_id: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ..., platforms: _Optional[_Iterable[str]] = ..., registry_auths: _Optional[_Iterable[_Union[_common_pb2.RegistryAuth, _Mapping]]] = ...) -> None: ...
+
+class ExportChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

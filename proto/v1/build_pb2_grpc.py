@@ -70,6 +70,11 @@ class BuildServiceStub:
                 request_serializer=polyarch_dot_proto_dot_v1_dot_build__pb2.ListBuildsRequest.SerializeToString,
                 response_deserializer=polyarch_dot_proto_dot_v1_dot_build__pb2.ListBuildsResponse.FromString,
                 _registered_method=True)
+        self.ExportBuild = channel.unary_stream(
+                '/polyarch.v1.BuildService/ExportBuild',
+                request_serializer=polyarch_dot_proto_dot_v1_dot_build__pb2.ExportBuildRequest.SerializeToString,
+                response_deserializer=polyarch_dot_proto_dot_v1_dot_build__pb2.ExportChunk.FromString,
+                _registered_method=True)
 
 
 class BuildServiceServicer:
@@ -121,6 +126,14 @@ class BuildServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportBuild(self, request, context):
+        """A succeeded build's images as one tar stream, made from the verified images in the
+        registry (buildx's --output type=oci|docker|tar|local and --load).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BuildServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +171,11 @@ def add_BuildServiceServicer_to_server(servicer, server):
                     servicer.ListBuilds,
                     request_deserializer=polyarch_dot_proto_dot_v1_dot_build__pb2.ListBuildsRequest.FromString,
                     response_serializer=polyarch_dot_proto_dot_v1_dot_build__pb2.ListBuildsResponse.SerializeToString,
+            ),
+            'ExportBuild': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportBuild,
+                    request_deserializer=polyarch_dot_proto_dot_v1_dot_build__pb2.ExportBuildRequest.FromString,
+                    response_serializer=polyarch_dot_proto_dot_v1_dot_build__pb2.ExportChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +367,33 @@ class BuildService:
             '/polyarch.v1.BuildService/ListBuilds',
             polyarch_dot_proto_dot_v1_dot_build__pb2.ListBuildsRequest.SerializeToString,
             polyarch_dot_proto_dot_v1_dot_build__pb2.ListBuildsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/polyarch.v1.BuildService/ExportBuild',
+            polyarch_dot_proto_dot_v1_dot_build__pb2.ExportBuildRequest.SerializeToString,
+            polyarch_dot_proto_dot_v1_dot_build__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,

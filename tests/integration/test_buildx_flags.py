@@ -180,7 +180,7 @@ async def test_an_image_output_without_push_verifies_every_platform_and_tags_not
         "--build-arg", f"BASE={base_image}", str(EXAMPLE),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "nothing published (--output)" in result.stderr
+    assert "no tag published (--output)" in result.stderr
     platforms = json.loads(metadata.read_text())["polyarch.platforms"]
     assert sorted(platforms) == ["linux/amd64", "linux/arm64"]
     for platform, record in platforms.items():  # each image was built, pushed by digest

@@ -369,13 +369,13 @@ async def test_tags_are_stored_normalised_the_docker_way(manager: BuildManager) 
     assert build.spec.tags == ["docker.io/library/app:latest"]
 
 
-async def test_only_the_owner_or_an_admin_may_cancel(manager: BuildManager) -> None:
+async def test_only_the_owner_or_an_admin_check_owner(manager: BuildManager) -> None:
     connect(manager, "a", ["linux/amd64"])
     build, _ = await manager.submit(spec(["linux/amd64"]), "", owner="token-a")
     with pytest.raises(PermissionDenied, match="another token"):
-        await manager.may_cancel(build.id, "token-b", is_admin=False)
-    await manager.may_cancel(build.id, "token-a", is_admin=False)
-    await manager.may_cancel(build.id, "token-b", is_admin=True)
+        await manager.check_owner(build.id, "token-b", is_admin=False)
+    await manager.check_owner(build.id, "token-a", is_admin=False)
+    await manager.check_owner(build.id, "token-b", is_admin=True)
 
 
 async def test_a_malformed_result_is_retried_then_fails_naming_the_agent(

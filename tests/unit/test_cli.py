@@ -276,10 +276,24 @@ def test_an_image_output_without_push_builds_and_publishes_nothing(
     address, fake = coordinator
     assert cli.main(build_argv(address, context_dir, "--output", "type=image,push=false")) == 0
     assert fake.submitted[0].no_publish
-    assert "nothing published (--output)" in capsys.readouterr().err
-    assert cli.main(build_argv(address, context_dir, "--load")) == 2
-    assert "--load: no --load / type=docker yet" in capsys.readouterr().err
+    assert "no tag published (--output)" in capsys.readouterr().err
+    assert cli.main(build_argv(address, context_dir, "--output", "type=oci")) == 2
+    assert "type=oci needs dest=FILE" in capsys.readouterr().err
     assert len(fake.submitted) == 1  # the refused one never reached the coordinator
+
+
+def test_a_push_needs_a_tag_and_an_unpushed_build_does_not(
+    coordinator: tuple[str, FakeCoordinator],
+    context_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    address, fake = coordinator
+    untagged = ["build", "--coordinator", address, "--platform", "linux/amd64"]
+    assert cli.main([*untagged, str(context_dir)]) == 2
+    assert "no tag given: pushing needs -t registry/repository:tag" in capsys.readouterr().err
+    assert not fake.submitted
+    assert cli.main([*untagged, "--output", "type=image,push=false", str(context_dir)]) == 0
+    assert fake.submitted[0].no_publish and not fake.submitted[0].tags
 
 
 def test_second_build_skips_the_upload_and_uses_a_new_idempotency_key(

@@ -1,0 +1,1 @@
+"""Exports of finished builds: OCI layouts, Docker archives and root filesystems."""
