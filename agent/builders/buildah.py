@@ -32,7 +32,7 @@ from polyarch.agent.builders.process import (
     run_captured,
     run_streaming,
 )
-from polyarch.proto.caches import cache_reference, cache_type
+from polyarch.proto.caches import buildah_cache_args
 from polyarch.proto.media_types import OCI_MANIFEST
 from polyarch.proto.platforms import Platform
 
@@ -185,14 +185,8 @@ class BuildahBuilder:
         argv += secret_flags(request.secrets)
         if request.auth_file is not None:
             argv += ["--authfile", str(request.auth_file)]
-        notes: list[str] = []
-        for flag, specs in (("--cache-from", request.cache_from), ("--cache-to", request.cache_to)):
-            for spec in specs:
-                ref = cache_reference(spec)
-                if cache_type(spec) == "registry" and ref:
-                    argv += [flag, ref]
-                else:
-                    notes.append(f"buildah supports only registry caches; {spec!r} skipped")
+        cache_argv, notes = buildah_cache_args(request.cache_from, request.cache_to)
+        argv += cache_argv
         argv.append(str(request.context_dir))
         return argv, notes
 

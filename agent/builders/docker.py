@@ -21,7 +21,7 @@ from polyarch.agent.builders.base import (
 )
 from polyarch.agent.builders.process import ProcessNotFound, ProcessResult, run_captured
 from polyarch.agent.builders.process import run_streaming as _run_streaming
-from polyarch.proto.caches import cache_reference, cache_type
+from polyarch.proto.caches import docker_cache_args
 from polyarch.proto.media_types import DOCKER_MANIFEST
 from polyarch.proto.references import registry_of
 from polyarch.proto.registries import is_loopback_registry
@@ -130,24 +130,15 @@ class DockerBuilder:
         argv += ["--platform", str(request.platform), "-f", dockerfile_path, "-t", request.image]
         argv += ["--no-cache"] if request.no_cache else []
         argv += ["--pull"] if request.pull else []
-        build_args = dict(request.build_args)
-        notes: list[str] = []
-        for spec in request.cache_to:
-            if cache_type(spec) == "inline":
-                build_args["BUILDKIT_INLINE_CACHE"] = "1"
-            else:
-                notes.append(f"docker build without buildx cannot export cache {spec!r}; skipped")
-        argv += key_value_flags("--build-arg", build_args)
+        cache_argv, cache_build_args, notes = docker_cache_args(
+            request.cache_from, request.cache_to
+        )
+        argv += key_value_flags("--build-arg", {**request.build_args, **cache_build_args})
         if request.target:
             argv += ["--target", request.target]
         argv += key_value_flags("--label", request.labels)
         argv += secret_flags(request.secrets)
-        for spec in request.cache_from:
-            ref = cache_reference(spec)
-            if ref:
-                argv += ["--cache-from", ref]
-            else:
-                notes.append(f"cache source {spec!r} names no image reference; skipped")
+        argv += cache_argv
         if request.insecure_registry and not is_loopback_registry(registry_of(request.image)):
             notes.append(
                 "plain-HTTP registries other than 127.0.0.0/8 must be listed in dockerd's "

@@ -11,7 +11,7 @@ from polyarch.coordinator.core.model import BuildSpec, EmulationPolicy, InvalidR
 from polyarch.coordinator.limits import Limits
 from polyarch.coordinator.registry.annotations import parse_annotations
 from polyarch.coordinator.wire.caps import check_caps
-from polyarch.proto.caches import cache_refusal
+from polyarch.proto.caches import cache_count_refusal, cache_refusal
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 from polyarch.proto.references import ReferenceError, parse_reference
 
@@ -113,11 +113,18 @@ def refuse_unhonoured_caches(
     candidates: Mapping[Platform, Sequence[AgentSession]],
 ) -> None:
     """InvalidRequest naming each cache spec an agent that may take the build cannot honour
-    (docker agents export only inline caches, say): refused now rather than skipped there.
+    (docker agents export only inline caches, say), or more specs than it takes in one
+    direction (buildah: one): refused now rather than skipped there.
     `candidates` are, per platform, the connected agents its emulation policy allows."""
     problems = []
     for direction, flag, specs in (("from", "--cache-from", spec.cache_from),
                                    ("to", "--cache-to", spec.cache_to)):  # fmt: skip
+        for platform, sessions in candidates.items():
+            for session in sessions:
+                why = cache_count_refusal(session.builder, direction, specs)
+                if why:
+                    problems.append(f"{flag}: {why} (agent {session.name} could take {platform})")
+                    break
         for cache in specs:
             for platform, sessions in candidates.items():
                 for session in sessions:

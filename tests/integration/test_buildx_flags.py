@@ -12,12 +12,25 @@ import pytest
 
 from polyarch.agent.builders.buildah import BuildahBuilder
 from polyarch.agent.builders.docker import DockerBuilder
+from polyarch.agent.runtime import make_builder
 from tests.support import services
 from tests.support.farm import Farm, builder_named
 from tests.support.poll import poll_until
 from tests.support.verify import docker_run_uname, skopeo_raw, skopeo_tags
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
+_BUILDAH_STEP = re.compile(r"^(\[\d+/\d+\] )?STEP ")  # `[1/2] STEP 2/2: ...` in multi-stage
+# Two stages: the RUN is in the one the image does not keep, which only a mode=max export
+# caches (buildx's mode=min exports the final image's layers). No ARG inside a stage:
+# buildah before 1.29.1 never takes a remote cache for steps after one (buildah#4315).
+TWO_STAGES = """\
+ARG BASE
+FROM ${BASE} AS compile
+RUN echo "compiled on $(uname -m)" > /out
+FROM ${BASE}
+COPY --from=compile /out /out
+CMD ["cat", "/out"]
+"""
 
 
 def run_step_cached(backend: str, log: str) -> bool:
@@ -31,7 +44,7 @@ def run_step_cached(backend: str, log: str) -> bool:
         return any(f"{step} CACHED" in lines for step in steps)
     at = next(i for i, line in enumerate(lines) if "RUN echo" in line)
     following = lines[at + 1 :]
-    until = next((i for i, line in enumerate(following) if line.startswith("STEP ")), None)
+    until = next((i for i, line in enumerate(following) if _BUILDAH_STEP.match(line)), None)
     return any("Using cache" in line for line in following[:until])
 
 
@@ -235,3 +248,34 @@ async def test_tags_in_several_repositories_and_registries_each_hold_the_whole_i
             docker_run_uname, docker_binary, f"{other_repo}:v1", "linux/arm64"
         )
         assert machine == "aarch64"  # pulled from the second registry and run
+
+
+async def test_a_mode_max_registry_cache_warms_another_buildah_agent_with_its_own_storage(
+    farm: Farm, registry, base_image: str, unique_repo: str, tmp_path: Path
+) -> None:
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(TWO_STAGES)
+    repo, cache = f"{registry.address}/{unique_repo}", f"{registry.address}/{unique_repo}-cache"
+    build = ["build", "--platform", "linux/amd64", "--build-arg", f"BASE={base_image}"]
+    # as `polyarch agent --storage-dir DIR` makes it: its own storage, so its own layer cache
+    await farm.add_agent("buildah-a", make_builder("buildah", tmp_path, None, tmp_path / "a"),
+                         native=["linux/amd64"], slots=1)  # fmt: skip
+    cache_to = f"type=registry,ref={cache}:buildcache,mode=max"
+    first = await farm.cli(*build, "-t", f"{repo}:v1", "--cache-to", cache_to, str(context))
+    assert first.returncode == 0, first.stderr
+    assert not run_step_cached("buildah", first.stderr), "a fresh storage had the step cached"
+    assert f"buildah pushes every step's layer to {cache} (as mode=max)" in first.stderr
+    assert len(skopeo_tags(cache)) >= 2  # the compile stage's steps too, each by its cache key
+    await farm.stop_agent("buildah-a")
+    await farm.add_agent("buildah-b", make_builder("buildah", tmp_path, None, tmp_path / "b"),
+                         native=["linux/amd64"], slots=1)  # fmt: skip
+    metadata = tmp_path / "metadata.json"
+    second = await farm.cli(*build, "-t", f"{repo}:v2", "--metadata-file", str(metadata),
+                            "--cache-from", f"type=registry,ref={cache}:buildcache",
+                            str(context))  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    platforms = json.loads(metadata.read_text())["polyarch.platforms"]
+    assert platforms["linux/amd64"]["agent"] == "buildah-b"
+    assert run_step_cached("buildah", second.stderr), "the RUN step ran again on buildah-b"
+    assert f"Cache pulled from remote {cache}:" in second.stderr

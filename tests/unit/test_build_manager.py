@@ -347,6 +347,37 @@ async def test_a_cache_spec_an_agent_cannot_honour_is_refused_at_submit(
         await manager.submit(local, "")
 
 
+async def test_cache_modes_a_builder_cannot_export_and_extra_buildah_caches_are_refused(
+    manager: BuildManager,
+) -> None:
+    connect(manager, "docker-1", ["linux/amd64"], builder="docker")
+    connect(manager, "buildah-1", ["linux/arm64"], builder="buildah")
+    inline_max = spec(["linux/amd64"])
+    inline_max.cache_to = ["type=inline,mode=max"]
+    with pytest.raises(InvalidRequest) as caught:
+        await manager.submit(inline_max, "")
+    assert str(caught.value) == (
+        "--cache-to 'type=inline,mode=max': docker agents export only inline caches, which "
+        "hold the final image's layers (mode=min); mode=max needs a registry cache exporter, "
+        "which `docker build` without buildx lacks (agent docker-1 could take linux/amd64)"
+    )
+    registry_max = spec(["linux/arm64"])
+    registry_max.cache_to = ["type=registry,ref=127.0.0.1:5000/team/cache:b,mode=max"]
+    assert not (await manager.submit(registry_max, ""))[1]  # what buildah does anyway
+    two = spec(["linux/arm64"])
+    two.cache_from = ["127.0.0.1:5000/team/cache", "127.0.0.1:5000/other/cache"]
+    with pytest.raises(InvalidRequest) as caught:
+        await manager.submit(two, "")
+    assert str(caught.value) == (
+        "--cache-from: buildah agents take one --cache-from (buildah keeps only the last it is "
+        "given) (agent buildah-1 could take linux/arm64)"
+    )
+    either = spec(["linux/amd64", "linux/arm64"])
+    either.cache_to = ["type=registry,ref=127.0.0.1:5000/team/cache,mode=max"]
+    with pytest.raises(InvalidRequest, match="docker agents export only type=inline caches"):
+        await manager.submit(either, "")  # the amd64 job could go to the docker agent
+
+
 async def test_tags_in_several_repositories_push_to_the_first(manager: BuildManager) -> None:
     connect(manager, "a", ["linux/amd64"])
     several = spec(["linux/amd64"])

@@ -30,7 +30,14 @@ from polyarch.agent.builders.process import (
     run_captured,
     run_streaming,
 )
-from polyarch.proto.caches import cache_reference, cache_type
+from polyarch.proto.caches import (
+    cache_count_refusal,
+    cache_mode,
+    cache_reference,
+    cache_refusal,
+    cache_repository,
+    cache_type,
+)
 from polyarch.proto.platforms import parse_platform
 
 # --- Output captured from the real tools on the test machine (Docker 20.10.24, buildah 1.28.2).
@@ -395,10 +402,38 @@ def test_docker_build_command_notes_unsupported_cache_export(tmp_path: Path) -> 
     assert "--target" not in argv
     assert "--cache-to" not in argv
     assert notes and "cannot export cache" in notes[0]
+    inline_max = make_request(tmp_path, cache_to=["type=inline,mode=max"])
+    argv, notes = DockerBuilder().build_command(inline_max, "/abs/Dockerfile")
+    assert "BUILDKIT_INLINE_CACHE=1" not in argv  # refused at submit; skipped by an agent
+    assert notes == ["docker build without buildx cannot export cache 'type=inline,mode=max'; "
+                     "skipped"]  # fmt: skip
+
+
+def test_buildah_takes_cache_repositories_and_exports_every_step_in_any_mode(
+    tmp_path: Path,
+) -> None:
+    for mode in ("", ",mode=min", ",mode=max"):
+        request = make_request(
+            tmp_path, cache_from=["type=registry,ref=reg.lan/team/cache:buildcache"],
+            cache_to=[f"type=registry,ref=reg.lan/team/cache:buildcache{mode}"],
+        )  # fmt: skip
+        argv, notes = BuildahBuilder().build_command(request, "/abs/Dockerfile")
+        at = argv.index("--cache-from")
+        # the tag goes: buildah refuses it and tags each cache image by its content key
+        assert argv[at : at + 4] == [
+            "--cache-from", "reg.lan/team/cache", "--cache-to", "reg.lan/team/cache",
+        ]  # fmt: skip
+        assert notes == [
+            f"cache 'type=registry,ref=reg.lan/team/cache:buildcache{mode}': buildah pushes "
+            "every step's layer to reg.lan/team/cache (as mode=max), tagged by its cache key"
+        ]
+    docker_hub = make_request(tmp_path, cache_from=["team/cache:1"])
+    argv, _ = BuildahBuilder().build_command(docker_hub, "/abs/Dockerfile")
+    assert "docker.io/team/cache" in argv  # normalised as docker (and buildx) would
 
 
 def test_buildah_commands(tmp_path: Path) -> None:
-    request = make_request(tmp_path, insecure_registry=True, cache_from=["reg/cache"])
+    request = make_request(tmp_path, insecure_registry=True, cache_from=["reg.lan/cache"])
     builder = BuildahBuilder(storage_driver="vfs")
     argv, notes = builder.build_command(request, "/abs/Dockerfile")
     assert argv == [
@@ -408,7 +443,7 @@ def test_buildah_commands(tmp_path: Path) -> None:
         "--build-arg", "A=x y", "--build-arg", "VERSION=1.2",
         "--target", "runtime",
         "--label", "org.opencontainers.image.revision=abc",
-        "--cache-from", "reg/cache",
+        "--cache-from", "reg.lan/cache",
         str(tmp_path),
     ]  # fmt: skip
     assert notes == []
@@ -446,6 +481,56 @@ def test_cache_specs() -> None:
     assert cache_reference("type=registry,ref=reg/cache:x,mode=max") == "reg/cache:x"
     assert cache_type("type=inline") == "inline"
     assert cache_type("reg/cache") == "registry"
+    assert cache_mode("type=registry,ref=reg/cache") == "min"  # buildx's default
+    assert cache_mode("type=registry,ref=reg/cache,mode=max") == "max"
+    assert cache_repository("type=registry,ref=reg.lan:5000/a/cache:tag") == "reg.lan:5000/a/cache"
+    assert cache_repository("app-cache") == "docker.io/library/app-cache"
+
+
+@pytest.mark.parametrize(
+    ("builder", "direction", "spec", "refusal"),
+    [
+        ("docker", "from", "type=registry,ref=reg/app:1", ""),
+        ("docker", "from", "reg/app:1", ""),
+        ("docker", "to", "type=inline", ""),
+        ("docker", "to", "type=inline,mode=min", ""),
+        ("docker", "to", "type=inline,mode=max",
+         "docker agents export only inline caches, which hold the final image's layers "
+         "(mode=min); mode=max needs a registry cache exporter, which `docker build` without "
+         "buildx lacks"),
+        ("docker", "to", "type=registry,ref=reg/c,mode=max",
+         "docker agents export only type=inline caches"),
+        ("docker", "to", "type=local,dest=/x", "docker agents export only type=inline caches"),
+        ("buildah", "from", "type=registry,ref=reg/c:buildcache", ""),
+        ("buildah", "to", "type=registry,ref=reg/c", ""),
+        ("buildah", "to", "type=registry,ref=reg/c:buildcache,mode=min", ""),
+        ("buildah", "to", "type=registry,ref=reg/c,mode=max", ""),
+        ("buildah", "to", "type=inline", "buildah agents export only type=registry caches"),
+        ("buildah", "from", "type=gha", "buildah agents import only type=registry caches"),
+        ("buildah", "to", "type=registry,mode=max", "a registry cache needs ref=<repository>"),
+        ("buildah", "to", f"type=registry,ref=reg/c@sha256:{'0' * 64}",
+         f"buildah agents need a cache repository: reg/c@sha256:{'0' * 64} names a digest: "
+         "give a repository"),
+        ("buildah", "to", "type=registry,ref=reg/c,mode=all",
+         "mode=all is not a cache mode: use mode=min or mode=max"),
+        ("docker", "to", "type=inline,mode=fast",
+         "mode=fast is not a cache mode: use mode=min or mode=max"),
+        ("kaniko", "to", "type=registry,ref=reg/c", ""),  # its agent says what it does
+    ],
+)  # fmt: skip
+def test_which_cache_specs_each_builder_refuses(
+    builder: str, direction: str, spec: str, refusal: str
+) -> None:
+    assert cache_refusal(builder, direction, spec) == refusal
+
+
+def test_a_buildah_agent_takes_one_cache_spec_per_direction() -> None:
+    two = ["type=registry,ref=reg/a", "type=registry,ref=reg/b"]
+    assert cache_count_refusal("buildah", "from", two) == (
+        "buildah agents take one --cache-from (buildah keeps only the last it is given)"
+    )
+    assert cache_count_refusal("buildah", "to", two[:1]) == ""
+    assert cache_count_refusal("docker", "from", two) == ""  # docker build takes several
 
 
 def test_resolve_dockerfile(tmp_path: Path) -> None:
