@@ -51,6 +51,7 @@ from polyarch.client.credentials import (
 )
 from polyarch.client.dockerignore import DockerignoreError
 from polyarch.client.outputs import OutputError, publishes
+from polyarch.client.tty_render import TtyRenderer, progress_mode
 from polyarch.coordinator.config import add_coordinator_flags
 from polyarch.proto.config_files import ConfigError
 from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
@@ -215,6 +216,10 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
             if not quiet:
                 how = "attached to existing build" if response.existing else "submitted build"
                 _err(f"{how} {response.build.id}: {', '.join(platforms)} -> {', '.join(tags)}")
+            if progress_mode(args.progress, sys.stderr) == "tty":  # auto: tty on a terminal
+                tty = TtyRenderer(sys.stderr)
+                async with tty.live():
+                    return await client.follow(response.build.id, tty.handle, on_lost=tty.note)
             progress = (
                 render.RawJsonRenderer(sys.stderr)
                 if args.progress == "rawjson"
@@ -419,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "nothing) or none; replaces the default push")  # fmt: skip
     p.add_argument("--load", action="store_true", help="not supported yet (refused)")
     p.add_argument("--idempotency-key", metavar="KEY", help="default: a new UUID per run")
-    p.add_argument("--progress", choices=["auto", "plain", "quiet", "rawjson"], default="auto",
-                   help="auto and plain: a line per change and log line, [platform] first; "
+    p.add_argument("--progress", choices=["auto", "plain", "tty", "quiet", "rawjson"],
+                   default="auto", help="plain: a line per change and log line, [platform] "
+                   "first; tty: a live line per platform; auto: tty on a terminal, else plain; "
                    "rawjson: one JSON BuildEvent per line; quiet: nothing")  # fmt: skip
     p.add_argument("--no-cache", action="store_true", help="use no cached layer")
     p.add_argument("--annotation", action="append", metavar="TYPE[PLATFORMS]:KEY=VALUE",

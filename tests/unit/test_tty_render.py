@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import re
+from concurrent import futures
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from polyarch.client import cli
 from polyarch.client.tty_render import BAR_CELLS, TtyRenderer, fit, progress_mode
-from polyarch.proto.v1 import build_pb2, common_pb2
+from polyarch.proto.v1 import build_pb2, build_pb2_grpc, common_pb2
 from tests.support.poll import poll_until
 from tests.support.terminal import SGR, Screen, play
 
@@ -300,3 +304,33 @@ async def test_the_timer_redraws_while_following_and_stops_after(
     left = t.out.getvalue()
     t.feed(log_event("linux/amd64", "after the end"), at=104.0)
     assert t.out.getvalue() == left  # interrupted or ended: the last screen stays as it was
+
+
+def test_polyarch_build_progress_tty_draws_on_stderr_and_prints_the_digest_on_stdout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.unit.test_cli import AMD64, ARM64, INDEX, FakeCoordinator, build_argv
+
+    monkeypatch.setenv("POLYARCH_INSECURE", "1")  # the fake coordinator speaks plaintext
+    for name in ("POLYARCH_TOKEN", "POLYARCH_TOKEN_FILE", "POLYARCH_CA_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setenv("NO_COLOR", "1")
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    build_pb2_grpc.add_BuildServiceServicer_to_server(FakeCoordinator(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        code = cli.main(build_argv(f"127.0.0.1:{port}", tmp_path, "--progress", "tty"))
+    finally:
+        server.stop(None)
+    out, err = capsys.readouterr()
+    assert code == 0 and out.splitlines() == [INDEX]
+    screen = play(err)
+    assert screen[0].startswith("context sha256:") and screen[1].startswith("submitted build b-1")
+    assert re.fullmatch(r"\[\+\] build b-1 \d+\.\ds \(2/2 platforms done\) succeeded", screen[2])
+    assert re.fullmatch(rf" linux/amd64 \[#{{12}}\] +\d+\.\ds  done {AMD64[:19]}", screen[3])
+    arm = rf" linux/arm64 \[#{{12}}\] +\d+\.\ds  done {ARM64[:19]}  #5 \[2/3\] RUN make"
+    assert re.fullmatch(arm, screen[4])
+    assert screen[5:] == [f"build b-1 succeeded: {INDEX}"]
