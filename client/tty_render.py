@@ -89,6 +89,7 @@ class PlatformView:
     ended_at: float | None = None
     pushing: bool = False
     step: float = 0.0  # the highest Dockerfile step fraction its log named
+    last: str = ""  # its last non-blank log line, cleaned for the screen
     log: deque[str] = field(default_factory=lambda: deque(maxlen=FAILED_LOG_LINES))
 
     def share(self) -> float:
@@ -174,7 +175,7 @@ class TtyRenderer:
         if view is None:
             view = self.platforms[job.platform] = PlatformView(job.platform, job, now)
         elif job.attempt != view.job.attempt:  # re-queued: a new attempt starts from zero
-            view.pushing, view.step, view.ended_at = False, 0.0, None
+            view.pushing, view.step, view.ended_at, view.last = False, 0.0, None, ""
             view.log.clear()
         view.job = job
         terminal = job.state in (
@@ -192,6 +193,7 @@ class TtyRenderer:
         line = log.line.rstrip("\r\n")
         view.log.append(line)
         text = clean(line)
+        view.last = text if text.strip() else view.last
         if text.startswith(PUSHING_MARKER) or text.startswith("The push refers to repository"):
             view.pushing = True
         elif (match := _STEP.match(text)) is not None:
@@ -271,7 +273,6 @@ class TtyRenderer:
         for view, (state, tone) in zip(views, states, strict=True):
             filled = round(view.share() * BAR_CELLS)
             elapsed = (view.ended_at or now) - view.first_seen
-            last = clean(view.log[-1]) if view.log else ""
             bar_tone = tone if tone in ("done", "failed") else "active"
             segments = [
                 (f" {view.platform.ljust(platform_cells)} [", ""),
@@ -279,7 +280,7 @@ class TtyRenderer:
                 ("-" * (BAR_CELLS - filled) + "] ", ""),
                 (f"{elapsed:6.1f}s  ", ""),
                 (state.ljust(state_cells), tone),
-                (f"  {last}" if last else "", "log"),
+                (f"  {view.last}" if view.last else "", "log"),
             ]
             lines.append(self._line(segments, width))
         if limit is not None and len(lines) > limit:

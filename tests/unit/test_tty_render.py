@@ -109,6 +109,7 @@ def running(t: Harness) -> Harness:
     t.feed(job_event("linux/arm64", RUNNING, agent="agent-b", mode=EMULATED), at=101.2)
     t.feed(log_event("linux/amd64", "#4 [1/3] FROM 127.0.0.1:5000/polyarch/busybox\n"), at=102.0)
     t.feed(log_event("linux/amd64", "#5 [2/3] RUN make\n"), at=102.2)
+    t.feed(log_event("linux/amd64", "\n"), at=102.3)  # BuildKit's blank line between steps
     t.feed(log_event("linux/arm64", "STEP 3/3: COPY greeting.txt /greeting.txt\n"), at=103.0)
     return t.tick(at=104.0)
 
@@ -197,6 +198,7 @@ def test_a_failed_platform_prints_its_last_log_lines_in_full() -> None:
         "--- linux/amd64: last log lines ---",
         "[linux/amd64] #4 [1/3] FROM 127.0.0.1:5000/polyarch/busybox",
         "[linux/amd64] #5 [2/3] RUN make",
+        "[linux/amd64] ",
         f"[linux/amd64] {long_line}",  # in full, wider than the terminal
         "[linux/amd64] #5 ERROR: process did not complete successfully",
     ]
