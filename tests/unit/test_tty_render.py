@@ -288,7 +288,7 @@ def test_auto_is_tty_on_a_terminal_and_plain_elsewhere(monkeypatch: pytest.Monke
     assert progress_mode("auto", Terminal()) == "tty"
     assert progress_mode("auto", io.StringIO()) == "plain"
     assert progress_mode("plain", Terminal()) == "plain"
-    assert progress_mode("tty", io.StringIO()) == "tty"  # asked for: drawn anyway, as buildx
+    assert progress_mode("tty", io.StringIO()) == "tty"  # asked for: drawn anyway (README)
     monkeypatch.setenv("TERM", "dumb")  # no cursor movement there
     assert progress_mode("auto", Terminal()) == "plain"
 
