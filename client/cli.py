@@ -52,6 +52,7 @@ from polyarch.client.credentials import (
 from polyarch.client.dockerignore import DockerignoreError
 from polyarch.client.exports import check_local_dest, engine_platform, write_export
 from polyarch.client.outputs import Export, OutputError, docker_platform, plan_outputs
+from polyarch.client.tty_render import TtyRenderer, progress_mode
 from polyarch.coordinator.config import add_coordinator_flags
 from polyarch.proto.config_files import ConfigError
 from polyarch.proto.platforms import (
@@ -227,12 +228,17 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
                 how = "attached to existing build" if response.existing else "submitted build"
                 where = ", ".join(tags) or "no tag"
                 _err(f"{how} {response.build.id}: {', '.join(platforms)} -> {where}")
-            progress = (
-                render.RawJsonRenderer(sys.stderr)
-                if args.progress == "rawjson"
-                else render.ProgressRenderer(sys.stderr, quiet=quiet)
-            )
-            build = await client.follow(response.build.id, progress.handle, on_lost=_err)
+            if progress_mode(args.progress, sys.stderr) == "tty":  # auto: tty on a terminal
+                tty = TtyRenderer(sys.stderr)
+                async with tty.live():
+                    build = await client.follow(response.build.id, tty.handle, on_lost=tty.note)
+            else:
+                progress = (
+                    render.RawJsonRenderer(sys.stderr)
+                    if args.progress == "rawjson"
+                    else render.ProgressRenderer(sys.stderr, quiet=quiet)
+                )
+                build = await client.follow(response.build.id, progress.handle, on_lost=_err)
             if build.state == common_pb2.BUILD_STATE_SUCCEEDED:
                 for export, chosen in exports:
                     await write_export(
@@ -455,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", action="store_true",
                    help="load the image into Docker (DOCKER_HOST): its platform's")  # fmt: skip
     p.add_argument("--idempotency-key", metavar="KEY", help="default: a new UUID per run")
-    p.add_argument("--progress", choices=["auto", "plain", "quiet", "rawjson"], default="auto",
-                   help="auto and plain: a line per change and log line, [platform] first; "
+    p.add_argument("--progress", choices=["auto", "plain", "tty", "quiet", "rawjson"],
+                   default="auto", help="plain: a line per change and log line, [platform] "
+                   "first; tty: a live line per platform; auto: tty on a terminal, else plain; "
                    "rawjson: one JSON BuildEvent per line; quiet: nothing")  # fmt: skip
     p.add_argument("--no-cache", action="store_true", help="use no cached layer")
     p.add_argument("--annotation", action="append", metavar="TYPE[PLATFORMS]:KEY=VALUE",

@@ -1,4 +1,4 @@
-"""What agents and the coordinator agree on: leases, heartbeat pace, slots per agent."""
+"""What agents, the coordinator and clients agree on: leases, heartbeat pace, slots, log markers."""
 
 from __future__ import annotations
 
@@ -17,3 +17,8 @@ def heartbeat_interval_for(lease: float) -> float:
 
 # What an agent uses until a Welcome sets the pace (and if one ever says 0).
 DEFAULT_HEARTBEAT_INTERVAL = heartbeat_interval_for(DEFAULT_AGENT_LEASE)
+
+
+# The builder log line an agent writes as it starts pushing a platform's image
+# (`polyarch: pushing REF`): `--progress tty` shows the job's push phase from it.
+PUSHING_MARKER = "polyarch: pushing"

@@ -32,6 +32,7 @@ from polyarch.agent.builders.process import (
     run_captured,
     run_streaming,
 )
+from polyarch.proto.agent_protocol import PUSHING_MARKER
 from polyarch.proto.caches import buildah_cache_args
 from polyarch.proto.media_types import OCI_MANIFEST
 from polyarch.proto.platforms import Platform
@@ -216,6 +217,7 @@ class BuildahBuilder:
             with tempfile.TemporaryDirectory(prefix="polyarch-push-") as scratch:
                 digest_file = Path(scratch) / "digest"
                 push = self.push_command(request, digest_file)
+                on_line(f"{PUSHING_MARKER} {request.image}")
                 pushed = await push_with_retries(lambda: self._run(push, on_line, "push"), on_line)
                 if not pushed.ok:
                     raise BuildFailed("push", last_meaningful_line(pushed.lines), True)

@@ -21,6 +21,7 @@ from polyarch.agent.builders.base import (
 )
 from polyarch.agent.builders.process import ProcessNotFound, ProcessResult, run_captured
 from polyarch.agent.builders.process import run_streaming as _run_streaming
+from polyarch.proto.agent_protocol import PUSHING_MARKER
 from polyarch.proto.caches import docker_cache_args
 from polyarch.proto.media_types import DOCKER_MANIFEST
 from polyarch.proto.references import registry_of
@@ -162,6 +163,7 @@ class DockerBuilder:
             raise parse_buildkit_failure(built.lines, request.dockerfile)
         try:
             push = [self.docker_binary, "push", request.image]
+            on_line(f"{PUSHING_MARKER} {request.image}")
             pushed = await push_with_retries(lambda: self._run(push, on_line, "push", env), on_line)
             if not pushed.ok:
                 raise BuildFailed("push", last_meaningful_line(pushed.lines), True)

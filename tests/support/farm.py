@@ -125,18 +125,22 @@ class Farm:
         jobs = live[1] if live is not None else []
         return any(j.platform == platform and j.state.value == "running" for j in jobs)
 
+    def cli_env(self, env: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment a `polyarch` client command of this farm runs in (as its admin)."""
+        full = dict(os.environ, POLYARCH_COORDINATOR=self.address, **(env or {}))
+        if self.coordinator.config.insecure:
+            full["POLYARCH_INSECURE"] = "1"
+        else:
+            full["POLYARCH_TOKEN_FILE"] = str(self.admin_token_file)
+        return full
+
     async def cli(
         self, *args: str, timeout: float = 600, env: dict[str, str] | None = None
     ) -> CliResult:
         """Runs the real `polyarch` console script against this farm (as its admin, unless
         args carry a --token); `env` adds to the environment."""
-        env = dict(os.environ, POLYARCH_COORDINATOR=self.address, **(env or {}))
-        if self.coordinator.config.insecure:
-            env["POLYARCH_INSECURE"] = "1"
-        else:
-            env["POLYARCH_TOKEN_FILE"] = str(self.admin_token_file)
         proc = await asyncio.create_subprocess_exec(
-            POLYARCH, *args, env=env,
+            POLYARCH, *args, env=self.cli_env(env),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         try:
