@@ -122,7 +122,8 @@ def resolve(args: argparse.Namespace) -> bake_file.Resolved:
         except OSError as exc:
             raise UsageError(f"cannot read bake file {path}: {exc.strerror}") from None
         texts.append((str(path), text))
-    implied = [f"*.{key}=true" for key in ("push", "no-cache", "pull") if getattr(args, key.replace("-", "_"))]
+    flags = {"push": args.push, "no-cache": args.no_cache, "pull": args.pull}
+    implied = [f"*.{key}=true" for key, given in flags.items() if given]
     try:
         config = bake_file.load(texts, os.environ)
         overrides = [bake_file.parse_override(spec) for spec in [*implied, *(args.set or [])]]

@@ -162,7 +162,7 @@ def test_push_override_sets_the_outputs() -> None:
 
 
 def test_variables_interpolate_and_the_environment_overrides_them() -> None:
-    document = {
+    document: dict[str, Any] = {
         "variable": {"TAG": {"default": "dev"}, "REPO": {"default": "r/${NAME}"},
                      "NAME": {"default": "app"}, "FRESH": {"default": False}},
         "target": {"app": {"tags": ["${REPO}:${TAG}", "$${literal}"], "no-cache": "${FRESH}"}},
