@@ -475,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("context", metavar="CONTEXT_DIR")
     p.set_defaults(handler=cmd_build)
 
+    from polyarch.client.bake import add_bake_command  # imported here: bake imports this module
+
+    add_bake_command(commands, client)
+
     p = commands.add_parser("agents", parents=[client], help="list agents")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_agents)

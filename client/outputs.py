@@ -105,3 +105,22 @@ def docker_platform(built: Sequence[str], local: str) -> str:
         f"type=docker and --load take one platform: this build has {', '.join(built)}, and "
         f"none is the local one ({local}); build one platform, or use type=oci"
     )
+
+
+def push_override(outputs: Sequence[str], push: bool) -> list[str]:
+    """buildx bake's `push` (`--push`, `--set T.push=B`) applied to a target's outputs: true
+    makes image outputs push and adds one when none pushes; false drops registry outputs and
+    stops image ones pushing, leaving `type=image,push=false` when nothing is left (polyarch
+    pushes when no output is given)."""
+    kept: list[str] = []
+    for spec in outputs:
+        fields = output_fields(spec)
+        if fields.get("type") == "registry" and not push:
+            continue
+        if fields.get("type") == "image":
+            fields["push"] = "true" if push else "false"
+            spec = ",".join(f"{key}={value}" for key, value in fields.items())
+        kept.append(spec)
+    if push and all(output_fields(spec).get("type") == "docker" for spec in kept):
+        kept.append("type=image,push=true")
+    return kept or ["type=image,push=false"]
