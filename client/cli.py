@@ -43,6 +43,7 @@ from polyarch.client.build_secrets import (
     registries_of,
     registry_auths_for,
 )
+from polyarch.client.buildx_flags import add_buildx_only_flags
 from polyarch.client.context import ContextError, pack_context
 from polyarch.client.credentials import (
     CredentialsError,
@@ -266,7 +267,7 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
             args.metadata_file,
             json.dumps(render.build_metadata(build, args.coordinator), indent=2) + "\n",
         ),
-        (args.iidfile, build.index_digest),  # buildx writes the digest without a newline
+        (args.iidfile, _image_id(build, exports, publish)),  # buildx: no newline
     ]
     for path, text in outputs:
         if not path:
@@ -279,6 +280,17 @@ def cmd_build(args: argparse.Namespace, session: _Session) -> int:
     if not plan.to_stdout:  # stdout carries an export's tar stream otherwise
         print(build.index_digest, flush=True)  # the last (and only) line on stdout
     return code
+
+
+def _image_id(
+    build: build_pb2.Build, exports: list[tuple[Export, list[str]]], publish: bool
+) -> str:
+    """What --iidfile holds, as buildx: the index digest, or for an unpushed Docker image
+    (--load, type=docker) the image ID Docker shows, its config digest."""
+    docker = [chosen[0] for export, chosen in exports if export.kind == "docker"]
+    if publish or not docker:
+        return build.index_digest
+    return next((j.config_digest for j in build.jobs if j.platform == docker[0]), "")
 
 
 def _export_platforms(export: Export, platforms: list[str]) -> list[str]:
@@ -470,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on the index (index:) or its entries (manifest-descriptor:, "
                    "optionally [linux/arm64,...]); repeatable")  # fmt: skip
     p.add_argument("--pull", action="store_true", help="pull base images again")
+    p.add_argument("-q", "--quiet", dest="progress", action="store_const", const="quiet",
+                   help="as --progress quiet: only the index digest, on stdout")  # fmt: skip
+    add_buildx_only_flags(p)
     p.add_argument("--cancel-on-interrupt", action="store_true",
                    help="on Ctrl-C cancel the build without asking")  # fmt: skip
     p.add_argument("context", metavar="CONTEXT_DIR")

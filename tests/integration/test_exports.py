@@ -107,12 +107,13 @@ async def test_load_and_a_docker_archive_reach_docker_as_runnable_images(
     try:
         result = await farm.cli(
             "build", "--platform", "linux/amd64,linux/arm64", "--load", "-t", f"{name}:ci",
-            "--build-arg", f"BASE={base_image}", str(EXAMPLE),
+            "--iidfile", str(tmp_path / "iid"), "--build-arg", f"BASE={base_image}", str(EXAMPLE),
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert f"--load: Loaded image: {name}:ci" in result.stderr
         inspected = json.loads(run(docker_binary, "image", "inspect", f"{name}:ci"))[0]
         assert inspected["Architecture"] == "amd64"
+        assert (tmp_path / "iid").read_text() == inspected["Id"]  # the image ID, as buildx
         assert run(docker_binary, "run", "--rm", f"{name}:ci").strip() == "x86_64"
 
         result = await farm.cli(

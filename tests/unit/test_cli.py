@@ -296,6 +296,42 @@ def test_a_push_needs_a_tag_and_an_unpushed_build_does_not(
     assert fake.submitted[0].no_publish and not fake.submitted[0].tags
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--ssh", "default"], "--ssh: not supported: agents hold no SSH agent"),
+        (["--provenance=mode=max"], "--provenance: not supported: attestations come with"),
+        (["--network", "host"], "--network: not supported: builds use the agent's default"),
+        (["--build-context", "x=../x"], "--build-context: not supported: named build contexts"),
+    ],
+)
+def test_buildx_flags_the_farm_cannot_honour_are_refused_with_why(
+    coordinator: tuple[str, FakeCoordinator],
+    context_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    says: str,
+) -> None:
+    address, fake = coordinator
+    assert cli.main(build_argv(address, context_dir, *flags)) == 2
+    assert says in capsys.readouterr().err
+    assert not fake.submitted
+
+
+def test_buildx_flags_asking_for_what_the_farm_does_anyway_are_accepted(
+    coordinator: tuple[str, FakeCoordinator],
+    context_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    address, fake = coordinator
+    harmless = ["--provenance=false", "--sbom=false", "--network=default", "--builder", "b1", "-q"]
+    assert cli.main(build_argv(address, context_dir, *harmless)) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [INDEX]
+    assert err.strip() == "polyarch: warning: --builder ignored: the farm is the builder"
+    assert len(fake.submitted) == 1
+
+
 def test_second_build_skips_the_upload_and_uses_a_new_idempotency_key(
     coordinator: tuple[str, FakeCoordinator],
     context_dir: Path,
