@@ -171,5 +171,10 @@ async def test_outputs_that_cannot_work_are_refused_before_any_build(
         result = await farm.cli("build", *platform, *flags, str(EXAMPLE))
         assert result.returncode == 2, result.stderr
         assert says in result.stderr
+    # --load goes to the Docker Engine DOCKER_HOST names: one that is not there is refused
+    gone = f"unix://{tmp_path / 'no-docker.sock'}"
+    result = await farm.cli("build", "--platform", "linux/amd64", "--load", str(EXAMPLE),
+                            env={"DOCKER_HOST": gone})  # fmt: skip
+    assert result.returncode == 2 and "--load: no Docker Engine to load into" in result.stderr
     assert (tmp_path / "full" / "x").read_text() == "mine"
     assert not await farm.coordinator.manager.list_page(10, None)  # type: ignore[union-attr]
