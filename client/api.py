@@ -430,6 +430,13 @@ class BuildClient:
             self._trust_stub().RevokeToken, trust_pb2.RevokeTokenRequest(id=token_id)
         )
 
+    async def revoke_enrolment(self, name: str) -> bool:
+        """Forgets agent `name`'s enrolment (admin); False when it was not enrolled."""
+        response = await self._call(
+            self._trust_stub().RevokeEnrolment, trust_pb2.RevokeEnrolmentRequest(name=name)
+        )
+        return bool(response.revoked)
+
     def _trust_stub(self) -> Any:
         if self._trust is None:
             raise PolyarchError("BuildClient used outside `async with` (call connect() first)")

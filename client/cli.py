@@ -354,6 +354,14 @@ def cmd_drain(args: argparse.Namespace, session: _Session) -> int:
     return 0
 
 
+def cmd_revoke_agent(args: argparse.Namespace, session: _Session) -> int:
+    if _ask(args, lambda client: client.revoke_enrolment(args.agent)):
+        print(f"agent {args.agent}: enrolment revoked; its certificate is refused from now on")
+        return 0
+    _err(f"polyarch: agent {args.agent} is not enrolled")
+    return EXIT_FAILED
+
+
 # -- tokens ------------------------------------------------------------------------------------
 
 TOKEN_ROLES = {
@@ -508,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = commands.add_parser(name, parents=[client], help=f"{name} an agent")
         p.add_argument("agent", metavar="AGENT")
         p.set_defaults(handler=cmd_drain)
+    p = commands.add_parser(
+        "revoke-agent",
+        parents=[client],
+        help="forget an agent's enrolment: its certificate is refused (admin)",
+    )
+    p.add_argument("agent", metavar="AGENT")
+    p.set_defaults(handler=cmd_revoke_agent)
 
     p = commands.add_parser("token", help="create, list and revoke API tokens (admin)")
     tokens = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")

@@ -202,7 +202,7 @@ class Coordinator:
         if self.tokens is not None:
             trust = TrustServicer(
                 self.tokens, authority, lambda: self.agent_port,
-                lambda name: manager.disconnect_agent(name, "re-enrolled elsewhere (--replace)"),
+                manager.disconnect_agent,
             )  # fmt: skip
             trust_pb2_grpc.add_TrustServiceServicer_to_server(trust, server)
         await add_health_and_reflection(server)

@@ -67,6 +67,7 @@ METHOD_ACCESS: dict[str, Requirement] = {
     _T + "ListTokens": Role.ADMIN,
     _T + "RevokeToken": Role.ADMIN,
     _T + "Enroll": Role.AGENT,
+    _T + "RevokeEnrolment": Role.ADMIN,
     _A + "Connect": Access.AGENT_CERT,
     _A + "FetchContext": Access.AGENT_CERT,  # and only a context of a job assigned to it
     "/grpc.health.v1.Health/Check": Access.PUBLIC,
@@ -231,8 +232,8 @@ class Authenticator:
         enrolment = self.tokens.store.get_enrolment(name)
         if enrolment is None or not hmac.compare_digest(enrolment.cert_sha256, fingerprint):
             raise Unauthenticated(
-                f"the certificate of agent {name} is no longer enrolled "
-                "(the name was re-enrolled with --replace); enrol this agent again"
+                f"the certificate of agent {name} is no longer enrolled (the name was "
+                "re-enrolled with --replace, or its enrolment revoked); enrol this agent again"
             )
         return Principal(role=Role.AGENT, agent_name=name)
 

@@ -55,6 +55,7 @@ class TrustStore(Protocol):
     def revoke_token(self, token_id: str, at: float) -> TokenRecord | None: ...
     def save_enrolment(self, enrolment: EnrolmentRecord) -> None: ...
     def get_enrolment(self, name: str) -> EnrolmentRecord | None: ...
+    def delete_enrolment(self, name: str) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -142,6 +143,11 @@ class SQLiteTrustStore:
         )
         return EnrolmentRecord(*rows[0]) if rows else None
 
+    def delete_enrolment(self, name: str) -> bool:
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM enrolments WHERE name = ?", (name,))
+        return cursor.rowcount > 0
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -189,6 +195,9 @@ class MemoryTrustStore:
     def get_enrolment(self, name: str) -> EnrolmentRecord | None:
         enrolment = self._enrolments.get(name)
         return copy.copy(enrolment) if enrolment else None
+
+    def delete_enrolment(self, name: str) -> bool:
+        return self._enrolments.pop(name, None) is not None
 
     def close(self) -> None:
         pass

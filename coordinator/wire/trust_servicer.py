@@ -45,12 +45,13 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
         tokens: TokenBook,
         authority: CertificateAuthority | None,
         agent_port: Callable[[], int],
-        on_replaced: Callable[[str], None],
+        disconnect: Callable[[str, str], None],
     ) -> None:
         self.tokens = tokens
         self.authority = authority
         self.agent_port = agent_port
-        self.on_replaced = on_replaced
+        # ends an agent's live stream: (name, why)
+        self.disconnect = disconnect
 
     @domain_errors
     async def CreateToken(
@@ -115,7 +116,7 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
         )
         if existing is not None:
             log.warning("agent %s re-enrolled (--replace) by %s", request.name, principal.label)
-            self.on_replaced(request.name)
+            self.disconnect(request.name, "re-enrolled elsewhere (--replace)")
         else:
             log.info("agent %s enrolled by %s", request.name, principal.label)
         return trust_pb2.EnrollResponse(
@@ -123,3 +124,15 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
             ca_pem=self.authority.ca_path.read_bytes(),
             agent_port=self.agent_port(),
         )
+
+    @domain_errors
+    async def RevokeEnrolment(
+        self,
+        request: trust_pb2.RevokeEnrolmentRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> trust_pb2.RevokeEnrolmentResponse:
+        revoked = self.tokens.store.delete_enrolment(request.name)
+        if revoked:
+            log.info("agent %s: enrolment revoked by %s", request.name, current_principal().label)
+            self.disconnect(request.name, "its enrolment was revoked")
+        return trust_pb2.RevokeEnrolmentResponse(revoked=revoked)

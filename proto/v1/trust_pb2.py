@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpolyarch/proto/v1/trust.proto\x12\x0bpolyarch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.polyarch.v1.TokenRole\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x12\x43reateTokenRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.polyarch.v1.TokenRole\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"L\n\x13\x43reateTokenResponse\x12!\n\x05token\x18\x01 \x01(\x0b\x32\x12.polyarch.v1.Token\x12\x12\n\ntoken_text\x18\x02 \x01(\t\"\x13\n\x11ListTokensRequest\"8\n\x12ListTokensResponse\x12\"\n\x06tokens\x18\x01 \x03(\x0b\x32\x12.polyarch.v1.Token\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"?\n\rEnrollRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"M\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x12\n\nagent_port\x18\x03 \x01(\x05*{\n\tTokenRole\x12\x1a\n\x16TOKEN_ROLE_UNSPECIFIED\x10\x00\x12\x13\n\x0fTOKEN_ROLE_READ\x10\x01\x12\x11\n\rTOKEN_ROLE_CI\x10\x02\x12\x14\n\x10TOKEN_ROLE_ADMIN\x10\x03\x12\x14\n\x10TOKEN_ROLE_AGENT\x10\x04\x32\xb6\x02\n\x0cTrustService\x12P\n\x0b\x43reateToken\x12\x1f.polyarch.v1.CreateTokenRequest\x1a .polyarch.v1.CreateTokenResponse\x12M\n\nListTokens\x12\x1e.polyarch.v1.ListTokensRequest\x1a\x1f.polyarch.v1.ListTokensResponse\x12\x42\n\x0bRevokeToken\x12\x1f.polyarch.v1.RevokeTokenRequest\x1a\x12.polyarch.v1.Token\x12\x41\n\x06\x45nroll\x12\x1a.polyarch.v1.EnrollRequest\x1a\x1b.polyarch.v1.EnrollResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpolyarch/proto/v1/trust.proto\x12\x0bpolyarch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.polyarch.v1.TokenRole\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x12\x43reateTokenRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.polyarch.v1.TokenRole\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"L\n\x13\x43reateTokenResponse\x12!\n\x05token\x18\x01 \x01(\x0b\x32\x12.polyarch.v1.Token\x12\x12\n\ntoken_text\x18\x02 \x01(\t\"\x13\n\x11ListTokensRequest\"8\n\x12ListTokensResponse\x12\"\n\x06tokens\x18\x01 \x03(\x0b\x32\x12.polyarch.v1.Token\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"?\n\rEnrollRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"M\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x12\n\nagent_port\x18\x03 \x01(\x05\"&\n\x16RevokeEnrolmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"*\n\x17RevokeEnrolmentResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08*{\n\tTokenRole\x12\x1a\n\x16TOKEN_ROLE_UNSPECIFIED\x10\x00\x12\x13\n\x0fTOKEN_ROLE_READ\x10\x01\x12\x11\n\rTOKEN_ROLE_CI\x10\x02\x12\x14\n\x10TOKEN_ROLE_ADMIN\x10\x03\x12\x14\n\x10TOKEN_ROLE_AGENT\x10\x04\x32\x94\x03\n\x0cTrustService\x12P\n\x0b\x43reateToken\x12\x1f.polyarch.v1.CreateTokenRequest\x1a .polyarch.v1.CreateTokenResponse\x12M\n\nListTokens\x12\x1e.polyarch.v1.ListTokensRequest\x1a\x1f.polyarch.v1.ListTokensResponse\x12\x42\n\x0bRevokeToken\x12\x1f.polyarch.v1.RevokeTokenRequest\x1a\x12.polyarch.v1.Token\x12\x41\n\x06\x45nroll\x12\x1a.polyarch.v1.EnrollRequest\x1a\x1b.polyarch.v1.EnrollResponse\x12\\\n\x0fRevokeEnrolment\x12#.polyarch.v1.RevokeEnrolmentRequest\x1a$.polyarch.v1.RevokeEnrolmentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'polyarch.proto.v1.trust_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENROLE']._serialized_start=741
-  _globals['_TOKENROLE']._serialized_end=864
+  _globals['_TOKENROLE']._serialized_start=825
+  _globals['_TOKENROLE']._serialized_end=948
   _globals['_TOKEN']._serialized_start=80
   _globals['_TOKEN']._serialized_end=302
   _globals['_CREATETOKENREQUEST']._serialized_start=304
@@ -50,6 +50,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST']._serialized_end=660
   _globals['_ENROLLRESPONSE']._serialized_start=662
   _globals['_ENROLLRESPONSE']._serialized_end=739
-  _globals['_TRUSTSERVICE']._serialized_start=867
-  _globals['_TRUSTSERVICE']._serialized_end=1177
+  _globals['_REVOKEENROLMENTREQUEST']._serialized_start=741
+  _globals['_REVOKEENROLMENTREQUEST']._serialized_end=779
+  _globals['_REVOKEENROLMENTRESPONSE']._serialized_start=781
+  _globals['_REVOKEENROLMENTRESPONSE']._serialized_end=823
+  _globals['_TRUSTSERVICE']._serialized_start=951
+  _globals['_TRUSTSERVICE']._serialized_end=1355
 # @@protoc_insertion_point(module_scope)

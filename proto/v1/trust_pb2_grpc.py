@@ -54,6 +54,11 @@ class TrustServiceStub:
                 request_serializer=polyarch_dot_proto_dot_v1_dot_trust__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=polyarch_dot_proto_dot_v1_dot_trust__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.RevokeEnrolment = channel.unary_unary(
+                '/polyarch.v1.TrustService/RevokeEnrolment',
+                request_serializer=polyarch_dot_proto_dot_v1_dot_trust__pb2.RevokeEnrolmentRequest.SerializeToString,
+                response_deserializer=polyarch_dot_proto_dot_v1_dot_trust__pb2.RevokeEnrolmentResponse.FromString,
+                _registered_method=True)
 
 
 class TrustServiceServicer:
@@ -88,6 +93,14 @@ class TrustServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeEnrolment(self, request, context):
+        """admin: forgets an agent name's enrolment, so its certificate is refused from now on (its
+        live stream is closed); the name may enrol again with a token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrustServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +123,11 @@ def add_TrustServiceServicer_to_server(servicer, server):
                     servicer.Enroll,
                     request_deserializer=polyarch_dot_proto_dot_v1_dot_trust__pb2.EnrollRequest.FromString,
                     response_serializer=polyarch_dot_proto_dot_v1_dot_trust__pb2.EnrollResponse.SerializeToString,
+            ),
+            'RevokeEnrolment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeEnrolment,
+                    request_deserializer=polyarch_dot_proto_dot_v1_dot_trust__pb2.RevokeEnrolmentRequest.FromString,
+                    response_serializer=polyarch_dot_proto_dot_v1_dot_trust__pb2.RevokeEnrolmentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +238,33 @@ class TrustService:
             '/polyarch.v1.TrustService/Enroll',
             polyarch_dot_proto_dot_v1_dot_trust__pb2.EnrollRequest.SerializeToString,
             polyarch_dot_proto_dot_v1_dot_trust__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeEnrolment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polyarch.v1.TrustService/RevokeEnrolment',
+            polyarch_dot_proto_dot_v1_dot_trust__pb2.RevokeEnrolmentRequest.SerializeToString,
+            polyarch_dot_proto_dot_v1_dot_trust__pb2.RevokeEnrolmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -309,6 +309,35 @@ async def test_a_replaced_enrolment_cuts_the_old_certificate_off(
         assert (await fresh.read()).WhichOneof("message") == "welcome"
 
 
+async def test_a_revoked_enrolment_ends_the_stream_and_refuses_the_certificate(
+    coordinator: SecureCoordinator, after_each_probe: None
+) -> None:
+    """What `polyarch deploy uninstall` relies on: only an admin may revoke, and after it
+    the agent's old certificate is refused, its live stream ended."""
+    gone = await coordinator.enrol("gone")
+    request = trust_pb2.RevokeEnrolmentRequest(name="gone")
+    async with coordinator.channel(await coordinator.token(Role.CI)) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await trust_pb2_grpc.TrustServiceStub(channel).RevokeEnrolment(request)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    async with agent_stream(coordinator, gone) as (_, call):
+        await call.read()
+        async with coordinator.channel(coordinator.admin_token) as channel:
+            stub = trust_pb2_grpc.TrustServiceStub(channel)
+            assert (await stub.RevokeEnrolment(request)).revoked
+            assert not (await stub.RevokeEnrolment(request)).revoked  # nothing left to revoke
+        assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
+    async with aio_channel(gone.agent_address, gone.trust()) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await (
+                agent_pb2_grpc.AgentServiceStub(channel)
+                .FetchContext(agent_pb2.FetchContextRequest(digest="sha256:" + "0" * 64))
+                .read()
+            )
+    assert cut.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "its enrolment revoked" in (cut.value.details() or "")
+
+
 async def test_fetch_context_needs_an_assignment_that_uses_it(
     coordinator: SecureCoordinator, after_each_probe: None
 ) -> None:

@@ -57,6 +57,13 @@ def test_an_enrolment_replaces_the_previous_one(store: TrustStore) -> None:
     assert store.get_enrolment("arm-2") is None
 
 
+def test_a_deleted_enrolment_is_gone_and_deleting_twice_says_so(store: TrustStore) -> None:
+    store.save_enrolment(EnrolmentRecord("arm-1", "a" * 64, 1.0, "t1"))
+    assert store.delete_enrolment("arm-1")
+    assert store.get_enrolment("arm-1") is None
+    assert not store.delete_enrolment("arm-1")
+
+
 def test_the_sqlite_file_is_private(tmp_path: Path) -> None:
     SQLiteTrustStore(tmp_path / "data" / "state.sqlite3").close()
     assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
