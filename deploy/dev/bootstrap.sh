@@ -19,6 +19,8 @@ PACKAGES=(
     python3 python3-venv
     # base-image.sh uses apt-get download + dpkg -x; flock serialises it.
     ca-certificates util-linux
+    # deploy/docker/python-base.sh: a Debian rootfs per architecture, no image pull.
+    mmdebstrap
     # deploy/dev/check.sh lints the shell scripts.
     shellcheck
     # prometheus + promtool: tests check deploy/prometheus/ and scrape a real farm.
