@@ -52,6 +52,7 @@ from polyarch.client.credentials import (
 from polyarch.client.dockerignore import DockerignoreError
 from polyarch.client.outputs import OutputError, publishes
 from polyarch.coordinator.config import add_coordinator_flags
+from polyarch.ops.wheelhouse import add_wheelhouse_command
 from polyarch.proto.config_files import ConfigError
 from polyarch.proto.platforms import Platform, PlatformError, parse_platforms
 from polyarch.proto.references import ReferenceError, parse_reference
@@ -461,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = tokens.add_parser("revoke", parents=[client], help="refuse a token from now on")
     t.add_argument("id", metavar="ID")
     t.set_defaults(handler=cmd_token)
+    add_wheelhouse_command(commands)
     return parser
 
 

@@ -155,7 +155,7 @@ want_stamp=$(
     cd "$REPO_ROOT"
     {
         sha256sum pyproject.toml
-        find coordinator agent client proto -type f \
+        find coordinator agent client proto ops -type f \
             \( -name '*.py' -o -name '*.pyi' -o -name '*.proto' -o -name py.typed \) \
             -not -path '*/__pycache__/*' | LC_ALL=C sort
     } | sha256sum | cut -d' ' -f1
