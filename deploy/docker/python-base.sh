@@ -97,6 +97,20 @@ make_rootfs() {
     mv "${tar}.partial" "$tar"
 }
 
+# --- missing rootfs tars, made side by side: the emulated arch is bound by QEMU on one core,
+# so the native one costs almost nothing next to it.
+pids=()
+for arch in "${ARCHES[@]}"; do
+    tar="${ROOTFS}/rootfs-${key}-${arch}.tar"
+    if ! buildah inspect --type image "${LOCAL}:${key}-${arch}" >/dev/null 2>&1 && [[ ! -f $tar ]]; then
+        make_rootfs "$arch" "$tar" &
+        pids+=($!)
+    fi
+done
+for pid in "${pids[@]}"; do
+    wait "$pid" || die "a rootfs build failed (see above)"
+done
+
 # --- one image per architecture, rebuilt only when its rootfs key changed
 for arch in "${ARCHES[@]}"; do
     tar="${ROOTFS}/rootfs-${key}-${arch}.tar"
@@ -105,7 +119,6 @@ for arch in "${ARCHES[@]}"; do
         log "reusing ${image}"
         continue
     fi
-    [[ -f $tar ]] || make_rootfs "$arch" "$tar"
     ctr=$(buildah from --quiet --arch "$arch" --os linux scratch)
     containers+=("$ctr")
     buildah add --quiet "$ctr" "$tar" / >/dev/null
