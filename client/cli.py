@@ -55,6 +55,7 @@ from polyarch.client.exports import check_local_dest, engine_platform, write_exp
 from polyarch.client.outputs import Export, OutputError, docker_platform, plan_outputs
 from polyarch.client.tty_render import TtyRenderer, progress_mode
 from polyarch.coordinator.config import add_coordinator_flags
+from polyarch.ops.wheelhouse import add_wheelhouse_command
 from polyarch.proto.config_files import ConfigError
 from polyarch.proto.platforms import (
     Platform,
@@ -538,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = tokens.add_parser("revoke", parents=[client], help="refuse a token from now on")
     t.add_argument("id", metavar="ID")
     t.set_defaults(handler=cmd_token)
+    add_wheelhouse_command(commands)
     return parser
 
 

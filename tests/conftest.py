@@ -83,6 +83,21 @@ def base_image(registry: Registry) -> str:
 
 
 @pytest.fixture(scope="session")
+def python_base_image(registry: Registry) -> str:
+    """ "127.0.0.1:PORT/polyarch/python-base:bookworm": linux/amd64 and linux/arm64 Debian
+    minbase with python3, for images of polyarch itself (deploy/docker/).
+
+    Built offline by deploy/docker/python-base.sh and pushed into `registry`. Its rootfs tars
+    and images are cached on disk (/var/cache/polyarch, buildah storage), so only the first
+    session on a machine pays for mmdebstrap; later ones push in seconds.
+    """
+    try:
+        return services.build_python_base(registry.address)
+    except ServiceError as exc:
+        _fail_on_service_error(exc)
+
+
+@pytest.fixture(scope="session")
 def docker_binary() -> str:
     """The Docker CLI to use: $POLYARCH_DOCKER or the Debian 20.10 client /usr/bin/docker."""
     return services.docker_binary()

@@ -19,6 +19,8 @@ PACKAGES=(
     python3 python3-venv
     # base-image.sh uses apt-get download + dpkg -x; flock serialises it.
     ca-certificates util-linux
+    # deploy/docker/python-base.sh: a Debian rootfs per architecture, no image pull.
+    mmdebstrap
     # deploy/dev/check.sh lints the shell scripts.
     shellcheck
     # prometheus + promtool: tests check deploy/prometheus/ and scrape a real farm.
@@ -153,7 +155,7 @@ want_stamp=$(
     cd "$REPO_ROOT"
     {
         sha256sum pyproject.toml
-        find coordinator agent client proto -type f \
+        find coordinator agent client proto ops -type f \
             \( -name '*.py' -o -name '*.pyi' -o -name '*.proto' -o -name py.typed \) \
             -not -path '*/__pycache__/*' | LC_ALL=C sort
     } | sha256sum | cut -d' ' -f1

@@ -26,7 +26,7 @@ step ruff-lint "${BIN}/ruff" check .
 step ruff-format "${BIN}/ruff" format --check .
 # mypy checks the installed import names (polyarch.*), found through the strict
 # editable link tree under build/; generated *_pb2 modules have errors ignored.
-step mypy "${BIN}/mypy" -p polyarch.coordinator -p polyarch.agent -p polyarch.client -p polyarch.proto
+step mypy "${BIN}/mypy" -p polyarch.coordinator -p polyarch.agent -p polyarch.client -p polyarch.ops -p polyarch.proto
 step protos "${BIN}/python" proto/generate.py --check
 
 mapfile -t scripts < <({ echo .ci/run; find deploy bench -name "*.sh" -type f; } | LC_ALL=C sort)

@@ -24,10 +24,13 @@ REGISTRY_BINARY = "/usr/bin/docker-registry"
 HTPASSWD_BINARY = "/usr/bin/htpasswd"
 SKOPEO_BINARY = "/usr/bin/skopeo"
 BASE_IMAGE_SCRIPT = REPO_ROOT / "deploy" / "dev" / "base-image.sh"
+PYTHON_BASE_SCRIPT = REPO_ROOT / "deploy" / "docker" / "python-base.sh"
 DEFAULT_DOCKER = "/usr/bin/docker"
 
 REGISTRY_READY_TIMEOUT = 30.0
 BASE_IMAGE_TIMEOUT = 600.0
+# Cold: a Debian rootfs per arch, arm64's package scripts under QEMU (about 100 s here).
+PYTHON_BASE_TIMEOUT = 900.0
 
 
 class ServiceError(RuntimeError):
@@ -184,22 +187,28 @@ def running_registry(
 
 def build_base_image(registry_address: str, repo_tag: str | None = None) -> str:
     """Runs deploy/dev/base-image.sh against the registry; returns the pushed reference."""
-    args = ["bash", str(BASE_IMAGE_SCRIPT), registry_address]
+    return _run_image_script(BASE_IMAGE_SCRIPT, BASE_IMAGE_TIMEOUT, registry_address, repo_tag)
+
+
+def build_python_base(registry_address: str, repo_tag: str | None = None) -> str:
+    """Runs deploy/docker/python-base.sh against the registry; returns the pushed reference."""
+    return _run_image_script(PYTHON_BASE_SCRIPT, PYTHON_BASE_TIMEOUT, registry_address, repo_tag)
+
+
+def _run_image_script(
+    script: Path, timeout: float, registry_address: str, repo_tag: str | None
+) -> str:
+    """The scripts' contract: REGISTRY_ADDR [REPO[:TAG]] in, the pushed reference last on stdout."""
+    args = ["bash", str(script), registry_address]
     if repo_tag is not None:
         args.append(repo_tag)
     try:
-        done = subprocess.run(
-            args, capture_output=True, text=True, timeout=BASE_IMAGE_TIMEOUT, cwd=REPO_ROOT
-        )
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
     except subprocess.TimeoutExpired as exc:
-        raise ServiceError(
-            f"{BASE_IMAGE_SCRIPT} did not finish in {BASE_IMAGE_TIMEOUT:g}s"
-        ) from exc
+        raise ServiceError(f"{script} did not finish in {timeout:g}s") from exc
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        raise ServiceError(
-            f"{BASE_IMAGE_SCRIPT} failed with exit {done.returncode}:\n{done.stderr[-4000:]}"
-        )
+        raise ServiceError(f"{script} failed with exit {done.returncode}:\n{done.stderr[-4000:]}")
     return lines[-1]
 
 

@@ -11,7 +11,8 @@ from polyarch.proto.platforms import parse_platform
 from .services import skopeo_raw
 
 __all__ = [
-    "docker_run_uname", "index_platforms", "skopeo_missing", "skopeo_raw", "skopeo_tags",
+    "docker_run", "docker_run_uname", "index_platforms", "skopeo_missing", "skopeo_raw",
+    "skopeo_tags",
 ]  # fmt: skip
 
 
@@ -36,12 +37,22 @@ def index_platforms(index: dict[str, Any]) -> dict[str, str]:
     return listed
 
 
-def docker_run_uname(docker: str, reference: str, platform: str) -> str:
-    """`docker run --platform P REF uname -m`, pulling fresh so the platform is honoured."""
-    command = [docker, "run", "--rm", "--pull", "always", "--platform", platform, reference]
-    out = subprocess.run([*command, "uname", "-m"], capture_output=True, text=True, timeout=180)
+def docker_run(
+    docker: str, reference: str, platform: str, *args: str, entrypoint: str | None = None
+) -> str:
+    """`docker run --platform P [--entrypoint E] REF ARGS...`'s stdout, pulling fresh so the
+    platform is honoured."""
+    flags = ["--entrypoint", entrypoint] if entrypoint else []
+    command = [docker, "run", "--rm", "--pull", "always", "--platform", platform, *flags,
+               reference, *args]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, f"docker run --platform {platform} {reference}: {out.stderr}"
     return out.stdout.strip()
+
+
+def docker_run_uname(docker: str, reference: str, platform: str) -> str:
+    """`docker run --platform P REF uname -m`, pulling fresh so the platform is honoured."""
+    return docker_run(docker, reference, platform, "uname", "-m")
 
 
 def skopeo_tags(repository: str) -> list[str]:

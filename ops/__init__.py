@@ -1,0 +1,1 @@
+"""Operating a farm: what installs, deploys and packages polyarch (wheelhouses, images)."""
