@@ -55,6 +55,7 @@ from polyarch.client.exports import check_local_dest, engine_platform, write_exp
 from polyarch.client.outputs import Export, OutputError, docker_platform, plan_outputs
 from polyarch.client.tty_render import TtyRenderer, progress_mode
 from polyarch.coordinator.config import add_coordinator_flags
+from polyarch.ops.deploy_cli import add_deploy_command
 from polyarch.ops.wheelhouse import add_wheelhouse_command
 from polyarch.proto.config_files import ConfigError
 from polyarch.proto.platforms import (
@@ -540,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("id", metavar="ID")
     t.set_defaults(handler=cmd_token)
     add_wheelhouse_command(commands)
+    add_deploy_command(commands, client)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import asyncssh
 
 from polyarch.ops.inventory import Host
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 600.0
@@ -69,7 +72,7 @@ class RemoteHost:
             "client_keys": [str(host.key)] if host.key else (), "agent_path": None,
         }  # fmt: skip
         try:
-            connection = await asyncssh.connect(host.address, **options)  # type: ignore[arg-type]
+            connection = await asyncssh.connect(host.address, **options)
         except asyncssh.HostKeyNotVerifiable:
             raise HostError(
                 f"{where}: its host key does not match {known}: refusing to connect (reinstalled "
@@ -97,6 +100,7 @@ class RemoteHost:
         self, command: str, *, step: str, check: bool = True, timeout: float = COMMAND_TIMEOUT
     ) -> Completed:
         """Runs `command` under sh; HostError naming `step` on a non-zero exit (with check)."""
+        log.debug("[%s] %s", self.host.name, step)
         try:
             done = await self._connection.run(command, check=False, timeout=timeout)
         except (asyncssh.Error, OSError, TimeoutError) as exc:
@@ -131,7 +135,7 @@ class RemoteHost:
 
 async def wait_gone(remote: RemoteHost, pid_file: str, timeout: float = 60.0) -> None:
     """Polls until the process in `pid_file` has ended (the file may already be gone)."""
-    check = f"p=$(cat {shlex.quote(pid_file)} 2>/dev/null) && kill -0 \"$p\" 2>/dev/null"
+    check = f'p=$(cat {shlex.quote(pid_file)} 2>/dev/null) && kill -0 "$p" 2>/dev/null'
     deadline = asyncio.get_running_loop().time() + timeout
     while (await remote.run(check, step="waiting for the agent to stop", check=False)).status == 0:
         if asyncio.get_running_loop().time() > deadline:
