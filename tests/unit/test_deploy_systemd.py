@@ -61,9 +61,7 @@ def unit_copies(tmp_path: Path) -> Path:
         "polyarch-agent@arm-1.service",  # an instance, loaded from the template beside it
     ],
 )
-def test_units_pass_systemd_analyze_verify_without_warnings(
-    unit_copies: Path, target: str
-) -> None:
+def test_units_pass_systemd_analyze_verify_without_warnings(unit_copies: Path, target: str) -> None:
     binary = shutil.which("systemd-analyze")
     assert binary, "systemd-analyze missing: deploy/dev/bootstrap.sh installs the systemd package"
     # Run from the copies' folder with a relative path, so a same-named unit elsewhere on the
