@@ -82,7 +82,10 @@ async def test_agent_readiness_probe_follows_the_connected_metric(
             status, output = await probe(script, url)
             return status == 1 and "not connected" in output
 
-        await poll_until(not_ready, timeout=15, message="the probe still reports ready")
+        stopped: bool = await poll_until(
+            not_ready, timeout=15, message="the probe still reports ready"
+        )
+        assert stopped
     finally:
         server.shutdown()
         server.server_close()
