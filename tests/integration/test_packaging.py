@@ -1,5 +1,5 @@
-"""deploy/kubernetes/'s probe scripts, run as the kubelet would, against a real TLS coordinator
-and a real agent's metrics endpoint (the scripts live only in the polyarch-probes ConfigMap)."""
+"""deploy/kubernetes/probes/, run as the kubelet (or compose's healthcheck) would, against a real
+TLS coordinator and a real agent's metrics endpoint."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import sys
 from pathlib import Path
 
-import yaml
 from prometheus_client import start_http_server
 
 from polyarch.coordinator.trust.pki import CertificateAuthority
@@ -16,18 +15,13 @@ from tests.support.poll import poll_until
 from tests.support.services import free_port
 from tests.unit.test_agent_assignments import HeldBuilder
 
-CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "config.yaml"
+PROBES = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "probes"
 
 
-def probe_script(tmp_path: Path, name: str) -> Path:
-    """One script of the polyarch-probes ConfigMap, written out as the pod mounts it."""
-    probes = next(
-        doc
-        for doc in yaml.safe_load_all(CONFIG.read_text())
-        if doc["metadata"]["name"] == "polyarch-probes"
-    )
-    path = tmp_path / name
-    path.write_text(probes["data"][name], encoding="utf-8")
+def probe_script(name: str) -> Path:
+    """A probe script, as deploy/kubernetes/ ships it (compose mounts the same files)."""
+    path = PROBES / name
+    assert path.is_file(), path
     return path
 
 
@@ -46,7 +40,7 @@ async def probe(*argv: str | Path) -> tuple[int, str]:
 async def test_coordinator_health_probe_passes_over_tls_with_the_coordinators_ca(
     farm: Farm, tmp_path: Path
 ) -> None:
-    script = probe_script(tmp_path, "coordinator_health.py")
+    script = probe_script("coordinator_health.py")
     ca = farm.coordinator.config.data_dir / "tls" / "ca.pem"
     # The address as in the StatefulSet: loopback, which the server certificate always names.
     address = f"127.0.0.1:{farm.coordinator.port}"
@@ -57,7 +51,7 @@ async def test_coordinator_health_probe_passes_over_tls_with_the_coordinators_ca
 async def test_coordinator_health_probe_fails_on_another_ca_or_a_closed_port(
     farm: Farm, tmp_path: Path
 ) -> None:
-    script = probe_script(tmp_path, "coordinator_health.py")
+    script = probe_script("coordinator_health.py")
     other = CertificateAuthority(tmp_path / "other-tls")
     other.ensure(["localhost"])
     status, output = await probe(script, f"127.0.0.1:{farm.coordinator.port}", other.ca_path)
@@ -70,7 +64,7 @@ async def test_coordinator_health_probe_fails_on_another_ca_or_a_closed_port(
 async def test_agent_readiness_probe_follows_the_connected_metric(
     farm: Farm, tmp_path: Path
 ) -> None:
-    script = probe_script(tmp_path, "agent_connected.py")
+    script = probe_script("agent_connected.py")
     agent = await farm.add_agent("k8s-probe", HeldBuilder(), native=["linux/amd64"])
     server, thread = start_http_server(0, addr="127.0.0.1", registry=agent.metrics.registry)
     url = f"http://127.0.0.1:{server.server_port}/metrics"
