@@ -25,6 +25,8 @@ PACKAGES=(
     shellcheck
     # prometheus + promtool: tests check deploy/prometheus/ and scrape a real farm.
     prometheus
+    # systemd-analyze: tests verify deploy/systemd/'s units (PID 1 need not be systemd).
+    systemd
 )
 FOREIGN_ARCHES=(arm64 armhf)
 QEMU_HANDLERS=(qemu-aarch64 qemu-arm)
