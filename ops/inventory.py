@@ -88,8 +88,11 @@ def _host(raw: dict[str, Any], defaults: dict[str, Any], base: Path, where: str)
             raise InventoryError(f"{where}: {number} must be an integer")
     platforms: dict[str, tuple[str, ...]] = {}
     for kind in ("native", "emulated"):
+        if not values.get(kind):
+            platforms[kind] = ()  # detected by the agent on the host
+            continue
         try:
-            platforms[kind] = tuple(str(p) for p in parse_platforms(values.get(kind, [])))
+            platforms[kind] = tuple(str(p) for p in parse_platforms(values[kind]))
         except PlatformError as exc:
             raise InventoryError(f"{where}: {kind}: {exc}") from None
     return Host(

@@ -57,23 +57,27 @@ class RemoteHost:
     ) -> RemoteHost:
         """Connects, checking the host key against `known_hosts` (the host's own file when the
         inventory names one). An unknown key is refused unless `accept_new`: then it is
-        accepted and recorded; a key that differs from a recorded one is always refused."""
+        accepted and recorded; a key that differs from a recorded one is always refused. The
+        key is checked before any credential is offered."""
         known = host.known_hosts or known_hosts
         where = f"{host.user}@{host.address}:{host.port}"
         recorded = _known_entry(known, host)
-        if not recorded and not accept_new:
-            raise HostError(
-                f"{where}: its host key is not in {known}; verify it and add it there, or "
-                "pass --accept-new-host-keys"
-            )
+        trusted: object = asyncssh.import_known_hosts(known.read_text() if recorded else "")
+        if not recorded and accept_new:
+            trusted = None  # any key, recorded below
         options: dict[str, object] = {
             "username": host.user, "port": host.port, "connect_timeout": timeout,
-            "known_hosts": str(known) if recorded else None,
-            "client_keys": [str(host.key)] if host.key else (), "agent_path": None,
+            "known_hosts": trusted, "agent_path": None,
+            "client_keys": [str(host.key)] if host.key else (),
         }  # fmt: skip
         try:
             connection = await asyncssh.connect(host.address, **options)
         except asyncssh.HostKeyNotVerifiable:
+            if not recorded:
+                raise HostError(
+                    f"{where}: its host key is not in {known}; verify it and add it there, or "
+                    "pass --accept-new-host-keys"
+                ) from None
             raise HostError(
                 f"{where}: its host key does not match {known}: refusing to connect (reinstalled "
                 "host, or not the host you think); remove the old key only once you know"
