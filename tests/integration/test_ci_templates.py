@@ -1,4 +1,5 @@
-"""The CI templates on a real farm: the GitHub action's steps run as the runner runs them."""
+"""The CI templates on a real farm: the GitHub action's steps and the GitLab template's
+script run as their runners run them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from polyarch.agent.builders.docker import DockerBuilder
 from tests.support.farm import Farm
@@ -124,3 +126,54 @@ async def test_the_github_action_with_push_false_builds_and_publishes_no_tag(
     assert skopeo_raw(f"{repo}@{image}")["layers"]  # built and pushed by digest, verified
     await poll_until(lambda: skopeo_tags(repo) == [], timeout=30,
                      message="a pull-request build left a tag")  # fmt: skip
+
+
+GITLAB = ROOT / "deploy" / "ci" / "gitlab" / "polyarch.gitlab-ci.yml"
+
+
+def gitlab_job(variables: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The template's script as a runner runs it (each line in one sh, stopping at the first
+    failure), with its variables: the job's over the template's defaults, `$VAR` in the
+    defaults expanded from the job's and the predefined ones, as GitLab does."""
+    template = yaml.safe_load(GITLAB.read_text())[".polyarch-build"]
+    values = {**{k: str(v) for k, v in template["variables"].items()}, **variables}
+    expanded = {k: os.path.expandvars(v) if "$" in v else v for k, v in values.items()}
+    script = "set -e\n" + "\n".join(template["script"]) + "\n"
+    return script, expanded
+
+
+@pytest.mark.parametrize("push", ["true", "false"])
+async def test_the_gitlab_template_s_script_builds_and_reports_the_digest(
+    farm: Farm,
+    docker_binary: str,
+    registry,
+    base_image: str,
+    unique_repo: str,
+    tmp_path: Path,
+    push: str,
+) -> None:
+    await farm.add_agent("docker-agent", DockerBuilder(docker_binary), native=["linux/amd64"])
+    repo = f"{registry.address}/{unique_repo}"
+    predefined = {"CI_REGISTRY_IMAGE": repo, "CI_COMMIT_REF_SLUG": "main"}
+    script, variables = gitlab_job({
+        "POLYARCH_CONTEXT": str(EXAMPLE), "POLYARCH_PLATFORMS": "linux/amd64",
+        "POLYARCH_BUILD_ARGS": f"BASE={base_image} BUILD_ID=gitlab", "POLYARCH_PUSH": push,
+        "POLYARCH_COORDINATOR": farm.address, "POLYARCH_TOKEN": farm.admin_token,
+    } | predefined)  # fmt: skip
+    env = {**os.environ, **predefined, **variables, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    env.pop("POLYARCH_TOKEN_FILE", None)
+    done = await asyncio.to_thread(
+        subprocess.run, ["sh", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert variables["POLYARCH_TAGS"] == f"{repo}:main"  # the default tag, expanded
+    report = (tmp_path / "polyarch.env").read_text()
+    digest = report.removeprefix("POLYARCH_DIGEST=").strip()
+    metadata = json.loads((tmp_path / "polyarch-metadata.json").read_text())
+    assert digest == metadata["containerimage.digest"] and digest.startswith("sha256:")
+    if push == "true":
+        assert skopeo_raw(f"{repo}:main")["manifests"][0]["platform"]["architecture"] == "amd64"
+    else:
+        await poll_until(lambda: skopeo_tags(repo) == [], timeout=30,
+                         message="a merge-request build left a tag")  # fmt: skip
