@@ -15,6 +15,9 @@ from polyarch.ops.inventory import Host, Inventory
 from polyarch.ops.ssh import HostError, RemoteHost
 from polyarch.ops.wheelhouse import Wheelhouse, WheelTarget, build_wheelhouse
 
+# how long a rolled-back agent (the version that ran before) may take to reconnect
+ROLLBACK_TIMEOUT = 90.0
+
 
 @dataclass
 class HostResult:
@@ -155,7 +158,9 @@ class Deployment:
             result.after = facts.version
             await on_host.switch_current(remote, facts.version)
             await on_host.start_service(remote, host, facts.service)
-            await self.coordinator.wait_connected(host.name, facts.version, options.start_timeout)
+            # the version that ran before gets the longer of the two waits
+            back = max(options.start_timeout, ROLLBACK_TIMEOUT)
+            await self.coordinator.wait_connected(host.name, facts.version, back)
             await self.coordinator.undrain(host.name)
             raise HostError(f"{exc}; rolled back to {facts.version}") from None
         await self.coordinator.undrain(host.name)

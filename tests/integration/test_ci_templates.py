@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import string
 import subprocess
 from pathlib import Path
 
@@ -131,13 +132,14 @@ async def test_the_github_action_with_push_false_builds_and_publishes_no_tag(
 GITLAB = ROOT / "deploy" / "ci" / "gitlab" / "polyarch.gitlab-ci.yml"
 
 
-def gitlab_job(variables: dict[str, str]) -> tuple[str, dict[str, str]]:
+def gitlab_job(variables: dict[str, str], predefined: dict[str, str]) -> tuple[str, dict[str, str]]:
     """The template's script as a runner runs it (each line in one sh, stopping at the first
     failure), with its variables: the job's over the template's defaults, `$VAR` in the
     defaults expanded from the job's and the predefined ones, as GitLab does."""
     template = yaml.safe_load(GITLAB.read_text())[".polyarch-build"]
     values = {**{k: str(v) for k, v in template["variables"].items()}, **variables}
-    expanded = {k: os.path.expandvars(v) if "$" in v else v for k, v in values.items()}
+    known = {**predefined, **values}
+    expanded = {k: string.Template(v).safe_substitute(known) for k, v in values.items()}
     script = "set -e\n" + "\n".join(template["script"]) + "\n"
     return script, expanded
 
@@ -159,7 +161,7 @@ async def test_the_gitlab_template_s_script_builds_and_reports_the_digest(
         "POLYARCH_CONTEXT": str(EXAMPLE), "POLYARCH_PLATFORMS": "linux/amd64",
         "POLYARCH_BUILD_ARGS": f"BASE={base_image} BUILD_ID=gitlab", "POLYARCH_PUSH": push,
         "POLYARCH_COORDINATOR": farm.address, "POLYARCH_TOKEN": farm.admin_token,
-    } | predefined)  # fmt: skip
+    }, predefined)  # fmt: skip
     env = {**os.environ, **predefined, **variables, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     env.pop("POLYARCH_TOKEN_FILE", None)
     done = await asyncio.to_thread(
