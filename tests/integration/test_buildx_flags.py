@@ -33,6 +33,11 @@ CMD ["cat", "/out"]
 """
 
 
+def platform_log(log: str, platform: str) -> str:
+    """The lines of one platform's builder in a [platform]-prefixed log."""
+    return "\n".join(line for line in log.splitlines() if line.startswith(f"[{platform}] "))
+
+
 def run_step_cached(backend: str, log: str) -> bool:
     """Whether the RUN step of examples/hello came from the layer cache, as the builder said
     in the [platform]-prefixed log: BuildKit prints `#N CACHED` for step #N, buildah prints
@@ -253,29 +258,36 @@ async def test_tags_in_several_repositories_and_registries_each_hold_the_whole_i
 async def test_a_mode_max_registry_cache_warms_another_buildah_agent_with_its_own_storage(
     farm: Farm, registry, base_image: str, unique_repo: str, tmp_path: Path
 ) -> None:
+    """Two platforms export to one cache ref and neither overwrites the other's (buildx#1044):
+    a fresh agent then takes the RUN step of both from the registry."""
     context = tmp_path / "context"
     context.mkdir()
     (context / "Dockerfile").write_text(TWO_STAGES)
     repo, cache = f"{registry.address}/{unique_repo}", f"{registry.address}/{unique_repo}-cache"
-    build = ["build", "--platform", "linux/amd64", "--build-arg", f"BASE={base_image}"]
+    platforms = ["linux/amd64", "linux/arm64"]
+    build = ["build", "--platform", ",".join(platforms), "--build-arg", f"BASE={base_image}"]
     # as `polyarch agent --storage-dir DIR` makes it: its own storage, so its own layer cache
     await farm.add_agent("buildah-a", make_builder("buildah", tmp_path, None, tmp_path / "a"),
-                         native=["linux/amd64"], slots=1)  # fmt: skip
+                         native=["linux/amd64"], emulated=["linux/arm64"], slots=2)  # fmt: skip
     cache_to = f"type=registry,ref={cache}:buildcache,mode=max"
     first = await farm.cli(*build, "-t", f"{repo}:v1", "--cache-to", cache_to, str(context))
     assert first.returncode == 0, first.stderr
-    assert not run_step_cached("buildah", first.stderr), "a fresh storage had the step cached"
+    for platform in platforms:
+        log = platform_log(first.stderr, platform)
+        assert not run_step_cached("buildah", log), f"{platform}: a fresh storage had it cached"
     assert f"buildah pushes every step's layer to {cache} (as mode=max)" in first.stderr
-    assert len(skopeo_tags(cache)) >= 2  # the compile stage's steps too, each by its cache key
+    assert len(skopeo_tags(cache)) >= 4  # each platform's steps, each by its own cache key
     await farm.stop_agent("buildah-a")
     await farm.add_agent("buildah-b", make_builder("buildah", tmp_path, None, tmp_path / "b"),
-                         native=["linux/amd64"], slots=1)  # fmt: skip
+                         native=["linux/amd64"], emulated=["linux/arm64"], slots=2)  # fmt: skip
     metadata = tmp_path / "metadata.json"
     second = await farm.cli(*build, "-t", f"{repo}:v2", "--metadata-file", str(metadata),
                             "--cache-from", f"type=registry,ref={cache}:buildcache",
                             str(context))  # fmt: skip
     assert second.returncode == 0, second.stderr
-    platforms = json.loads(metadata.read_text())["polyarch.platforms"]
-    assert platforms["linux/amd64"]["agent"] == "buildah-b"
-    assert run_step_cached("buildah", second.stderr), "the RUN step ran again on buildah-b"
-    assert f"Cache pulled from remote {cache}:" in second.stderr
+    built = json.loads(metadata.read_text())["polyarch.platforms"]
+    for platform in platforms:
+        assert built[platform]["agent"] == "buildah-b"
+        log = platform_log(second.stderr, platform)
+        assert run_step_cached("buildah", log), f"{platform}: the RUN step ran again"
+        assert f"Cache pulled from remote {cache}:" in log
