@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from polyarch.client.api import BuildClient, PolyarchError
+from polyarch.client.api import COORDINATOR_ENV, BuildClient, PolyarchError
 from polyarch.client.credentials import credentials_from_args
 from polyarch.ops.deploy import DeployOptions, HostResult, run_deploy
 from polyarch.ops.inventory import InventoryError, load_inventory
@@ -53,7 +54,9 @@ def add_deploy_command(commands: Any, client: argparse.ArgumentParser) -> None:
             p.add_argument("--max-unavailable", type=int, default=1, metavar="N")
         if action == "status":
             p.add_argument("--json", action="store_true")
-        p.set_defaults(handler=lambda args, _session: run_deploy_command(args))
+        # no default coordinator here: without --coordinator or $POLYARCH_COORDINATOR, deploy
+        # talks to the one the inventory's agents dial
+        p.set_defaults(handler=lambda args, _session: run_deploy_command(args), coordinator=None)
 
 
 def run_deploy_command(args: argparse.Namespace) -> int:
@@ -64,7 +67,7 @@ def run_deploy_command(args: argparse.Namespace) -> int:
         print(f"polyarch: error: {exc}", file=sys.stderr)
         return 2
     # the coordinator the operator reaches; by default the one the agents dial
-    address = args.coordinator if _given(args, "--coordinator") else inventory.coordinator
+    address = args.coordinator or os.environ.get(COORDINATOR_ENV) or inventory.coordinator
     with tempfile.TemporaryDirectory(prefix="polyarch-deploy-") as scratch:
         options = DeployOptions(
             known_hosts=args.known_hosts, accept_new_host_keys=args.accept_new_host_keys,
@@ -101,10 +104,6 @@ def run_deploy_command(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     return 0
-
-
-def _given(args: argparse.Namespace, flag: str) -> bool:
-    return flag in sys.argv or any(a.startswith(flag + "=") for a in sys.argv)
 
 
 def render_table(results: list[HostResult]) -> str:

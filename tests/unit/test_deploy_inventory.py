@@ -136,3 +136,12 @@ def test_the_result_table_has_a_row_per_host_with_its_error() -> None:
     ]
     assert arm.split() == ["arm-1", "upgrade", "0.1.0", "0.1.1", "supervised", "yes", "5.4s"]
     assert x86.split()[-4:] == ["rolled", "back", "to", "0.1.0"]
+
+
+def test_deploy_talks_to_the_inventory_s_coordinator_unless_told_otherwise() -> None:
+    from polyarch.client.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["deploy", "status", "inv.toml"]).coordinator is None
+    given = parser.parse_args(["deploy", "upgrade", "inv.toml", "--coordinator", "10.1.1.1:7600"])
+    assert given.coordinator == "10.1.1.1:7600" and given.max_unavailable == 1
