@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NoReturn
 
@@ -83,7 +84,20 @@ def base_image(registry: Registry) -> str:
 
 
 @pytest.fixture(scope="session")
-def python_base_image(registry: Registry) -> str:
+def debian_bases(registry: Registry) -> Iterator[dict[str, Future[str]]]:
+    """The two Debian bases of polyarch's own images, started side by side as soon as either
+    is needed: "python" (python-base.sh) and "agent" (agent-base.sh). A cold run of each spends
+    most of its time on one core (arm64's package scripts under QEMU), so both together take
+    about as long as the slower one alone. Teardown waits for both."""
+    with ThreadPoolExecutor(2, thread_name_prefix="debian-base") as pool:
+        yield {
+            "python": pool.submit(services.build_python_base, registry.address),
+            "agent": pool.submit(services.build_agent_base, registry.address),
+        }
+
+
+@pytest.fixture(scope="session")
+def python_base_image(debian_bases: dict[str, Future[str]]) -> str:
     """ "127.0.0.1:PORT/polyarch/python-base:bookworm": linux/amd64 and linux/arm64 Debian
     minbase with python3, for images of polyarch itself (deploy/docker/).
 
@@ -92,7 +106,21 @@ def python_base_image(registry: Registry) -> str:
     session on a machine pays for mmdebstrap; later ones push in seconds.
     """
     try:
-        return services.build_python_base(registry.address)
+        return debian_bases["python"].result()
+    except ServiceError as exc:
+        _fail_on_service_error(exc)
+
+
+@pytest.fixture(scope="session")
+def agent_base_image(debian_bases: dict[str, Future[str]]) -> str:
+    """ "127.0.0.1:PORT/polyarch/agent-base:bookworm": the python base with buildah, uidmap,
+    libcap2-bin and ca-certificates from Debian, for the agent image (agent.Dockerfile).
+
+    Built offline by deploy/docker/agent-base.sh (python-base.sh with more packages, under
+    its own cache key), cached on disk the same way.
+    """
+    try:
+        return debian_bases["agent"].result()
     except ServiceError as exc:
         _fail_on_service_error(exc)
 

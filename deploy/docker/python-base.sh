@@ -6,8 +6,8 @@
 #
 #   usage: python-base.sh REGISTRY_ADDR [REPO[:TAG]]
 #   default reference: REGISTRY_ADDR/polyarch/python-base:bookworm
-#   env:   PYTHON_BASE_INCLUDE   extra Debian packages, comma-separated (e.g. buildah
-#                                for the agent image); part of the cache key
+#   env:   PYTHON_BASE_INCLUDE   extra Debian packages, comma-separated (agent-base.sh
+#                                adds buildah this way); part of the cache key
 #          POLYARCH_DEBIAN_MIRROR, POLYARCH_DEBIAN_SECURITY   mirror URLs
 #
 # The only stdout line is the pushed reference. Rootfs tars are cached under
@@ -43,7 +43,9 @@ export SOURCE_DATE_EPOCH=1700000000
 
 CACHE="${POLYARCH_CACHE_DIR:-/var/cache/polyarch}"
 ROOTFS="${CACHE}/python-base"
-# Local buildah names; the lock below keeps concurrent runs from fighting over them.
+# Local buildah names, all with the cache key in them; the per-key lock below keeps concurrent
+# runs of one package set from fighting over them, while different sets (python-base.sh and
+# agent-base.sh) build side by side.
 LOCAL="localhost/polyarch-python-base"
 
 # dpkg arch = OCI arch for both platforms we ship.
@@ -69,14 +71,18 @@ key=$(printf '%s\n' v1 "$SUITE" "$include" "${dpkg_opts[@]}" "${sources[@]}" \
 
 started=$SECONDS
 mkdir -p "$ROOTFS"
-exec 9>"${CACHE}/python-base.lock"
-flock -w 900 9 || die "timed out waiting for ${CACHE}/python-base.lock"
+lock="${CACHE}/python-base-${key}.lock"
+exec 9>"$lock"
+flock -w 900 9 || die "timed out waiting for ${lock}"
 
 work=$(mktemp -d)
 containers=()
+# This run's manifest list: a fresh one each run, so it never holds stale entries.
+list="${LOCAL}:${key}-index-$$"
 cleanup() {
     local c
     for c in "${containers[@]}"; do buildah rm "$c" >/dev/null 2>&1 || true; done
+    buildah manifest rm "$list" >/dev/null 2>&1 || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -135,11 +141,7 @@ for arch in "${ARCHES[@]}"; do
     log "built ${image}"
 done
 
-# --- manifest list, rebuilt each run so it never holds stale entries.
-list="${LOCAL}:${key}-index"
-if buildah manifest exists "$list" 2>/dev/null; then
-    buildah manifest rm "$list" >/dev/null
-fi
+# --- the manifest list
 buildah manifest create "$list" >/dev/null
 for arch in "${ARCHES[@]}"; do
     buildah manifest add --os linux --arch "$arch" "$list" "${LOCAL}:${key}-${arch}" >/dev/null

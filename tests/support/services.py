@@ -25,6 +25,7 @@ HTPASSWD_BINARY = "/usr/bin/htpasswd"
 SKOPEO_BINARY = "/usr/bin/skopeo"
 BASE_IMAGE_SCRIPT = REPO_ROOT / "deploy" / "dev" / "base-image.sh"
 PYTHON_BASE_SCRIPT = REPO_ROOT / "deploy" / "docker" / "python-base.sh"
+AGENT_BASE_SCRIPT = REPO_ROOT / "deploy" / "docker" / "agent-base.sh"
 DEFAULT_DOCKER = "/usr/bin/docker"
 
 REGISTRY_READY_TIMEOUT = 30.0
@@ -193,6 +194,11 @@ def build_base_image(registry_address: str, repo_tag: str | None = None) -> str:
 def build_python_base(registry_address: str, repo_tag: str | None = None) -> str:
     """Runs deploy/docker/python-base.sh against the registry; returns the pushed reference."""
     return _run_image_script(PYTHON_BASE_SCRIPT, PYTHON_BASE_TIMEOUT, registry_address, repo_tag)
+
+
+def build_agent_base(registry_address: str, repo_tag: str | None = None) -> str:
+    """Runs deploy/docker/agent-base.sh (the python base with buildah) against the registry."""
+    return _run_image_script(AGENT_BASE_SCRIPT, PYTHON_BASE_TIMEOUT, registry_address, repo_tag)
 
 
 def _run_image_script(
