@@ -20,7 +20,7 @@ from polyarch.client import bake_file, render
 from polyarch.client.api import BuildClient, PolyarchError
 from polyarch.client.bake_file import BakeFileError
 from polyarch.client.build_secrets import parse_secret, registries_of, registry_auths_for
-from polyarch.client.cli import EMULATION, EXIT_FAILED, UsageError, validate_tags
+from polyarch.client.cli_common import EMULATION, EXIT_FAILED, UsageError, validate_tags
 from polyarch.client.context import PackedContext, pack_context
 from polyarch.client.credentials import credentials_from_args
 from polyarch.client.outputs import OutputError, plan_outputs

@@ -25,14 +25,18 @@ ACTIONS = {
 }
 
 
-def add_deploy_command(commands: Any, client: argparse.ArgumentParser) -> None:
-    """Adds `polyarch deploy ACTION` (an argparse subparsers object; `client` carries the
-    coordinator and credential flags: deploy talks to the coordinator as an admin)."""
+def add_deploy_command(commands: Any, credentials: argparse.ArgumentParser) -> None:
+    """Adds `polyarch deploy ACTION` (an argparse subparsers object; `credentials` carries the
+    credential flags: deploy talks to the coordinator as an admin)."""
     deploy = commands.add_parser("deploy", help="install, upgrade and remove agents over SSH")
     actions = deploy.add_subparsers(dest="deploy_action", required=True, metavar="ACTION")
     for action, summary in ACTIONS.items():
-        p = actions.add_parser(action, parents=[client], help=summary, description=summary)
+        p = actions.add_parser(action, parents=[credentials], help=summary, description=summary)
         p.add_argument("inventory", type=Path, metavar="INVENTORY", help="the TOML inventory")
+        # no default: without it (or $POLYARCH_COORDINATOR) deploy talks to the coordinator
+        # the inventory's agents dial
+        p.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="the coordinator to ask (default: the inventory's)")  # fmt: skip
         p.add_argument("--known-hosts", type=Path, metavar="FILE",
                        default=Path("~/.ssh/known_hosts").expanduser(),
                        help="host keys to check against (default ~/.ssh/known_hosts)")  # fmt: skip
@@ -54,9 +58,7 @@ def add_deploy_command(commands: Any, client: argparse.ArgumentParser) -> None:
             p.add_argument("--max-unavailable", type=int, default=1, metavar="N")
         if action == "status":
             p.add_argument("--json", action="store_true")
-        # no default coordinator here: without --coordinator or $POLYARCH_COORDINATOR, deploy
-        # talks to the one the inventory's agents dial
-        p.set_defaults(handler=lambda args, _session: run_deploy_command(args), coordinator=None)
+        p.set_defaults(handler=lambda args, _session: run_deploy_command(args))
 
 
 def run_deploy_command(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ running build, one that does not start and rolls back), status, uninstall, bad h
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import subprocess
@@ -94,11 +95,12 @@ def source_with_version(dest: Path, version: str, broken: bool = False) -> Path:
     )
     if broken:
         cli = dest / "client" / "cli.py"
-        cli.write_text(cli.read_text().replace(
-            "def cmd_agent(args: argparse.Namespace, session: _Session) -> int:\n",
-            "def cmd_agent(args: argparse.Namespace, session: _Session) -> int:\n"
-            "    raise SystemExit('this agent is broken on purpose')\n",
-        ))  # fmt: skip
+        text, count = re.subn(
+            r"(def cmd_agent\(args: argparse\.Namespace, session: \w+\) -> int:\n)",
+            "\\1    raise SystemExit('this agent is broken on purpose')\n", cli.read_text(),
+        )  # fmt: skip
+        assert count == 1, "cmd_agent moved: the broken version would start"
+        cli.write_text(text)
     return dest
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from polyarch.client.bake import REFUSED, bake_files, plan
 from polyarch.client.bake_file import BakeFileError, load, parse_override, resolve
-from polyarch.client.cli import UsageError
+from polyarch.client.cli_common import UsageError
 
 
 def bake(

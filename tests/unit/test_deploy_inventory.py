@@ -145,3 +145,6 @@ def test_deploy_talks_to_the_inventory_s_coordinator_unless_told_otherwise() -> 
     assert parser.parse_args(["deploy", "status", "inv.toml"]).coordinator is None
     given = parser.parse_args(["deploy", "upgrade", "inv.toml", "--coordinator", "10.1.1.1:7600"])
     assert given.coordinator == "10.1.1.1:7600" and given.max_unavailable == 1
+    # the other commands keep their default (the parent flags are shared objects)
+    build = parser.parse_args(["build", "--platform", "linux/amd64", "."])
+    assert build.coordinator is not None
