@@ -81,6 +81,10 @@ def add_build_command(commands: Any, client: argparse.ArgumentParser) -> None:
                    help="on the index (index:) or its entries (manifest-descriptor:, "
                    "optionally [linux/arm64,...]); repeatable")  # fmt: skip
     p.add_argument("--pull", action="store_true", help="pull base images again")
+    p.add_argument("--scan-command", metavar="'CMD {ref}'",
+                   help="scan each platform image before the tags move, e.g. 'trivy image "
+                   "--exit-code 1 --severity CRITICAL {ref}' (where the coordinator allows "
+                   "it: --allow-build-scan-command)")  # fmt: skip
     p.add_argument("-q", "--quiet", dest="progress", action="store_const", const="quiet",
                    help="as --progress quiet: only the index digest, on stdout")  # fmt: skip
     add_buildx_only_flags(p)
@@ -136,6 +140,7 @@ def cmd_build(args: argparse.Namespace, session: Session) -> int:
                 pull=args.pull,
                 annotations=args.annotation or [],
                 no_publish=not publish,
+                scan_command=args.scan_command or "",
             )
             session.build_id = response.build.id
             if not quiet:

@@ -46,11 +46,19 @@ class CoordinatorConfig:
     context_gc_interval: float = 600.0
     # "registry/repository" for the images of builds that publish no tag (exports, --load).
     scratch_repository: str = ""
+    # Supply chain (registry/gate.py): "CMD ... {ref} ..." run on every platform image
+    # before the tags move; whether builds may bring their own; how long one run may take.
+    scan_command: str = ""
+    allow_build_scan_command: bool = False
+    scan_timeout: float = 600.0
+    # Tag globs (`v*`; `REPO:TAG` globs with a ':') whose existing tags never move.
+    immutable_tags: list[str] = field(default_factory=list)
 
 
 _PATHS = {"data_dir", "tls_cert", "tls_key", "tls_client_ca", "docker_config"}
-_LISTS = {"advertise", "insecure_registries"}
-_FLOATS = {"agent_timeout", "registry_timeout", "context_gc_interval"}
+_LISTS = {"advertise", "insecure_registries", "immutable_tags"}
+_FLOATS = {"agent_timeout", "registry_timeout", "context_gc_interval", "scan_timeout"}
+_BOOLS = {"insecure", "allow_build_scan_command"}
 # flag attribute on the argparse namespace -> config field (where they differ)
 _FLAG_FIELDS = {"insecure_registry": "insecure_registries"}
 
@@ -68,9 +76,9 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         except ValueError:
             raise ConfigError(f"{name} must be a number of seconds, not {value!r}") from None
-    if name == "insecure":
+    if name in _BOOLS:
         if not isinstance(value, bool):
-            raise ConfigError(f"insecure must be true or false, not {value!r}")
+            raise ConfigError(f"{name} must be true or false, not {value!r}")
         return value
     return str(value)
 
@@ -96,7 +104,7 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
     for name in (f.name for f in dataclasses.fields(CoordinatorConfig)):
         flag = next((a for a, f in _FLAG_FIELDS.items() if f == name), name)
         given = getattr(args, flag, None)
-        if name == "insecure" and given is False:
+        if name in _BOOLS and given is False:
             continue  # store_true: absent
         if given is not None and given != []:
             values[name] = _coerce(name, given)
@@ -153,6 +161,17 @@ def add_coordinator_flags(parser: argparse.ArgumentParser) -> None:
     add("--tls-key", type=Path, metavar="PEM", help="its private key")
     add("--tls-client-ca", type=Path, metavar="PEM",
         help="the CA agents' client certificates chain to")  # fmt: skip
+    add("--scan-command", metavar="'CMD {ref}'",
+        help="run on every platform image before any tag moves ({ref} = "
+        "REGISTRY/REPO@sha256:...); non-zero fails the build, e.g. "
+        "'trivy image --exit-code 1 --severity CRITICAL {ref}'")  # fmt: skip
+    add("--allow-build-scan-command", action="store_true",
+        help="let builds bring their own --scan-command (when the farm has none)")  # fmt: skip
+    add("--scan-timeout", type=float, metavar="SECONDS",
+        help=f"one scanner run's limit (default {d.scan_timeout:g})")  # fmt: skip
+    add("--immutable-tags", action="append", metavar="GLOB[,GLOB]",
+        help="existing tags matching a glob never move (v*: the tag; REPO:TAG globs "
+        "with a ':')")  # fmt: skip
     add("--limit", action="append", default=[], metavar="NAME=VALUE",
         help="override a limit, e.g. max_context_bytes=20GiB (repeatable; "
         "see polyarch.coordinator.limits.Limits)")  # fmt: skip

@@ -103,6 +103,10 @@ class CoordinatorMetrics:
             "polyarch_index_assembly_seconds", "Time to verify children and push the index.",
             buckets=_WAIT_BUCKETS, registry=r,
         )  # fmt: skip
+        self.scans = Counter(
+            "polyarch_image_scans", "Scan-gate runs, one per platform image, by outcome "
+            "(passed, failed, timeout).", ["outcome"], registry=r,
+        )  # fmt: skip
         self.registry_errors = Counter(
             "polyarch_registry_request_errors", "Failed registry requests, by kind.", ["kind"],
             registry=r,

@@ -24,6 +24,7 @@ from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.registry.assembly import IndexPublisher
 from polyarch.coordinator.registry.client import RegistryClient
 from polyarch.coordinator.registry.credentials import CredentialStore
+from polyarch.coordinator.registry.gate import GatePolicy, SupplyChainGate
 from polyarch.coordinator.trust.auth import Authenticator, AuthInterceptor, TokenBook
 from polyarch.coordinator.trust.pki import (
     CertificateAuthority,
@@ -158,11 +159,20 @@ class Coordinator:
             on_request_error=lambda kind: self.metrics.registry_errors.labels(kind=kind).inc(),
         )
         contexts = ContextStore(cfg.data_dir / "contexts", cfg.limits)
-        self._publisher = IndexPublisher(self._registry)
+        gate = SupplyChainGate(
+            GatePolicy(
+                scan_command=cfg.scan_command, scan_timeout=cfg.scan_timeout,
+                allow_build_scan_command=cfg.allow_build_scan_command,
+                immutable_tags=cfg.immutable_tags,
+            ),
+            lambda outcome: self.metrics.scans.labels(outcome=outcome).inc(),
+        )  # fmt: skip
+        self._publisher = IndexPublisher(self._registry, gate)
         self._exporter = BuildExporter(self._registry, cfg.data_dir / "exports", self.metrics)
         self.manager = BuildManager(
             self._store, contexts, self._publisher, self.metrics,
             limits=cfg.limits, scratch_repository=cfg.scratch_repository,
+            gate=gate, registry=self._registry,
         )  # fmt: skip
         self.metrics.context_store_bytes.set_function(lambda: contexts.stored_bytes)
         self.metrics.context_uploads_in_flight.set_function(lambda: contexts.uploads.in_flight)

@@ -90,6 +90,9 @@ class Completion:
             raise
         except Exception as exc:  # every failure ends the build with its reason
             log.warning("build %s: index assembly failed: %s", build.id, exc)
+            for job in jobs:
+                if job.failed_step == "scan":  # the scanner's status and tail, kept
+                    self.ledger.save_job(job, "refused by the scan gate")
             self.ledger.finish(build, BuildState.FAILED, f"index assembly failed: {exc}")
             return
         finally:

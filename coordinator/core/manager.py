@@ -43,10 +43,20 @@ from polyarch.coordinator.core.validation import (
 )
 from polyarch.coordinator.limits import Limits
 from polyarch.coordinator.metrics import CoordinatorMetrics
-from polyarch.coordinator.registry.build_credentials import BuildCredentials, CredentialVault
+from polyarch.coordinator.registry.build_credentials import (
+    BuildCredentials,
+    CredentialVault,
+    client_for,
+)
+from polyarch.coordinator.registry.client import RegistryClient
+from polyarch.coordinator.registry.gate import SupplyChainGate
 from polyarch.proto.platforms import Platform
 
 log = logging.getLogger(__name__)
+
+# how many of the newest builds the immutable-tag check at submit looks through for an
+# earlier build of the same request (whose identical rebuild may push the same digest)
+_SAME_REQUEST_WINDOW = 1000
 
 
 class BuildManager:
@@ -63,10 +73,15 @@ class BuildManager:
         clock: Callable[[], float] = time.time,
         limits: Limits | None = None,
         scratch_repository: str = "",
+        gate: SupplyChainGate | None = None,
+        registry: RegistryClient | None = None,
     ) -> None:
         self.limits = limits or Limits()
         # where builds that publish no tag push their images (validation._scratch)
         self.scratch_repository = scratch_repository
+        # the supply-chain policy's submit checks, against the registry (registry/gate.py)
+        self.gate = gate or SupplyChainGate()
+        self.registry = registry
         self.store = store
         self.contexts = contexts
         self.metrics = metrics
@@ -166,6 +181,7 @@ class BuildManager:
             if existing is not None:
                 return self._existing(existing, wanted, idempotency_key, credentials), True
         platforms = self._validate(spec)
+        await self._check_supply_chain(spec, wanted, credentials)
         now = self.clock()
         build = BuildRecord(
             id=uuid.uuid4().hex[:16], spec=spec, created_at=now, idempotency_key=key,
@@ -379,6 +395,34 @@ class BuildManager:
 
     def enqueue(self, build: BuildRecord, job: JobRecord, avoid: str = "") -> None:
         self.roster.enqueue(build, job, avoid)
+
+    async def _check_supply_chain(
+        self, spec: BuildSpec, wanted: str, credentials: BuildCredentials
+    ) -> None:
+        """The gate's policy, then its immutable tags against the registry (with the build's
+        own credentials first). The check is made again right before the index PUT: a tag
+        may appear while the build runs."""
+        self.gate.check_submit_policy(spec)
+        if self.registry is None or not self.gate.immutable or spec.no_publish:
+            return
+        own = await self._published_by(wanted)
+        await self.gate.check_submit_tags(client_for(self.registry, credentials), spec, own)
+
+    async def _published_by(self, wanted: str) -> frozenset[str]:
+        """Index digests that recent succeeded builds of the same request published (the
+        newest _SAME_REQUEST_WINDOW builds are looked at: a bounded scan, no new index)."""
+        found: set[str] = set()
+        before: tuple[float, str] | None = None
+        for _ in range(_SAME_REQUEST_WINDOW // 100):
+            page = await self.store.list_builds_page(100, before)
+            found.update(
+                b.index_digest for b in page
+                if b.request_hash == wanted and b.state is BuildState.SUCCEEDED and b.index_digest
+            )  # fmt: skip
+            if len(page) < 100:
+                break
+            before = (page[-1].created_at, page[-1].id)
+        return frozenset(found)
 
     def _validate(self, spec: BuildSpec) -> list[Platform]:
         """Checks a submission; fills in the registry and repository its tags share."""

@@ -109,6 +109,8 @@ class BuildSpec:
     annotations: list[str] = field(default_factory=list)
     # build and verify, publish no tag (buildx --output type=image,push=false / type=none)
     no_publish: bool = False
+    # the build's own scan command (registry/gate.py), where the coordinator allows one
+    scan_command: str = ""
 
 
 @dataclass
@@ -159,6 +161,7 @@ class BuildRecord:
 # hold them, so the request hash of a build stored before stays the same.
 _ADDED_LATER: dict[str, object] = {
     "no_cache": False, "pull": False, "annotations": [], "no_publish": False,
+    "scan_command": "",
 }  # fmt: skip
 
 

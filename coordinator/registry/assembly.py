@@ -12,6 +12,7 @@ from polyarch.coordinator.registry.annotations import parse_annotations
 from polyarch.coordinator.registry.build_credentials import BuildCredentials, client_for
 from polyarch.coordinator.registry.client import RegistryClient, RegistryError
 from polyarch.coordinator.registry.copies import publish_copy, tags_by_repository
+from polyarch.coordinator.registry.gate import SupplyChainGate
 from polyarch.coordinator.registry.index import IndexResult, assemble_index, render_index
 from polyarch.coordinator.registry.staging import remove_staging_tags
 from polyarch.proto.platforms import parse_platform
@@ -22,8 +23,9 @@ log = logging.getLogger(__name__)
 class IndexPublisher:
     """Builds and pushes the image index of a build through the coordinator's registry client."""
 
-    def __init__(self, client: RegistryClient) -> None:
+    def __init__(self, client: RegistryClient, gate: SupplyChainGate | None = None) -> None:
         self.client = client
+        self.gate = gate or SupplyChainGate()
         # staging-tag removals run after the build is reported: CI waits for none of them
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -36,6 +38,9 @@ class IndexPublisher:
     ) -> IndexResult:
         client = client_for(self.client, own)
         await asyncio.gather(*(self.check_pushed(client, spec, job) for job in jobs))
+        # Supply-chain gate (gate.py): every image is pushed and verified, no tag has moved;
+        # it scans, and its client refuses to move an immutable tag right before each PUT.
+        client = await self.gate.before_tags(client, spec, jobs)
         children = {parse_platform(job.platform): job.digest for job in jobs}
         groups = tags_by_repository(spec.tags)
         primary = (spec.registry, spec.repository)

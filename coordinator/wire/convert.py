@@ -135,6 +135,7 @@ def spec_from(request: build_pb2.SubmitBuildRequest) -> BuildSpec:
         pull=request.pull,
         annotations=list(request.annotations),
         no_publish=request.no_publish,
+        scan_command=request.scan_command,
     )
 
 

@@ -49,7 +49,7 @@ class UploadContextResponse(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., already_present: _Optional[bool] = ...) -> None: ...
 
 class SubmitBuildRequest(_message.Message):
-    __slots__ = ("context_digest", "dockerfile", "platforms", "tags", "build_args", "target", "labels", "emulation", "idempotency_key", "cache_from", "cache_to", "registry_auths", "secrets", "no_cache", "pull", "annotations", "no_publish")
+    __slots__ = ("context_digest", "dockerfile", "platforms", "tags", "build_args", "target", "labels", "emulation", "idempotency_key", "cache_from", "cache_to", "registry_auths", "secrets", "no_cache", "pull", "annotations", "no_publish", "scan_command")
     class BuildArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class SubmitBuildRequest(_message.Message):
     PULL_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     NO_PUBLISH_FIELD_NUMBER: _ClassVar[int]
+    SCAN_COMMAND_FIELD_NUMBER: _ClassVar[int]
     context_digest: str
     dockerfile: str
     platforms: _containers.RepeatedScalarFieldContainer[str]
@@ -98,7 +99,8 @@ class SubmitBuildRequest(_message.Message):
     pull: bool
     annotations: _containers.RepeatedScalarFieldContainer[str]
     no_publish: bool
-    def __init__(self, context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., platforms: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., build_args: _Optional[_Mapping[str, str]] = ..., target: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., emulation: _Optional[_Union[_common_pb2.EmulationPolicy, str]] = ..., idempotency_key: _Optional[str] = ..., cache_from: _Optional[_Iterable[str]] = ..., cache_to: _Optional[_Iterable[str]] = ..., registry_auths: _Optional[_Iterable[_Union[_common_pb2.RegistryAuth, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[_common_pb2.BuildSecret, _Mapping]]] = ..., no_cache: _Optional[bool] = ..., pull: _Optional[bool] = ..., annotations: _Optional[_Iterable[str]] = ..., no_publish: _Optional[bool] = ...) -> None: ...
+    scan_command: str
+    def __init__(self, context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., platforms: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., build_args: _Optional[_Mapping[str, str]] = ..., target: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., emulation: _Optional[_Union[_common_pb2.EmulationPolicy, str]] = ..., idempotency_key: _Optional[str] = ..., cache_from: _Optional[_Iterable[str]] = ..., cache_to: _Optional[_Iterable[str]] = ..., registry_auths: _Optional[_Iterable[_Union[_common_pb2.RegistryAuth, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[_common_pb2.BuildSecret, _Mapping]]] = ..., no_cache: _Optional[bool] = ..., pull: _Optional[bool] = ..., annotations: _Optional[_Iterable[str]] = ..., no_publish: _Optional[bool] = ..., scan_command: _Optional[str] = ...) -> None: ...
 
 class SubmitBuildResponse(_message.Message):
     __slots__ = ("build", "existing")

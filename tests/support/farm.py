@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from polyarch.agent.builders.base import Builder
 from polyarch.agent.enrolment import enrol
@@ -154,10 +155,14 @@ class Farm:
 
 
 @contextlib.asynccontextmanager
-async def running_farm(work_dir: Path) -> AsyncIterator[Farm]:
+async def running_farm(work_dir: Path, **settings: Any) -> AsyncIterator[Farm]:
+    """A started farm; `settings` are CoordinatorConfig fields (e.g. immutable_tags=["v*"])."""
     coordinator = Coordinator(
         CoordinatorConfig(
-            listen="127.0.0.1:0", data_dir=work_dir / "coordinator", metrics_listen="127.0.0.1:0"
+            listen="127.0.0.1:0",
+            data_dir=work_dir / "coordinator",
+            metrics_listen="127.0.0.1:0",
+            **settings,
         )
     )
     await coordinator.start()
