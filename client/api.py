@@ -259,6 +259,7 @@ class BuildClient:
         pull: bool = False,
         annotations: Iterable[str] = (),
         no_publish: bool = False,
+        provenance: str = "",
     ) -> build_pb2.SubmitBuildResponse:
         """Submits a build; the response's `existing` says the idempotency key matched one.
 
@@ -285,6 +286,7 @@ class BuildClient:
             pull=pull,
             annotations=list(annotations),
             no_publish=no_publish,
+            provenance=provenance,
         )
         return await self._call(self._stub().SubmitBuild, request)
 

@@ -24,6 +24,7 @@ from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.registry.assembly import IndexPublisher
 from polyarch.coordinator.registry.client import RegistryClient
 from polyarch.coordinator.registry.credentials import CredentialStore
+from polyarch.coordinator.registry.provenance import builder_id
 from polyarch.coordinator.trust.auth import Authenticator, AuthInterceptor, TokenBook
 from polyarch.coordinator.trust.pki import (
     CertificateAuthority,
@@ -158,7 +159,9 @@ class Coordinator:
             on_request_error=lambda kind: self.metrics.registry_errors.labels(kind=kind).inc(),
         )
         contexts = ContextStore(cfg.data_dir / "contexts", cfg.limits)
-        self._publisher = IndexPublisher(self._registry)
+        self._publisher = IndexPublisher(
+            self._registry, builder_id(cfg.advertise[0] if cfg.advertise else "")
+        )
         self._exporter = BuildExporter(self._registry, cfg.data_dir / "exports", self.metrics)
         self.manager = BuildManager(
             self._store, contexts, self._publisher, self.metrics,

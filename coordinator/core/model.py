@@ -109,6 +109,8 @@ class BuildSpec:
     annotations: list[str] = field(default_factory=list)
     # build and verify, publish no tag (buildx --output type=image,push=false / type=none)
     no_publish: bool = False
+    # SLSA provenance attached per platform: "" (none), "min" or "max" (registry/provenance.py)
+    provenance: str = ""
 
 
 @dataclass
@@ -133,6 +135,9 @@ class JobRecord:
     requeue_reasons: list[str] = field(default_factory=list)
     # the image config's digest, once the coordinator has verified the pushed image
     config_digest: str = ""
+    # the attestation manifest the index holds for this platform's image ("" when none)
+    attestation_digest: str = ""
+    attestation_size: int = 0
 
 
 @dataclass
@@ -159,6 +164,7 @@ class BuildRecord:
 # hold them, so the request hash of a build stored before stays the same.
 _ADDED_LATER: dict[str, object] = {
     "no_cache": False, "pull": False, "annotations": [], "no_publish": False,
+    "provenance": "",
 }  # fmt: skip
 
 
