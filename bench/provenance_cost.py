@@ -75,7 +75,7 @@ async def main() -> None:
                 began = time.perf_counter()
                 done = await farm.cli(
                     "build", "--platform", PLATFORMS, "--progress", "quiet",
-                    "-t", f"{registry.address}/bench/provenance:{n}-{mode.replace('=', '-')}",
+                    "-t", f"{registry.address}/bench/provenance:r{n}-{mode.replace('=', '-')}",
                     f"--provenance={mode}", "--build-arg", f"BASE={base}",
                     "--build-arg", f"NONCE={secrets.token_hex(8)}", str(context),
                 )  # fmt: skip
