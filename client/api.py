@@ -260,6 +260,7 @@ class BuildClient:
         annotations: Iterable[str] = (),
         no_publish: bool = False,
         scan_command: str = "",
+        provenance: str = "",
     ) -> build_pb2.SubmitBuildResponse:
         """Submits a build; the response's `existing` says the idempotency key matched one.
 
@@ -287,6 +288,7 @@ class BuildClient:
             annotations=list(annotations),
             no_publish=no_publish,
             scan_command=scan_command,
+            provenance=provenance,
         )
         return await self._call(self._stub().SubmitBuild, request)
 

@@ -29,6 +29,7 @@ from polyarch.client.context import pack_context
 from polyarch.client.exports import check_local_dest, engine_platform, write_export
 from polyarch.client.outputs import Export, OutputError, docker_platform, plan_outputs
 from polyarch.client.tty_render import TtyRenderer, progress_mode
+from polyarch.proto.attestations import DEFAULT_MODE, parse_provenance
 from polyarch.proto.platforms import platform_from_uname
 from polyarch.proto.v1 import build_pb2, common_pb2
 
@@ -85,6 +86,10 @@ def add_build_command(commands: Any, client: argparse.ArgumentParser) -> None:
                    help="scan each platform image before the tags move, e.g. 'trivy image "
                    "--exit-code 1 --severity CRITICAL {ref}' (where the coordinator allows "
                    "it: --allow-build-scan-command)")  # fmt: skip
+    p.add_argument("--provenance", default=DEFAULT_MODE, metavar="false|true|mode=min|mode=max",
+                   help="SLSA provenance per platform, stored as BuildKit does (default: "
+                   "mode=min, as buildx when pushing; max adds build args, secret-looking "
+                   "ones redacted, and each platform's agent, mode and attempt)")  # fmt: skip
     p.add_argument("-q", "--quiet", dest="progress", action="store_const", const="quiet",
                    help="as --progress quiet: only the index digest, on stdout")  # fmt: skip
     add_buildx_only_flags(p)
@@ -101,6 +106,10 @@ def cmd_build(args: argparse.Namespace, session: Session) -> int:
     labels = pairs(args.label, "--label", from_env=False)
     quiet = args.progress in ("quiet", "rawjson")  # rawjson: nothing but the JSON lines
     secrets = dict(parse_secret(spec) for spec in args.secret or [])
+    try:
+        provenance = parse_provenance(args.provenance)
+    except ValueError as exc:
+        raise UsageError(f"--provenance: {exc}") from None
     registries = registries_of(tags, [*(args.cache_from or []), *(args.cache_to or [])])
     registry_auths = registry_auths_for(registries)
     try:
@@ -141,6 +150,7 @@ def cmd_build(args: argparse.Namespace, session: Session) -> int:
                 annotations=args.annotation or [],
                 no_publish=not publish,
                 scan_command=args.scan_command or "",
+                provenance=provenance,
             )
             session.build_id = response.build.id
             if not quiet:

@@ -18,7 +18,6 @@ REFUSED = {
     "--cgroup-parent": "agents place builds in their own cgroups",
     "--network": "builds use the agent's default network",
     "--no-cache-filter": "--no-cache is all or nothing on the farm",
-    "--provenance": "attestations come with the supply-chain work (issue 9)",
     "--sbom": "attestations come with the supply-chain work (issue 9)",
     "--shm-size": "agents use their builder's default /dev/shm",
     "--ssh": "agents hold no SSH agent of the client to forward",
@@ -27,7 +26,6 @@ REFUSED = {
 # Values of refused flags that ask for what the farm does anyway: accepted.
 HARMLESS = {
     "--network": {"default"},
-    "--provenance": {"false", "0"},
     "--sbom": {"false", "0"},
     "--attest": {"type=provenance,disabled=true", "type=sbom,disabled=true"},
 }

@@ -191,7 +191,12 @@ def build_metadata(build: build_pb2.Build, coordinator: str = "") -> dict[str, A
         ),
         "polyarch.build.id": build.id,
         "polyarch.platforms": {
-            job.platform: {"digest": job.digest, "agent": job.agent, "mode": build_mode(job.mode)}
+            job.platform: {
+                "digest": job.digest,
+                "agent": job.agent,
+                "mode": build_mode(job.mode),
+                **({"attestation": job.attestation_digest} if job.attestation_digest else {}),
+            }
             for job in build.jobs
         },
     }

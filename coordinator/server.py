@@ -25,6 +25,7 @@ from polyarch.coordinator.registry.assembly import IndexPublisher
 from polyarch.coordinator.registry.client import RegistryClient
 from polyarch.coordinator.registry.credentials import CredentialStore
 from polyarch.coordinator.registry.gate import GatePolicy, SupplyChainGate
+from polyarch.coordinator.registry.provenance import builder_id
 from polyarch.coordinator.trust.auth import Authenticator, AuthInterceptor, TokenBook
 from polyarch.coordinator.trust.pki import (
     CertificateAuthority,
@@ -167,7 +168,9 @@ class Coordinator:
             ),
             lambda outcome: self.metrics.scans.labels(outcome=outcome).inc(),
         )  # fmt: skip
-        self._publisher = IndexPublisher(self._registry, gate)
+        self._publisher = IndexPublisher(
+            self._registry, gate, builder_id(cfg.advertise[0] if cfg.advertise else "")
+        )
         self._exporter = BuildExporter(self._registry, cfg.data_dir / "exports", self.metrics)
         self.manager = BuildManager(
             self._store, contexts, self._publisher, self.metrics,

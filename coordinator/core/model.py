@@ -111,6 +111,8 @@ class BuildSpec:
     no_publish: bool = False
     # the build's own scan command (registry/gate.py), where the coordinator allows one
     scan_command: str = ""
+    # SLSA provenance attached per platform: "" (none), "min" or "max" (registry/provenance.py)
+    provenance: str = ""
 
 
 @dataclass
@@ -135,6 +137,9 @@ class JobRecord:
     requeue_reasons: list[str] = field(default_factory=list)
     # the image config's digest, once the coordinator has verified the pushed image
     config_digest: str = ""
+    # the attestation manifest the index holds for this platform's image ("" when none)
+    attestation_digest: str = ""
+    attestation_size: int = 0
 
 
 @dataclass
@@ -162,6 +167,7 @@ class BuildRecord:
 _ADDED_LATER: dict[str, object] = {
     "no_cache": False, "pull": False, "annotations": [], "no_publish": False,
     "scan_command": "",
+    "provenance": "",
 }  # fmt: skip
 
 

@@ -76,7 +76,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     finished_at REAL,
     requeue_reasons TEXT NOT NULL DEFAULT '[]',
-    config_digest TEXT NOT NULL DEFAULT ''
+    config_digest TEXT NOT NULL DEFAULT '',
+    attestation_digest TEXT NOT NULL DEFAULT '',
+    attestation_size INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_build ON jobs(build_id);
 CREATE INDEX IF NOT EXISTS builds_by_created ON builds(created_at, id);
@@ -109,10 +111,13 @@ _ADDED_COLUMNS = [
     ("builds", "owner", "TEXT NOT NULL DEFAULT ''"),
     ("builds", "request_hash", "TEXT NOT NULL DEFAULT ''"),
     ("jobs", "config_digest", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "attestation_digest", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "attestation_size", "INTEGER NOT NULL DEFAULT 0"),
 ]
 _JOB_COLUMNS = (
     "id, build_id, platform, state, agent, mode, attempt, digest, size, media_type, "
-    "error, failed_step, queued_at, started_at, finished_at, requeue_reasons, config_digest"
+    "error, failed_step, queued_at, started_at, finished_at, requeue_reasons, config_digest, "
+    "attestation_digest, attestation_size"
 )
 _INSERT_BUILD = f"INSERT INTO builds ({_BUILD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 # A build's request (spec, owner, key, hash, created_at) is written once, by create_build;
@@ -141,7 +146,7 @@ def _job_row(job: JobRecord) -> Row:
         job.mode.value if job.mode else None, job.attempt, job.digest, job.size,
         job.media_type, job.error, job.failed_step, job.queued_at, job.started_at,
         job.finished_at, json.dumps(job.requeue_reasons) if job.requeue_reasons else "[]",
-        job.config_digest,
+        job.config_digest, job.attestation_digest, job.attestation_size,
     )  # fmt: skip
 
 
@@ -160,7 +165,7 @@ def _job_from_row(row: Row) -> JobRecord:
         mode=Mode(row[5]) if row[5] else None, attempt=row[6], digest=row[7], size=row[8],
         media_type=row[9], error=row[10], failed_step=row[11], queued_at=row[12],
         started_at=row[13], finished_at=row[14], requeue_reasons=json.loads(row[15]),
-        config_digest=row[16],
+        config_digest=row[16], attestation_digest=row[17], attestation_size=row[18],
     )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from polyarch.coordinator.exports.images import (
     ExportError,
     FetchedImage,
     blob_path,
+    fetch_attestations,
     fetch_images,
 )
 from polyarch.coordinator.exports.layouts import write_docker_archive, write_oci_layout
@@ -32,7 +33,12 @@ from polyarch.coordinator.exports.rootfs import write_rootfs
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.registry.annotations import parse_annotations
 from polyarch.coordinator.registry.client import RegistryClient, compute_digest
-from polyarch.coordinator.registry.index import ChildManifest, index_media_type, render_index
+from polyarch.coordinator.registry.index import (
+    Attestation,
+    ChildManifest,
+    index_media_type,
+    render_index,
+)
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 
 CHUNK_BYTES = 1024 * 1024
@@ -151,10 +157,19 @@ class BuildExporter:
                 )  # fmt: skip
                 index = self._index(build, jobs, chosen, export_format)
                 names = list(build.spec.tags)
+                attestations = (
+                    await fetch_attestations(
+                        client or self.client,
+                        (build.spec.registry, build.spec.repository),
+                        [job.attestation_digest for job in chosen if job.attestation_digest],
+                    )
+                    if index is not None
+                    else {}
+                )
 
                 def write(out: tarfile.TarFile) -> None:
                     if export_format is ExportFormat.OCI_LAYOUT:
-                        write_oci_layout(out, images, folder, index, names)
+                        write_oci_layout(out, images, folder, index, names, attestations)
                     elif export_format is ExportFormat.DOCKER_ARCHIVE:
                         write_docker_archive(out, images[0], folder, names)
                     else:
@@ -202,12 +217,16 @@ class BuildExporter:
             return None
         platforms = [parse_platform(job.platform) for job in chosen]
         annotations = parse_annotations(build.spec.annotations, platforms)
-        if len(chosen) == 1 and not annotations:
+        if len(chosen) == 1 and not annotations and not chosen[0].attestation_digest:
             return None
         children = [
-            ChildManifest(parse_platform(job.platform), job.digest, job.media_type, job.size)
+            ChildManifest(
+                parse_platform(job.platform), job.digest, job.media_type, job.size,
+                attestation=Attestation(job.attestation_digest, job.attestation_size)
+                if job.attestation_digest else None,
+            )
             for job in chosen
-        ]
+        ]  # fmt: skip
         body = render_index(children, annotations)
         digest = compute_digest(body)
         if len(chosen) == len(jobs) and build.index_digest and digest != build.index_digest:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +101,21 @@ def _blob(descriptor: Mapping[str, object]) -> Blob:
     return Blob(
         str(descriptor["mediaType"]), str(descriptor["digest"]), int(str(descriptor["size"]))
     )
+
+
+async def fetch_attestations(
+    client: RegistryClient, where: tuple[str, str], digests: Sequence[str]
+) -> dict[str, bytes]:
+    """Attestation manifests with their config and layers (small JSON documents), by digest:
+    the blobs an OCI layout needs for the index entries that name them."""
+    registry, repository = where
+    documents: dict[str, bytes] = {}
+    for digest in digests:
+        body, found = await client.get_manifest(registry, repository, digest)
+        documents[found.digest] = body
+        document = json.loads(body)
+        for blob in [document.get("config") or {}, *(document.get("layers") or [])]:
+            if blob.get("digest"):
+                blob_digest = str(blob["digest"])
+                documents[blob_digest] = await client.get_blob(registry, repository, blob_digest)
+    return documents

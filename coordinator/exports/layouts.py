@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from polyarch.coordinator.exports.images import Blob, FetchedImage, blob_path
@@ -55,11 +55,12 @@ def write_oci_layout(
     folder: Path,
     index: tuple[Blob, bytes] | None,
     names: Sequence[str] = (),
+    documents: Mapping[str, bytes] | None = None,
 ) -> None:
     """An OCI image layout (image-spec image-layout.md) in `out`. Its index.json names the
     build's image index when given (several platforms), else the one image's manifest, as
-    BuildKit's oci exporter does."""
-    extra = {index[0].digest: index[1]} if index else {}
+    BuildKit's oci exporter does. `documents` are further blobs by digest (attestations)."""
+    extra = {**(documents or {}), **({index[0].digest: index[1]} if index else {})}
     top = index[0] if index else images[0].manifest
     add_bytes(out, "oci-layout", LAYOUT_VERSION)
     _add_blobs(out, images, folder, extra)

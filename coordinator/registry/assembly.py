@@ -14,6 +14,7 @@ from polyarch.coordinator.registry.client import RegistryClient, RegistryError
 from polyarch.coordinator.registry.copies import publish_copy, tags_by_repository
 from polyarch.coordinator.registry.gate import SupplyChainGate
 from polyarch.coordinator.registry.index import IndexResult, assemble_index, render_index
+from polyarch.coordinator.registry.provenance import builder_id, provenance_attacher
 from polyarch.coordinator.registry.staging import remove_staging_tags
 from polyarch.proto.platforms import parse_platform
 
@@ -23,9 +24,12 @@ log = logging.getLogger(__name__)
 class IndexPublisher:
     """Builds and pushes the image index of a build through the coordinator's registry client."""
 
-    def __init__(self, client: RegistryClient, gate: SupplyChainGate | None = None) -> None:
+    def __init__(
+        self, client: RegistryClient, gate: SupplyChainGate | None = None, builder: str = ""
+    ) -> None:
         self.client = client
         self.gate = gate or SupplyChainGate()
+        self.builder = builder or builder_id()  # SLSA runDetails.builder.id
         # staging-tag removals run after the build is reported: CI waits for none of them
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -48,6 +52,7 @@ class IndexPublisher:
         result = await assemble_index(
             client, spec.registry, spec.repository, children, groups.pop(primary, []),
             annotations, push=not spec.no_publish,
+            attest=provenance_attacher(client, spec, jobs, self.builder),
         )  # fmt: skip
         if groups and not spec.no_publish:
             index = (render_index(result.children, annotations), result.media_type, result.digest)
@@ -67,6 +72,9 @@ class IndexPublisher:
             if child is not None:
                 job.media_type, job.size = child.media_type, child.size
                 job.config_digest = child.config_digest
+                if child.attestation is not None:
+                    job.attestation_digest = child.attestation.digest
+                    job.attestation_size = child.attestation.size
         return result
 
     @staticmethod

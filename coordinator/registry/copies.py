@@ -51,6 +51,8 @@ async def publish_copy(
     how: list[str] = []
     for child in children:
         how += await copy_image(client, source, target, child.digest)
+        if child.attestation is not None:  # the index names it: it has to be there too
+            how += await copy_image(client, source, target, child.attestation.digest)
     for tag in tags:
         await client.put_manifest(target[0], target[1], tag, body, media_type)
     for tag in tags:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from polyarch.coordinator.registry.annotations import IndexAnnotations, annotated
@@ -16,12 +16,14 @@ from polyarch.proto.media_types import (
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
     OCI_INDEX,
+    OCI_MANIFEST,
 )
 from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 from polyarch.proto.references import TAG_PATTERN, is_digest
 
 ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
 ATTESTATION_TYPE = "attestation-manifest"
+ATTESTATION_SUBJECT = "vnd.docker.reference.digest"
 
 
 class VerificationError(Exception):
@@ -37,14 +39,25 @@ class DuplicatePlatform(ValueError):
 
 
 @dataclass(frozen=True)
+class Attestation:
+    """An attestation manifest (BuildKit's storage format) for one platform's image."""
+
+    digest: str
+    size: int
+    media_type: str = OCI_MANIFEST
+
+
+@dataclass(frozen=True)
 class ChildManifest:
-    """One per-platform image manifest as it will appear in the index."""
+    """One per-platform image manifest as it will appear in the index, with its attestation
+    manifest when it has one."""
 
     platform: Platform
     digest: str
     media_type: str
     size: int
     config_digest: str = ""
+    attestation: Attestation | None = None
 
 
 @dataclass(frozen=True)
@@ -57,12 +70,16 @@ class IndexResult:
     children: tuple[ChildManifest, ...]
 
 
+# Pushes an attestation manifest per verified child; returns the children carrying them.
+Attach = Callable[[Sequence[ChildManifest]], Awaitable[Sequence[ChildManifest]]]
+
+
 def index_media_type(
     children: Sequence[ChildManifest], annotations: IndexAnnotations | None = None
 ) -> str:
-    """A Docker manifest list when every child is a Docker manifest and nothing is annotated,
-    an OCI index otherwise."""
-    plain = not annotations
+    """A Docker manifest list when every child is a Docker manifest and nothing is annotated
+    or attested, an OCI index otherwise."""
+    plain = not annotations and not any(child.attestation for child in children)
     if plain and children and all(child.media_type == DOCKER_MANIFEST for child in children):
         return DOCKER_MANIFEST_LIST
     return OCI_INDEX
@@ -102,6 +119,9 @@ def render_index(
         )
         for child in sorted(children, key=lambda c: str(c.platform))
     ]
+    # after every image, as BuildKit: a client that takes the first match never meets one
+    ordered = sorted(children, key=lambda c: str(c.platform))
+    manifests += [attestation_entry(child) for child in ordered if child.attestation]
     document = annotated(
         {
             "schemaVersion": 2,
@@ -111,6 +131,34 @@ def render_index(
         annotations.index,
     )
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def attestation_entry(child: ChildManifest) -> dict[str, Any]:
+    """The index entry of a child's attestation manifest: platform unknown/unknown, and the
+    annotations that tie it to the child (BuildKit's attestation storage)."""
+    assert child.attestation is not None
+    return {
+        "mediaType": child.attestation.media_type,
+        "digest": child.attestation.digest,
+        "size": child.attestation.size,
+        "platform": {"architecture": "unknown", "os": "unknown"},
+        "annotations": {
+            ATTESTATION_ANNOTATION: ATTESTATION_TYPE,
+            ATTESTATION_SUBJECT: child.digest,
+        },
+    }
+
+
+def attestation_of(index: Mapping[str, Any], digest: str) -> Attestation | None:
+    """The attestation manifest an index holds for its entry `digest`, if any."""
+    for entry in index.get("manifests") or []:
+        annotations = (entry.get("annotations") or {}) if isinstance(entry, dict) else {}
+        if annotations.get(ATTESTATION_ANNOTATION) != ATTESTATION_TYPE:
+            continue
+        if annotations.get(ATTESTATION_SUBJECT) == digest and is_digest(entry.get("digest", "")):
+            media_type = str(entry.get("mediaType") or OCI_MANIFEST)
+            return Attestation(str(entry["digest"]), int(entry.get("size") or 0), media_type)
+    return None
 
 
 def config_platform(config: Mapping[str, Any]) -> Platform:
@@ -186,9 +234,11 @@ async def resolve_child(
         if _depth > 0:
             raise VerificationError(f"{where}: nested image index inside a child index")
         entry = pick_platform_entry(manifest, expected, where)
-        return await resolve_child(
+        child = await resolve_child(
             client, registry, repository, str(entry.get("digest")), expected, _depth=1
         )
+        # BuildKit's own attestation for the image travels with it into our index
+        return replace(child, attestation=attestation_of(manifest, child.digest))
     if media_type not in IMAGE_MANIFEST_TYPES:
         raise VerificationError(f"{where}: unsupported manifest media type {media_type!r}")
     config_digest = str((manifest.get("config") or {}).get("digest") or "")
@@ -218,9 +268,11 @@ async def assemble_index(
     tags: Sequence[str],
     annotations: IndexAnnotations | None = None,
     push: bool = True,
+    attest: Attach | None = None,
 ) -> IndexResult:
     """Verifies every child, pushes the index under every tag and reads each tag back; with
-    push=False only verifies, and the result names the index that would have been pushed."""
+    push=False only verifies, and the result names the index that would have been pushed.
+    `attest` gets the verified children and returns them with their attestations pushed."""
     if push and not tags:
         raise ValueError("assemble_index needs at least one tag to push to")
     for tag in tags:
@@ -232,6 +284,8 @@ async def assemble_index(
             for platform, digest in children.items()
         )
     )
+    if attest is not None:
+        resolved = list(await attest(resolved))
     body = render_index(resolved, annotations)
     media_type = index_media_type(resolved, annotations)
     digest = compute_digest(body)

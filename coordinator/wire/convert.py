@@ -18,6 +18,7 @@ from polyarch.coordinator.core.model import (
 )
 from polyarch.coordinator.core.states import JobOutcome
 from polyarch.coordinator.exports.exporter import ExportFormat
+from polyarch.coordinator.registry.provenance import parse_mode
 from polyarch.proto.v1 import agent_pb2, build_pb2, common_pb2, fleet_pb2
 
 BUILD_STATES = {
@@ -74,6 +75,7 @@ def job_message(job: JobRecord) -> build_pb2.Job:
         finished_at=timestamp(job.finished_at),
         requeue_reasons=job.requeue_reasons,
         config_digest=job.config_digest,
+        attestation_digest=job.attestation_digest,
     )
 
 
@@ -136,6 +138,7 @@ def spec_from(request: build_pb2.SubmitBuildRequest) -> BuildSpec:
         annotations=list(request.annotations),
         no_publish=request.no_publish,
         scan_command=request.scan_command,
+        provenance=parse_mode(request.provenance),
     )
 
 

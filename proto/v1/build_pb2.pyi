@@ -49,7 +49,7 @@ class UploadContextResponse(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., already_present: _Optional[bool] = ...) -> None: ...
 
 class SubmitBuildRequest(_message.Message):
-    __slots__ = ("context_digest", "dockerfile", "platforms", "tags", "build_args", "target", "labels", "emulation", "idempotency_key", "cache_from", "cache_to", "registry_auths", "secrets", "no_cache", "pull", "annotations", "no_publish", "scan_command")
+    __slots__ = ("context_digest", "dockerfile", "platforms", "tags", "build_args", "target", "labels", "emulation", "idempotency_key", "cache_from", "cache_to", "registry_auths", "secrets", "no_cache", "pull", "annotations", "no_publish", "scan_command", "provenance")
     class BuildArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class SubmitBuildRequest(_message.Message):
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     NO_PUBLISH_FIELD_NUMBER: _ClassVar[int]
     SCAN_COMMAND_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     context_digest: str
     dockerfile: str
     platforms: _containers.RepeatedScalarFieldContainer[str]
@@ -100,7 +101,8 @@ class SubmitBuildRequest(_message.Message):
     annotations: _containers.RepeatedScalarFieldContainer[str]
     no_publish: bool
     scan_command: str
-    def __init__(self, context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., platforms: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., build_args: _Optional[_Mapping[str, str]] = ..., target: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., emulation: _Optional[_Union[_common_pb2.EmulationPolicy, str]] = ..., idempotency_key: _Optional[str] = ..., cache_from: _Optional[_Iterable[str]] = ..., cache_to: _Optional[_Iterable[str]] = ..., registry_auths: _Optional[_Iterable[_Union[_common_pb2.RegistryAuth, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[_common_pb2.BuildSecret, _Mapping]]] = ..., no_cache: _Optional[bool] = ..., pull: _Optional[bool] = ..., annotations: _Optional[_Iterable[str]] = ..., no_publish: _Optional[bool] = ..., scan_command: _Optional[str] = ...) -> None: ...
+    provenance: str
+    def __init__(self, context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., platforms: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., build_args: _Optional[_Mapping[str, str]] = ..., target: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., emulation: _Optional[_Union[_common_pb2.EmulationPolicy, str]] = ..., idempotency_key: _Optional[str] = ..., cache_from: _Optional[_Iterable[str]] = ..., cache_to: _Optional[_Iterable[str]] = ..., registry_auths: _Optional[_Iterable[_Union[_common_pb2.RegistryAuth, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[_common_pb2.BuildSecret, _Mapping]]] = ..., no_cache: _Optional[bool] = ..., pull: _Optional[bool] = ..., annotations: _Optional[_Iterable[str]] = ..., no_publish: _Optional[bool] = ..., scan_command: _Optional[str] = ..., provenance: _Optional[str] = ...) -> None: ...
 
 class SubmitBuildResponse(_message.Message):
     __slots__ = ("build", "existing")
@@ -111,7 +113,7 @@ class SubmitBuildResponse(_message.Message):
     def __init__(self, build: _Optional[_Union[Build, _Mapping]] = ..., existing: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "platform", "state", "agent", "mode", "digest", "size", "media_type", "attempt", "error", "failed_step", "queued_at", "started_at", "finished_at", "requeue_reasons", "config_digest")
+    __slots__ = ("id", "platform", "state", "agent", "mode", "digest", "size", "media_type", "attempt", "error", "failed_step", "queued_at", "started_at", "finished_at", "requeue_reasons", "config_digest", "attestation_digest")
     ID_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +130,7 @@ class Job(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     REQUEUE_REASONS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     id: str
     platform: str
     state: _common_pb2.JobState
@@ -144,7 +147,8 @@ class Job(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     requeue_reasons: _containers.RepeatedScalarFieldContainer[str]
     config_digest: str
-    def __init__(self, id: _Optional[str] = ..., platform: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., agent: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.BuildMode, str]] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., media_type: _Optional[str] = ..., attempt: _Optional[int] = ..., error: _Optional[str] = ..., failed_step: _Optional[str] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requeue_reasons: _Optional[_Iterable[str]] = ..., config_digest: _Optional[str] = ...) -> None: ...
+    attestation_digest: str
+    def __init__(self, id: _Optional[str] = ..., platform: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., agent: _Optional[str] = ..., mode: _Optional[_Union[_common_pb2.BuildMode, str]] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., media_type: _Optional[str] = ..., attempt: _Optional[int] = ..., error: _Optional[str] = ..., failed_step: _Optional[str] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requeue_reasons: _Optional[_Iterable[str]] = ..., config_digest: _Optional[str] = ..., attestation_digest: _Optional[str] = ...) -> None: ...
 
 class Build(_message.Message):
     __slots__ = ("id", "state", "tags", "index_digest", "index_media_type", "jobs", "error", "context_digest", "dockerfile", "created_at", "finished_at", "emulation", "index_size")

@@ -16,7 +16,7 @@ from polyarch.agent.runtime import make_builder
 from tests.support import services
 from tests.support.farm import Farm, builder_named
 from tests.support.poll import poll_until
-from tests.support.verify import docker_run_uname, skopeo_raw, skopeo_tags
+from tests.support.verify import docker_run_uname, image_entries, skopeo_raw, skopeo_tags
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
 _BUILDAH_STEP = re.compile(r"^(\[\d+/\d+\] )?STEP ")  # `[1/2] STEP 2/2: ...` in multi-stage
@@ -79,7 +79,7 @@ async def test_the_same_build_hits_the_cache_and_no_cache_rebuilds_every_step(
     digest = fresh.stdout.strip().splitlines()[-1]
     assert meta["containerimage.digest"] == digest
     assert meta["buildx.build.ref"] == f"polyarch/{farm.address}/{meta['polyarch.build.id']}"
-    (child,) = skopeo_raw(f"{repo}@{digest}")["manifests"]
+    (child,) = image_entries(skopeo_raw(f"{repo}@{digest}"))
     # one platform: buildx's config digest key, as skopeo reads the image
     config = skopeo_raw(f"{repo}@{child['digest']}")["config"]["digest"]
     assert meta["containerimage.config.digest"] == config

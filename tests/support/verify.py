@@ -11,8 +11,8 @@ from polyarch.proto.platforms import parse_platform
 from .services import skopeo_raw
 
 __all__ = [
-    "docker_run", "docker_run_uname", "index_platforms", "skopeo_missing", "skopeo_raw",
-    "skopeo_tags",
+    "attestation_entries", "docker_run", "docker_run_uname", "image_entries", "index_platforms",
+    "skopeo_missing", "skopeo_raw", "skopeo_tags",
 ]  # fmt: skip
 
 
@@ -26,15 +26,26 @@ def skopeo_missing(reference: str) -> bool:
 
 
 def index_platforms(index: dict[str, Any]) -> dict[str, str]:
-    """platform string -> child digest, as listed in an image index."""
+    """platform string -> child digest, as listed in an image index (attestation manifests,
+    platform unknown/unknown, are not images: docker and skopeo skip them too)."""
     listed: dict[str, str] = {}
-    for entry in index["manifests"]:
+    for entry in image_entries(index):
         p = entry["platform"]
         raw = f"{p['os']}/{p['architecture']}" + (f"/{p['variant']}" if p.get("variant") else "")
         name = str(parse_platform(raw))
         assert name not in listed, f"{name} listed twice in the index"
         listed[name] = entry["digest"]
     return listed
+
+
+def image_entries(index: dict[str, Any]) -> list[dict[str, Any]]:
+    """The index's image entries, without BuildKit-style attestation manifests."""
+    return [e for e in index["manifests"] if e.get("platform", {}).get("os") != "unknown"]
+
+
+def attestation_entries(index: dict[str, Any]) -> list[dict[str, Any]]:
+    """The index's attestation-manifest entries (platform unknown/unknown)."""
+    return [e for e in index["manifests"] if e.get("platform", {}).get("os") == "unknown"]
 
 
 def docker_run(

@@ -300,7 +300,8 @@ def test_a_push_needs_a_tag_and_an_unpushed_build_does_not(
     ("flags", "says"),
     [
         (["--ssh", "default"], "--ssh: not supported: agents hold no SSH agent"),
-        (["--provenance=mode=max"], "--provenance: not supported: attestations come with"),
+        (["--provenance=mode=full"], "--provenance: provenance 'mode=full': expected false"),
+        (["--sbom=true"], "--sbom: not supported: attestations come with"),
         (["--network", "host"], "--network: not supported: builds use the agent's default"),
         (["--build-context", "x=../x"], "--build-context: not supported: named build contexts"),
     ],
@@ -330,6 +331,19 @@ def test_buildx_flags_asking_for_what_the_farm_does_anyway_are_accepted(
     assert out.splitlines() == [INDEX]
     assert err.strip() == "polyarch: warning: --builder ignored: the farm is the builder"
     assert len(fake.submitted) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "mode"),
+    [([], "min"), (["--provenance=false"], ""), (["--provenance", "mode=max"], "max"),
+     (["--provenance=true"], "min"), (["--provenance=mode=min"], "min")],
+)  # fmt: skip
+def test_provenance_flag_reaches_the_submit_as_buildx_reads_it(
+    coordinator: tuple[str, FakeCoordinator], context_dir: Path, flags: list[str], mode: str
+) -> None:
+    address, fake = coordinator
+    assert cli.main(build_argv(address, context_dir, "-q", *flags)) == 0
+    assert fake.submitted[0].provenance == mode
 
 
 def test_second_build_skips_the_upload_and_uses_a_new_idempotency_key(

@@ -11,6 +11,7 @@ import pytest
 
 from polyarch.coordinator.registry.client import ManifestNotFound, RegistryClient
 from polyarch.coordinator.registry.index import (
+    Attestation,
     ChildManifest,
     DuplicatePlatform,
     PlatformMismatch,
@@ -246,9 +247,15 @@ async def test_child_index_with_attestation_is_flattened(
     index_digest = fake.add_manifest(index, OCI_INDEX)
     child = await resolve_child(client, REG, REPO, index_digest, parse_platform("linux/arm64"))
     config_digest = json.loads(fake.manifests[image][0])["config"]["digest"]
+    # BuildKit's attestation for the image is kept, not dropped (issue 9)
     assert child == ChildManifest(
-        parse_platform("linux/arm64"), image, OCI_MANIFEST, size, config_digest
-    )
+        parse_platform("linux/arm64"), image, OCI_MANIFEST, size, config_digest,
+        attestation=Attestation(attestation, 10),
+    )  # fmt: skip
+    rendered = json.loads(render_index([child]))
+    assert rendered["mediaType"] == OCI_INDEX
+    assert [m["digest"] for m in rendered["manifests"]] == [image, attestation]
+    assert rendered["manifests"][1]["annotations"]["vnd.docker.reference.digest"] == image
     with pytest.raises(PlatformMismatch, match="no entry for platform linux/amd64"):
         await resolve_child(client, REG, REPO, index_digest, parse_platform("linux/amd64"))
 
