@@ -134,7 +134,8 @@ async def test_an_immutable_tag_is_refused_unless_it_would_not_move(
 ) -> None:  # fmt: skip
     farm = gated_farm
     repo = f"{registry.address}/{unique_repo}"
-    first = await farm.cli(*build_args(repo, "v1", base_image, "a"), str(context))
+    first = await farm.cli(*build_args(repo, "v1", base_image, "a"), "--provenance=false",
+                           str(context))  # fmt: skip
     assert first.returncode == 0, first.stderr
     v1 = raw_digest(f"{repo}:v1")
 
@@ -143,7 +144,12 @@ async def test_an_immutable_tag_is_refused_unless_it_would_not_move(
     assert f"tag {repo}:v1 is immutable (rule 'v*') and already points at {v1}" in other.stderr
     assert "submitted build" not in other.stderr  # refused at submit
 
-    same = await farm.cli(*build_args(repo, "v1", base_image, "a"), str(context))
+    # Provenance records each build's times, so an attested rebuild is always a new index:
+    # an immutable tag then takes one push. Without it an identical rebuild is the same digest.
+    attested = await farm.cli(*build_args(repo, "v1", base_image, "a"), str(context))
+    assert attested.returncode != 0 and "is immutable (rule 'v*')" in attested.stderr
+    plain = [*build_args(repo, "v1", base_image, "a"), "--provenance=false"]
+    same = await farm.cli(*plain, str(context))
     assert same.returncode == 0, same.stderr  # the same digest again is no move
     assert same.stdout.strip().splitlines()[-1] == v1 == raw_digest(f"{repo}:v1")
 
