@@ -261,11 +261,13 @@ class BuildClient:
         no_publish: bool = False,
         scan_command: str = "",
         provenance: str = "",
+        sign_key: bytes = b"",
+        sign_with: str = "",
     ) -> build_pb2.SubmitBuildResponse:
         """Submits a build; the response's `existing` says the idempotency key matched one.
 
-        registry_auths (registry, username, password) and secrets travel with this build only
-        and are held in the coordinator's memory, never stored."""
+        registry_auths (registry, username, password), secrets and the PEM sign_key travel
+        with this build only and are held in the coordinator's memory, never stored."""
         request = build_pb2.SubmitBuildRequest(
             context_digest=context_digest,
             dockerfile=dockerfile,
@@ -289,6 +291,8 @@ class BuildClient:
             no_publish=no_publish,
             scan_command=scan_command,
             provenance=provenance,
+            sign_key=sign_key,
+            sign_with=sign_with,
         )
         return await self._call(self._stub().SubmitBuild, request)
 

@@ -30,6 +30,7 @@ from polyarch.client.exports import check_local_dest, engine_platform, write_exp
 from polyarch.client.outputs import Export, OutputError, docker_platform, plan_outputs
 from polyarch.client.tty_render import TtyRenderer, progress_mode
 from polyarch.proto.attestations import DEFAULT_MODE, parse_provenance
+from polyarch.proto.cosign import SigningKeyError, load_signing_key
 from polyarch.proto.platforms import platform_from_uname
 from polyarch.proto.v1 import build_pb2, common_pb2
 
@@ -90,6 +91,12 @@ def add_build_command(commands: Any, client: argparse.ArgumentParser) -> None:
                    help="SLSA provenance per platform, stored as BuildKit does (default: "
                    "mode=min, as buildx when pushing; max adds build args, secret-looking "
                    "ones redacted, and each platform's agent, mode and attempt)")  # fmt: skip
+    p.add_argument("--sign-key", metavar="PEM",
+                   help="sign the index digest, cosign's key-based format, before the tags "
+                   "move: an unencrypted EC P-256 private key (PKCS#8 or SEC1), sent with "
+                   "the submit and held in the coordinator's memory only")  # fmt: skip
+    p.add_argument("--sign-with", choices=["farm"],
+                   help="sign with the coordinator's own key (its --sign-key)")  # fmt: skip
     p.add_argument("-q", "--quiet", dest="progress", action="store_const", const="quiet",
                    help="as --progress quiet: only the index digest, on stdout")  # fmt: skip
     add_buildx_only_flags(p)
@@ -97,6 +104,24 @@ def add_build_command(commands: Any, client: argparse.ArgumentParser) -> None:
                    help="on Ctrl-C cancel the build without asking")  # fmt: skip
     p.add_argument("context", metavar="CONTEXT_DIR")
     p.set_defaults(handler=cmd_build)
+
+
+def read_sign_key(path: str | None, sign_with: str | None) -> bytes:
+    """The PEM bytes of --sign-key, checked here first so a bad key fails before any upload
+    (UsageError naming the file; the key's content never appears)."""
+    if path and sign_with:
+        raise UsageError("--sign-key and --sign-with farm: choose one key")
+    if not path:
+        return b""
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--sign-key {path}: {exc.strerror}") from None
+    try:
+        load_signing_key(pem)
+    except SigningKeyError as exc:
+        raise UsageError(f"--sign-key {path}: {exc}") from None
+    return pem
 
 
 def cmd_build(args: argparse.Namespace, session: Session) -> int:
@@ -110,6 +135,7 @@ def cmd_build(args: argparse.Namespace, session: Session) -> int:
         provenance = parse_provenance(args.provenance)
     except ValueError as exc:
         raise UsageError(f"--provenance: {exc}") from None
+    sign_key = read_sign_key(args.sign_key, args.sign_with)
     registries = registries_of(tags, [*(args.cache_from or []), *(args.cache_to or [])])
     registry_auths = registry_auths_for(registries)
     try:
@@ -151,6 +177,8 @@ def cmd_build(args: argparse.Namespace, session: Session) -> int:
                 no_publish=not publish,
                 scan_command=args.scan_command or "",
                 provenance=provenance,
+                sign_key=sign_key,
+                sign_with=args.sign_with or "",
             )
             session.build_id = response.build.id
             if not quiet:

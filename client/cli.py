@@ -54,6 +54,7 @@ from polyarch.client.credentials import (
     add_credential_flags,
 )
 from polyarch.client.dockerignore import DockerignoreError
+from polyarch.client.verify_command import add_verify_command
 from polyarch.coordinator.config import add_coordinator_flags
 from polyarch.ops.deploy_cli import add_deploy_command
 from polyarch.ops.wheelhouse import add_wheelhouse_command
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_build_command(commands, client)
 
     add_bake_command(commands, client)
+
+    add_verify_command(commands, registries)
 
     p = commands.add_parser("agents", parents=[client], help="list agents")
     p.add_argument("--json", action="store_true")

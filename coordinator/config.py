@@ -12,6 +12,7 @@ from polyarch.coordinator.limits import Limits, LimitSyntaxError, with_overrides
 from polyarch.proto.agent_protocol import DEFAULT_AGENT_LEASE
 from polyarch.proto.config_files import ConfigError as ConfigError  # server.py imports it here
 from polyarch.proto.config_files import read_toml_table
+from polyarch.proto.cosign import load_key_file
 from polyarch.proto.references import ReferenceError, parse_reference
 
 
@@ -53,9 +54,12 @@ class CoordinatorConfig:
     scan_timeout: float = 600.0
     # Tag globs (`v*`; `REPO:TAG` globs with a ':') whose existing tags never move.
     immutable_tags: list[str] = field(default_factory=list)
+    # PEM EC P-256 private key for builds that ask `--sign-with farm` (read at start; only
+    # the loaded key stays in memory)
+    sign_key: Path | None = None
 
 
-_PATHS = {"data_dir", "tls_cert", "tls_key", "tls_client_ca", "docker_config"}
+_PATHS = {"data_dir", "tls_cert", "tls_key", "tls_client_ca", "docker_config", "sign_key"}
 _LISTS = {"advertise", "insecure_registries", "immutable_tags"}
 _FLOATS = {"agent_timeout", "registry_timeout", "context_gc_interval", "scan_timeout"}
 _BOOLS = {"insecure", "allow_build_scan_command"}
@@ -112,7 +116,13 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
         values["limits"] = with_overrides(Limits(), [*limit_assignments, *(args.limit or [])])
     except LimitSyntaxError as exc:
         raise ConfigError(str(exc)) from None
-    return CoordinatorConfig(**values)
+    config = CoordinatorConfig(**values)
+    if config.sign_key is not None:
+        try:
+            load_key_file(config.sign_key)  # refused now, with a usage exit, not at start
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return config
 
 
 def _address(text: str) -> str:
@@ -172,6 +182,9 @@ def add_coordinator_flags(parser: argparse.ArgumentParser) -> None:
     add("--immutable-tags", action="append", metavar="GLOB[,GLOB]",
         help="existing tags matching a glob never move (v*: the tag; REPO:TAG globs "
         "with a ':')")  # fmt: skip
+    add("--sign-key", type=Path, metavar="PEM",
+        help="unencrypted EC P-256 private key: signs the index of builds that ask "
+        "--sign-with farm (cosign's format)")  # fmt: skip
     add("--limit", action="append", default=[], metavar="NAME=VALUE",
         help="override a limit, e.g. max_context_bytes=20GiB (repeatable; "
         "see polyarch.coordinator.limits.Limits)")  # fmt: skip

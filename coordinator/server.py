@@ -164,7 +164,7 @@ class Coordinator:
             GatePolicy(
                 scan_command=cfg.scan_command, scan_timeout=cfg.scan_timeout,
                 allow_build_scan_command=cfg.allow_build_scan_command,
-                immutable_tags=cfg.immutable_tags,
+                immutable_tags=cfg.immutable_tags, sign_key=cfg.sign_key,
             ),
             lambda outcome: self.metrics.scans.labels(outcome=outcome).inc(),
         )  # fmt: skip

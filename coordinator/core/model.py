@@ -113,6 +113,9 @@ class BuildSpec:
     scan_command: str = ""
     # SLSA provenance attached per platform: "" (none), "min" or "max" (registry/provenance.py)
     provenance: str = ""
+    # cosign signature of the index: "" (none), "key" (the build's own key, held in memory
+    # only) or "farm" (the coordinator's key); registry/signatures.py
+    sign: str = ""
 
 
 @dataclass
@@ -168,6 +171,7 @@ _ADDED_LATER: dict[str, object] = {
     "no_cache": False, "pull": False, "annotations": [], "no_publish": False,
     "scan_command": "",
     "provenance": "",
+    "sign": "",
 }  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from polyarch.coordinator.registry.copies import publish_copy, tags_by_repositor
 from polyarch.coordinator.registry.gate import SupplyChainGate
 from polyarch.coordinator.registry.index import IndexResult, assemble_index, render_index
 from polyarch.coordinator.registry.provenance import builder_id, provenance_attacher
+from polyarch.coordinator.registry.signatures import signer, signing_key_of
 from polyarch.coordinator.registry.staging import remove_staging_tags
 from polyarch.proto.platforms import parse_platform
 
@@ -45,6 +46,9 @@ class IndexPublisher:
         # Supply-chain gate (gate.py): every image is pushed and verified, no tag has moved;
         # it scans, and its client refuses to move an immutable tag right before each PUT.
         client = await self.gate.before_tags(client, spec, jobs)
+        # the key is the build's own (memory only) or the farm's; the index is signed in
+        # every repository it lands in, by digest, before a tag there moves
+        sign = signer(client, signing_key_of(spec, own, self.gate.farm_key))
         children = {parse_platform(job.platform): job.digest for job in jobs}
         groups = tags_by_repository(spec.tags)
         primary = (spec.registry, spec.repository)
@@ -52,12 +56,14 @@ class IndexPublisher:
         result = await assemble_index(
             client, spec.registry, spec.repository, children, groups.pop(primary, []),
             annotations, push=not spec.no_publish,
-            attest=provenance_attacher(client, spec, jobs, self.builder),
+            attest=provenance_attacher(client, spec, jobs, self.builder), sign=sign,
         )  # fmt: skip
         if groups and not spec.no_publish:
             index = (render_index(result.children, annotations), result.media_type, result.digest)
             for target, tags in groups.items():
-                how = await publish_copy(client, primary, target, result.children, index, tags)
+                how = await publish_copy(
+                    client, primary, target, result.children, index, tags, sign
+                )
                 log.info("index %s copied to %s/%s (blobs: %s)", result.digest, *target,
                          ", ".join(f"{n} {w}" for w, n in Counter(how).items()))  # fmt: skip
         cleanup = asyncio.get_running_loop().create_task(

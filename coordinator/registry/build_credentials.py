@@ -6,6 +6,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from polyarch.coordinator.core.model import InvalidRequest
 from polyarch.coordinator.registry.client import RegistryClient
 from polyarch.coordinator.registry.credentials import (
@@ -13,6 +15,7 @@ from polyarch.coordinator.registry.credentials import (
     CredentialStore,
     normalize_registry_key,
 )
+from polyarch.proto.cosign import SigningKeyError, load_signing_key
 
 SECRET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # BuildKit refuses secrets over 500 KiB; so do we, for every builder.
@@ -28,25 +31,27 @@ class BuildCredentials:
 
     registry_auths: Mapping[str, Credentials] = field(default_factory=dict)
     secrets: Mapping[str, bytes] = field(default_factory=dict)
+    # the build's own signing key (--sign-key), loaded: the PEM bytes are not kept
+    sign_key: ec.EllipticCurvePrivateKey | None = None
 
     def __repr__(self) -> str:
         return (
             f"BuildCredentials(registries={sorted(self.registry_auths)}, "
-            f"secrets={sorted(self.secrets)})"
+            f"secrets={sorted(self.secrets)}, sign_key={self.sign_key is not None})"
         )
 
     __str__ = __repr__
 
     @property
     def empty(self) -> bool:
-        return not self.registry_auths and not self.secrets
+        return not self.registry_auths and not self.secrets and self.sign_key is None
 
 
 def check_build_credentials(
-    auths: list[tuple[str, str, str]], secrets: list[tuple[str, bytes]]
+    auths: list[tuple[str, str, str]], secrets: list[tuple[str, bytes]], sign_key: bytes = b""
 ) -> BuildCredentials:
-    """Validates (registry, username, password) and (id, value) lists; errors name the
-    registry or secret id, never a value."""
+    """Validates (registry, username, password) and (id, value) lists and the PEM signing
+    key; errors name the registry or secret id, never a value."""
     if len(auths) > MAX_REGISTRY_AUTHS:
         raise InvalidRequest(f"{len(auths)} registry credentials; at most {MAX_REGISTRY_AUTHS}")
     if len(secrets) > MAX_SECRETS:
@@ -72,7 +77,13 @@ def check_build_credentials(
                 f"secret {secret_id} is {len(value)} bytes; at most {MAX_SECRET_BYTES}"
             )
         found[secret_id] = value
-    return BuildCredentials(registry_auths, found)
+    signing = None
+    if sign_key:
+        try:
+            signing = load_signing_key(sign_key)
+        except SigningKeyError as exc:
+            raise InvalidRequest(f"--sign-key: {exc}") from None
+    return BuildCredentials(registry_auths, found, signing)
 
 
 class CredentialVault:

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 
 from polyarch.coordinator.registry.client import RegistryClient
-from polyarch.coordinator.registry.index import ChildManifest, VerificationError
+from polyarch.coordinator.registry.index import ChildManifest, Sign, VerificationError
 from polyarch.proto.references import parse_reference
 
 Repository = tuple[str, str]  # (registry, repository)
@@ -44,15 +44,20 @@ async def publish_copy(
     children: Sequence[ChildManifest],
     index: tuple[bytes, str, str],
     tags: Sequence[str],
+    sign: Sign | None = None,
 ) -> list[str]:
-    """Puts every child, then the index (body, media type, digest) under `tags` in `target`,
-    and reads every tag back; returns how each blob got there (for the log)."""
+    """Puts every child, then the index (body, media type, digest) by digest, signs it for
+    `target` (the signature names that repository), then puts it under `tags` and reads
+    every tag back; returns how each blob got there (for the log)."""
     body, media_type, digest = index
     how: list[str] = []
     for child in children:
         how += await copy_image(client, source, target, child.digest)
         if child.attestation is not None:  # the index names it: it has to be there too
             how += await copy_image(client, source, target, child.attestation.digest)
+    await client.put_manifest(target[0], target[1], digest, body, media_type)
+    if sign is not None:
+        await sign(target[0], target[1], digest)
     for tag in tags:
         await client.put_manifest(target[0], target[1], tag, body, media_type)
     for tag in tags:

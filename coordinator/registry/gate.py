@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from polyarch.coordinator.core.model import BuildSpec, InvalidRequest, JobRecord
 from polyarch.coordinator.registry.client import RegistryClient, RegistryError
@@ -15,6 +16,8 @@ from polyarch.coordinator.registry.scan import (
     ScanResult,
     parse_scan_command,
 )
+from polyarch.coordinator.registry.signatures import SIGN_FARM
+from polyarch.proto.cosign import load_key_file
 
 
 @dataclass
@@ -29,6 +32,8 @@ class GatePolicy:
     scan_timeout: float = 600.0
     scan_concurrency: int = 4
     immutable_tags: list[str] = field(default_factory=list)
+    # the farm's signing key file (PEM EC P-256) for builds that ask `--sign-with farm`
+    sign_key: Path | None = None
 
 
 class SupplyChainGate:
@@ -44,13 +49,23 @@ class SupplyChainGate:
         self.scanner = Scanner(self.policy.scan_timeout, self.policy.scan_concurrency, count_scan)
         if self.policy.scan_command:
             parse_scan_command(self.policy.scan_command)  # refused at start, not per build
+        # loaded once at start (a bad file stops the coordinator); only the key object stays
+        self.farm_key = load_key_file(self.policy.sign_key) if self.policy.sign_key else None
 
     def scan_command_of(self, spec: BuildSpec) -> str:
         """The command that gates this build: the farm's, else the build's own, else none."""
         return self.policy.scan_command or spec.scan_command
 
     def check_submit_policy(self, spec: BuildSpec) -> None:
-        """InvalidRequest when the build brings a scan command the policy does not allow."""
+        """InvalidRequest when the build brings a scan command the policy does not allow, or
+        asks for a signature that cannot be made."""
+        if spec.sign == SIGN_FARM and self.farm_key is None:
+            raise InvalidRequest(
+                "--sign-with farm refused: this coordinator has no signing key (its operator "
+                "can give one with --sign-key FILE)"
+            )
+        if spec.sign and spec.no_publish:
+            raise InvalidRequest("a signature needs a pushed index; this build publishes none")
         if not spec.scan_command:
             return
         if not self.policy.allow_build_scan_command:

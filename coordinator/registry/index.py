@@ -72,6 +72,9 @@ class IndexResult:
 
 # Pushes an attestation manifest per verified child; returns the children carrying them.
 Attach = Callable[[Sequence[ChildManifest]], Awaitable[Sequence[ChildManifest]]]
+# Signs (registry, repository, index digest): called once the index is in the repository by
+# digest, before any of its tags moves there (registry/signatures.py).
+Sign = Callable[[str, str, str], Awaitable[None]]
 
 
 def index_media_type(
@@ -269,10 +272,12 @@ async def assemble_index(
     annotations: IndexAnnotations | None = None,
     push: bool = True,
     attest: Attach | None = None,
+    sign: Sign | None = None,
 ) -> IndexResult:
-    """Verifies every child, pushes the index under every tag and reads each tag back; with
-    push=False only verifies, and the result names the index that would have been pushed.
-    `attest` gets the verified children and returns them with their attestations pushed."""
+    """Verifies every child, pushes the index by digest, signs it, then pushes it under
+    every tag and reads each tag back; with push=False only verifies, and the result names
+    the index that would have been pushed. `attest` gets the verified children and returns
+    them with their attestations pushed."""
     if push and not tags:
         raise ValueError("assemble_index needs at least one tag to push to")
     for tag in tags:
@@ -289,6 +294,12 @@ async def assemble_index(
     body = render_index(resolved, annotations)
     media_type = index_media_type(resolved, annotations)
     digest = compute_digest(body)
+    if push:
+        # by digest first: the signature is made and pushed before the first tag moves, so
+        # no reader ever sees the tag on an index without its signature
+        await client.put_manifest(registry, repository, digest, body, media_type)
+        if sign is not None:
+            await sign(registry, repository, digest)
     for tag in tags if push else ():
         await client.put_manifest(registry, repository, tag, body, media_type)
     for tag in tags if push else ():

@@ -84,6 +84,7 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
         credentials = check_build_credentials(
             [(a.registry, a.username, a.password) for a in request.registry_auths],
             [(secret.id, secret.value) for secret in request.secrets],
+            request.sign_key,
         )
         manager = self.manager
         build, existing = await manager.submit(spec, request.idempotency_key, owner, credentials)

@@ -19,6 +19,7 @@ from polyarch.coordinator.core.model import (
 from polyarch.coordinator.core.states import JobOutcome
 from polyarch.coordinator.exports.exporter import ExportFormat
 from polyarch.coordinator.registry.provenance import parse_mode
+from polyarch.coordinator.registry.signatures import SIGN_FARM, SIGN_OWN
 from polyarch.proto.v1 import agent_pb2, build_pb2, common_pb2, fleet_pb2
 
 BUILD_STATES = {
@@ -139,7 +140,17 @@ def spec_from(request: build_pb2.SubmitBuildRequest) -> BuildSpec:
         no_publish=request.no_publish,
         scan_command=request.scan_command,
         provenance=parse_mode(request.provenance),
+        sign=sign_mode(request.sign_key, request.sign_with),
     )
+
+
+def sign_mode(sign_key: bytes, sign_with: str) -> str:
+    """BuildSpec.sign of a request: "key" (its own key), "farm" or "" (no signature)."""
+    if sign_with not in ("", SIGN_FARM):
+        raise InvalidRequest(f"sign_with {sign_with[:40]!r}: only 'farm' is known")
+    if sign_with and sign_key:
+        raise InvalidRequest("--sign-key and --sign-with farm together: choose one key")
+    return SIGN_FARM if sign_with else SIGN_OWN if sign_key else ""
 
 
 def event_message(event: BuildEvent) -> build_pb2.BuildEvent:

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from polyarch.proto.v1 import common_pb2 as polyarch_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpolyarch/proto/v1/build.proto\x12\x0bpolyarch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1epolyarch/proto/v1/common.proto\"$\n\x12StatContextRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"G\n\x13StatContextResponse\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\"N\n\x15UploadContextResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"\x94\x05\n\x12SubmitBuildRequest\x12\x16\n\x0e\x63ontext_digest\x18\x01 \x01(\t\x12\x12\n\ndockerfile\x18\x02 \x01(\t\x12\x11\n\tplatforms\x18\x03 \x03(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x42\n\nbuild_args\x18\x05 \x03(\x0b\x32..polyarch.v1.SubmitBuildRequest.BuildArgsEntry\x12\x0e\n\x06target\x18\x06 \x01(\t\x12;\n\x06labels\x18\x07 \x03(\x0b\x32+.polyarch.v1.SubmitBuildRequest.LabelsEntry\x12/\n\temulation\x18\x08 \x01(\x0e\x32\x1c.polyarch.v1.EmulationPolicy\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x12\n\ncache_from\x18\n \x03(\t\x12\x10\n\x08\x63\x61\x63he_to\x18\x0b \x03(\t\x12\x31\n\x0eregistry_auths\x18\x0c \x03(\x0b\x32\x19.polyarch.v1.RegistryAuth\x12)\n\x07secrets\x18\r \x03(\x0b\x32\x18.polyarch.v1.BuildSecret\x12\x10\n\x08no_cache\x18\x0e \x01(\x08\x12\x0c\n\x04pull\x18\x0f \x01(\x08\x12\x13\n\x0b\x61nnotations\x18\x10 \x03(\t\x12\x12\n\nno_publish\x18\x11 \x01(\x08\x12\x14\n\x0cscan_command\x18\x12 \x01(\t\x12\x12\n\nprovenance\x18\x13 \x01(\t\x1a\x30\n\x0e\x42uildArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x13SubmitBuildResponse\x12!\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.polyarch.v1.Build\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"\xc1\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.polyarch.v1.JobState\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12$\n\x04mode\x18\x05 \x01(\x0e\x32\x16.polyarch.v1.BuildMode\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x03\x12\x12\n\nmedia_type\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x13\n\x0b\x66\x61iled_step\x18\x0b \x01(\t\x12-\n\tqueued_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frequeue_reasons\x18\x0f \x03(\t\x12\x15\n\rconfig_digest\x18\x10 \x01(\t\x12\x1a\n\x12\x61ttestation_digest\x18\x11 \x01(\t\"\xfa\x02\n\x05\x42uild\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.polyarch.v1.BuildState\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x14\n\x0cindex_digest\x18\x04 \x01(\t\x12\x18\n\x10index_media_type\x18\x05 \x01(\t\x12\x1e\n\x04jobs\x18\x06 \x03(\x0b\x32\x10.polyarch.v1.Job\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x16\n\x0e\x63ontext_digest\x18\x08 \x01(\t\x12\x12\n\ndockerfile\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\temulation\x18\x0c \x01(\x0e\x32\x1c.polyarch.v1.EmulationPolicy\x12\x12\n\nindex_size\x18\r \x01(\x03\"J\n\x07LogLine\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0c\n\x04line\x18\x04 \x01(\t\"\x80\x01\n\nBuildEvent\x12#\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.polyarch.v1.BuildH\x00\x12\x1f\n\x03job\x18\x02 \x01(\x0b\x32\x10.polyarch.v1.JobH\x00\x12#\n\x03log\x18\x03 \x01(\x0b\x32\x14.polyarch.v1.LogLineH\x00\x42\x07\n\x05\x65vent\"7\n\x11WatchBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x10\n\x08log_tail\x18\x02 \x01(\x05\"#\n\x0fGetBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"6\n\x12\x43\x61ncelBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x11ListBuildsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Q\n\x12ListBuildsResponse\x12\"\n\x06\x62uilds\x18\x01 \x03(\x0b\x32\x12.polyarch.v1.Build\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x12\x45xportBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.polyarch.v1.ExportFormat\x12\x11\n\tplatforms\x18\x03 \x03(\t\x12\x31\n\x0eregistry_auths\x18\x04 \x03(\x0b\x32\x19.polyarch.v1.RegistryAuth\"\x1b\n\x0b\x45xportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*\x87\x01\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45XPORT_FORMAT_OCI_LAYOUT\x10\x01\x12 \n\x1c\x45XPORT_FORMAT_DOCKER_ARCHIVE\x10\x02\x12\x18\n\x14\x45XPORT_FORMAT_ROOTFS\x10\x03\x32\xea\x04\n\x0c\x42uildService\x12P\n\x0bStatContext\x12\x1f.polyarch.v1.StatContextRequest\x1a .polyarch.v1.StatContextResponse\x12P\n\rUploadContext\x12\x19.polyarch.v1.ContextChunk\x1a\".polyarch.v1.UploadContextResponse(\x01\x12P\n\x0bSubmitBuild\x12\x1f.polyarch.v1.SubmitBuildRequest\x1a .polyarch.v1.SubmitBuildResponse\x12G\n\nWatchBuild\x12\x1e.polyarch.v1.WatchBuildRequest\x1a\x17.polyarch.v1.BuildEvent0\x01\x12<\n\x08GetBuild\x12\x1c.polyarch.v1.GetBuildRequest\x1a\x12.polyarch.v1.Build\x12\x42\n\x0b\x43\x61ncelBuild\x12\x1f.polyarch.v1.CancelBuildRequest\x1a\x12.polyarch.v1.Build\x12M\n\nListBuilds\x12\x1e.polyarch.v1.ListBuildsRequest\x1a\x1f.polyarch.v1.ListBuildsResponse\x12J\n\x0b\x45xportBuild\x12\x1f.polyarch.v1.ExportBuildRequest\x1a\x18.polyarch.v1.ExportChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpolyarch/proto/v1/build.proto\x12\x0bpolyarch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1epolyarch/proto/v1/common.proto\"$\n\x12StatContextRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"G\n\x13StatContextResponse\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\"N\n\x15UploadContextResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"\xb9\x05\n\x12SubmitBuildRequest\x12\x16\n\x0e\x63ontext_digest\x18\x01 \x01(\t\x12\x12\n\ndockerfile\x18\x02 \x01(\t\x12\x11\n\tplatforms\x18\x03 \x03(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x42\n\nbuild_args\x18\x05 \x03(\x0b\x32..polyarch.v1.SubmitBuildRequest.BuildArgsEntry\x12\x0e\n\x06target\x18\x06 \x01(\t\x12;\n\x06labels\x18\x07 \x03(\x0b\x32+.polyarch.v1.SubmitBuildRequest.LabelsEntry\x12/\n\temulation\x18\x08 \x01(\x0e\x32\x1c.polyarch.v1.EmulationPolicy\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x12\n\ncache_from\x18\n \x03(\t\x12\x10\n\x08\x63\x61\x63he_to\x18\x0b \x03(\t\x12\x31\n\x0eregistry_auths\x18\x0c \x03(\x0b\x32\x19.polyarch.v1.RegistryAuth\x12)\n\x07secrets\x18\r \x03(\x0b\x32\x18.polyarch.v1.BuildSecret\x12\x10\n\x08no_cache\x18\x0e \x01(\x08\x12\x0c\n\x04pull\x18\x0f \x01(\x08\x12\x13\n\x0b\x61nnotations\x18\x10 \x03(\t\x12\x12\n\nno_publish\x18\x11 \x01(\x08\x12\x14\n\x0cscan_command\x18\x12 \x01(\t\x12\x12\n\nprovenance\x18\x13 \x01(\t\x12\x10\n\x08sign_key\x18\x14 \x01(\x0c\x12\x11\n\tsign_with\x18\x15 \x01(\t\x1a\x30\n\x0e\x42uildArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x13SubmitBuildResponse\x12!\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.polyarch.v1.Build\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"\xc1\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.polyarch.v1.JobState\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12$\n\x04mode\x18\x05 \x01(\x0e\x32\x16.polyarch.v1.BuildMode\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x03\x12\x12\n\nmedia_type\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x13\n\x0b\x66\x61iled_step\x18\x0b \x01(\t\x12-\n\tqueued_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frequeue_reasons\x18\x0f \x03(\t\x12\x15\n\rconfig_digest\x18\x10 \x01(\t\x12\x1a\n\x12\x61ttestation_digest\x18\x11 \x01(\t\"\xfa\x02\n\x05\x42uild\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.polyarch.v1.BuildState\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x14\n\x0cindex_digest\x18\x04 \x01(\t\x12\x18\n\x10index_media_type\x18\x05 \x01(\t\x12\x1e\n\x04jobs\x18\x06 \x03(\x0b\x32\x10.polyarch.v1.Job\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x16\n\x0e\x63ontext_digest\x18\x08 \x01(\t\x12\x12\n\ndockerfile\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\temulation\x18\x0c \x01(\x0e\x32\x1c.polyarch.v1.EmulationPolicy\x12\x12\n\nindex_size\x18\r \x01(\x03\"J\n\x07LogLine\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0c\n\x04line\x18\x04 \x01(\t\"\x80\x01\n\nBuildEvent\x12#\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.polyarch.v1.BuildH\x00\x12\x1f\n\x03job\x18\x02 \x01(\x0b\x32\x10.polyarch.v1.JobH\x00\x12#\n\x03log\x18\x03 \x01(\x0b\x32\x14.polyarch.v1.LogLineH\x00\x42\x07\n\x05\x65vent\"7\n\x11WatchBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x10\n\x08log_tail\x18\x02 \x01(\x05\"#\n\x0fGetBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"6\n\x12\x43\x61ncelBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x11ListBuildsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Q\n\x12ListBuildsResponse\x12\"\n\x06\x62uilds\x18\x01 \x03(\x0b\x32\x12.polyarch.v1.Build\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x12\x45xportBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.polyarch.v1.ExportFormat\x12\x11\n\tplatforms\x18\x03 \x03(\t\x12\x31\n\x0eregistry_auths\x18\x04 \x03(\x0b\x32\x19.polyarch.v1.RegistryAuth\"\x1b\n\x0b\x45xportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*\x87\x01\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45XPORT_FORMAT_OCI_LAYOUT\x10\x01\x12 \n\x1c\x45XPORT_FORMAT_DOCKER_ARCHIVE\x10\x02\x12\x18\n\x14\x45XPORT_FORMAT_ROOTFS\x10\x03\x32\xea\x04\n\x0c\x42uildService\x12P\n\x0bStatContext\x12\x1f.polyarch.v1.StatContextRequest\x1a .polyarch.v1.StatContextResponse\x12P\n\rUploadContext\x12\x19.polyarch.v1.ContextChunk\x1a\".polyarch.v1.UploadContextResponse(\x01\x12P\n\x0bSubmitBuild\x12\x1f.polyarch.v1.SubmitBuildRequest\x1a .polyarch.v1.SubmitBuildResponse\x12G\n\nWatchBuild\x12\x1e.polyarch.v1.WatchBuildRequest\x1a\x17.polyarch.v1.BuildEvent0\x01\x12<\n\x08GetBuild\x12\x1c.polyarch.v1.GetBuildRequest\x1a\x12.polyarch.v1.Build\x12\x42\n\x0b\x43\x61ncelBuild\x12\x1f.polyarch.v1.CancelBuildRequest\x1a\x12.polyarch.v1.Build\x12M\n\nListBuilds\x12\x1e.polyarch.v1.ListBuildsRequest\x1a\x1f.polyarch.v1.ListBuildsResponse\x12J\n\x0b\x45xportBuild\x12\x1f.polyarch.v1.ExportBuildRequest\x1a\x18.polyarch.v1.ExportChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITBUILDREQUEST_BUILDARGSENTRY']._serialized_options = b'8\001'
   _globals['_SUBMITBUILDREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_SUBMITBUILDREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_EXPORTFORMAT']._serialized_start=2573
-  _globals['_EXPORTFORMAT']._serialized_end=2708
+  _globals['_EXPORTFORMAT']._serialized_start=2610
+  _globals['_EXPORTFORMAT']._serialized_end=2745
   _globals['_STATCONTEXTREQUEST']._serialized_start=111
   _globals['_STATCONTEXTREQUEST']._serialized_end=147
   _globals['_STATCONTEXTRESPONSE']._serialized_start=149
@@ -46,35 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADCONTEXTRESPONSE']._serialized_start=222
   _globals['_UPLOADCONTEXTRESPONSE']._serialized_end=300
   _globals['_SUBMITBUILDREQUEST']._serialized_start=303
-  _globals['_SUBMITBUILDREQUEST']._serialized_end=963
-  _globals['_SUBMITBUILDREQUEST_BUILDARGSENTRY']._serialized_start=868
-  _globals['_SUBMITBUILDREQUEST_BUILDARGSENTRY']._serialized_end=916
-  _globals['_SUBMITBUILDREQUEST_LABELSENTRY']._serialized_start=918
-  _globals['_SUBMITBUILDREQUEST_LABELSENTRY']._serialized_end=963
-  _globals['_SUBMITBUILDRESPONSE']._serialized_start=965
-  _globals['_SUBMITBUILDRESPONSE']._serialized_end=1039
-  _globals['_JOB']._serialized_start=1042
-  _globals['_JOB']._serialized_end=1491
-  _globals['_BUILD']._serialized_start=1494
-  _globals['_BUILD']._serialized_end=1872
-  _globals['_LOGLINE']._serialized_start=1874
-  _globals['_LOGLINE']._serialized_end=1948
-  _globals['_BUILDEVENT']._serialized_start=1951
-  _globals['_BUILDEVENT']._serialized_end=2079
-  _globals['_WATCHBUILDREQUEST']._serialized_start=2081
-  _globals['_WATCHBUILDREQUEST']._serialized_end=2136
-  _globals['_GETBUILDREQUEST']._serialized_start=2138
-  _globals['_GETBUILDREQUEST']._serialized_end=2173
-  _globals['_CANCELBUILDREQUEST']._serialized_start=2175
-  _globals['_CANCELBUILDREQUEST']._serialized_end=2229
-  _globals['_LISTBUILDSREQUEST']._serialized_start=2231
-  _globals['_LISTBUILDSREQUEST']._serialized_end=2304
-  _globals['_LISTBUILDSRESPONSE']._serialized_start=2306
-  _globals['_LISTBUILDSRESPONSE']._serialized_end=2387
-  _globals['_EXPORTBUILDREQUEST']._serialized_start=2390
-  _globals['_EXPORTBUILDREQUEST']._serialized_end=2541
-  _globals['_EXPORTCHUNK']._serialized_start=2543
-  _globals['_EXPORTCHUNK']._serialized_end=2570
-  _globals['_BUILDSERVICE']._serialized_start=2711
-  _globals['_BUILDSERVICE']._serialized_end=3329
+  _globals['_SUBMITBUILDREQUEST']._serialized_end=1000
+  _globals['_SUBMITBUILDREQUEST_BUILDARGSENTRY']._serialized_start=905
+  _globals['_SUBMITBUILDREQUEST_BUILDARGSENTRY']._serialized_end=953
+  _globals['_SUBMITBUILDREQUEST_LABELSENTRY']._serialized_start=955
+  _globals['_SUBMITBUILDREQUEST_LABELSENTRY']._serialized_end=1000
+  _globals['_SUBMITBUILDRESPONSE']._serialized_start=1002
+  _globals['_SUBMITBUILDRESPONSE']._serialized_end=1076
+  _globals['_JOB']._serialized_start=1079
+  _globals['_JOB']._serialized_end=1528
+  _globals['_BUILD']._serialized_start=1531
+  _globals['_BUILD']._serialized_end=1909
+  _globals['_LOGLINE']._serialized_start=1911
+  _globals['_LOGLINE']._serialized_end=1985
+  _globals['_BUILDEVENT']._serialized_start=1988
+  _globals['_BUILDEVENT']._serialized_end=2116
+  _globals['_WATCHBUILDREQUEST']._serialized_start=2118
+  _globals['_WATCHBUILDREQUEST']._serialized_end=2173
+  _globals['_GETBUILDREQUEST']._serialized_start=2175
+  _globals['_GETBUILDREQUEST']._serialized_end=2210
+  _globals['_CANCELBUILDREQUEST']._serialized_start=2212
+  _globals['_CANCELBUILDREQUEST']._serialized_end=2266
+  _globals['_LISTBUILDSREQUEST']._serialized_start=2268
+  _globals['_LISTBUILDSREQUEST']._serialized_end=2341
+  _globals['_LISTBUILDSRESPONSE']._serialized_start=2343
+  _globals['_LISTBUILDSRESPONSE']._serialized_end=2424
+  _globals['_EXPORTBUILDREQUEST']._serialized_start=2427
+  _globals['_EXPORTBUILDREQUEST']._serialized_end=2578
+  _globals['_EXPORTCHUNK']._serialized_start=2580
+  _globals['_EXPORTCHUNK']._serialized_end=2607
+  _globals['_BUILDSERVICE']._serialized_start=2748
+  _globals['_BUILDSERVICE']._serialized_end=3366
 # @@protoc_insertion_point(module_scope)

@@ -49,7 +49,7 @@ class UploadContextResponse(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., already_present: _Optional[bool] = ...) -> None: ...
 
 class SubmitBuildRequest(_message.Message):
-    __slots__ = ("context_digest", "dockerfile", "platforms", "tags", "build_args", "target", "labels", "emulation", "idempotency_key", "cache_from", "cache_to", "registry_auths", "secrets", "no_cache", "pull", "annotations", "no_publish", "scan_command", "provenance")
+    __slots__ = ("context_digest", "dockerfile", "platforms", "tags", "build_args", "target", "labels", "emulation", "idempotency_key", "cache_from", "cache_to", "registry_auths", "secrets", "no_cache", "pull", "annotations", "no_publish", "scan_command", "provenance", "sign_key", "sign_with")
     class BuildArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,8 @@ class SubmitBuildRequest(_message.Message):
     NO_PUBLISH_FIELD_NUMBER: _ClassVar[int]
     SCAN_COMMAND_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    SIGN_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGN_WITH_FIELD_NUMBER: _ClassVar[int]
     context_digest: str
     dockerfile: str
     platforms: _containers.RepeatedScalarFieldContainer[str]
@@ -102,7 +104,9 @@ class SubmitBuildRequest(_message.Message):
     no_publish: bool
     scan_command: str
     provenance: str
-    def __init__(self, context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., platforms: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., build_args: _Optional[_Mapping[str, str]] = ..., target: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., emulation: _Optional[_Union[_common_pb2.EmulationPolicy, str]] = ..., idempotency_key: _Optional[str] = ..., cache_from: _Optional[_Iterable[str]] = ..., cache_to: _Optional[_Iterable[str]] = ..., registry_auths: _Optional[_Iterable[_Union[_common_pb2.RegistryAuth, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[_common_pb2.BuildSecret, _Mapping]]] = ..., no_cache: _Optional[bool] = ..., pull: _Optional[bool] = ..., annotations: _Optional[_Iterable[str]] = ..., no_publish: _Optional[bool] = ..., scan_command: _Optional[str] = ..., provenance: _Optional[str] = ...) -> None: ...
+    sign_key: bytes
+    sign_with: str
+    def __init__(self, context_digest: _Optional[str] = ..., dockerfile: _Optional[str] = ..., platforms: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., build_args: _Optional[_Mapping[str, str]] = ..., target: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., emulation: _Optional[_Union[_common_pb2.EmulationPolicy, str]] = ..., idempotency_key: _Optional[str] = ..., cache_from: _Optional[_Iterable[str]] = ..., cache_to: _Optional[_Iterable[str]] = ..., registry_auths: _Optional[_Iterable[_Union[_common_pb2.RegistryAuth, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[_common_pb2.BuildSecret, _Mapping]]] = ..., no_cache: _Optional[bool] = ..., pull: _Optional[bool] = ..., annotations: _Optional[_Iterable[str]] = ..., no_publish: _Optional[bool] = ..., scan_command: _Optional[str] = ..., provenance: _Optional[str] = ..., sign_key: _Optional[bytes] = ..., sign_with: _Optional[str] = ...) -> None: ...
 
 class SubmitBuildResponse(_message.Message):
     __slots__ = ("build", "existing")

@@ -275,7 +275,25 @@ async def test_assemble_pushes_every_tag_and_is_idempotent(
     assert [str(c.platform) for c in first.children] == ["linux/amd64", "linux/arm64"]
     again = await assemble_index(client, REG, REPO, children, ["v1", "latest"])
     assert again == first
-    assert fake.puts == ["v1", "latest", "v1", "latest"]
+    # by digest first (a signature can be pushed before a tag moves), then each tag
+    assert fake.puts == [first.digest, "v1", "latest"] * 2
+
+
+async def test_assemble_signs_after_the_digest_push_and_before_any_tag(
+    fake: FakeRegistry, client: RegistryClient
+) -> None:
+    children = {parse_platform("linux/amd64"): fake.add_image("linux", "amd64")}
+    seen: list[tuple[str, str, str, list[str]]] = []
+
+    async def sign(registry: str, repository: str, digest: str) -> None:
+        seen.append((registry, repository, digest, list(fake.puts)))
+
+    result = await assemble_index(client, REG, REPO, children, ["v1", "v2"], sign=sign)
+    assert seen == [(REG, REPO, result.digest, [result.digest])]
+    assert fake.puts == [result.digest, "v1", "v2"]
+    seen.clear()
+    await assemble_index(client, REG, REPO, children, [], push=False, sign=sign)
+    assert not seen  # nothing published, nothing signed
 
 
 async def test_assemble_detects_a_tag_that_reads_back_differently(
