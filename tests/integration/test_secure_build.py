@@ -19,7 +19,7 @@ from polyarch.agent.builders.docker import DockerBuilder
 from polyarch.proto.trust import Role
 from tests.support.farm import Farm
 from tests.support.services import Registry
-from tests.support.verify import index_platforms
+from tests.support.verify import image_entries, index_platforms
 
 THREE = ["linux/amd64", "linux/arm64", "linux/arm/v7"]
 UNAME = {"linux/amd64": "x86_64", "linux/arm64": "aarch64", "linux/arm/v7": "armv7l"}
@@ -151,7 +151,7 @@ async def test_a_second_repository_behind_a_login_gets_the_index_with_the_builds
     creds = f"{auth_registry.username}:{auth_registry.password}"
     copied = skopeo("inspect", "--raw", f"docker://{guarded}:v1", creds=creds)
     assert "sha256:" + hashlib.sha256(copied.encode()).hexdigest() == result.stdout.split()[-1]
-    (child,) = json.loads(copied)["manifests"]
+    (child,) = image_entries(json.loads(copied))  # the attestation follows it
     image = json.loads(skopeo("inspect", "--raw", f"docker://{guarded}@{child['digest']}",
                               creds=creds))  # fmt: skip
     assert image["layers"] and image["config"]["digest"]
