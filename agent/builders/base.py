@@ -116,6 +116,10 @@ class Builder(Protocol):
         """Builds and pushes, streaming every output line to on_line; raises BuildFailed."""
         ...
 
+    async def idle(self) -> None:
+        """Returns once no background clean-up of finished jobs runs (shutdown, tests)."""
+        ...
+
 
 def looks_like_infrastructure_failure(lines: Iterable[str]) -> bool:
     """True when the output shows an emulator crash or a machine-level fault."""

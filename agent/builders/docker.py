@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from polyarch.agent.builders.base import (
     resolve_dockerfile,
     secret_flags,
 )
+from polyarch.agent.builders.buildah_storage import StorageUsers
 from polyarch.agent.builders.process import ProcessNotFound, ProcessResult, run_captured
 from polyarch.agent.builders.process import run_streaming as _run_streaming
 from polyarch.proto.agent_protocol import PUSHING_MARKER
@@ -26,6 +28,8 @@ from polyarch.proto.caches import docker_cache_args
 from polyarch.proto.media_types import DOCKER_MANIFEST
 from polyarch.proto.references import registry_of
 from polyarch.proto.registries import is_loopback_registry
+
+log = logging.getLogger(__name__)
 
 # The first docker client major version whose `docker build` needs the buildx plugin.
 BUILDX_REQUIRED_FROM = 23
@@ -91,6 +95,14 @@ class DockerBuilder:
     def __init__(self, docker_binary: str = "docker") -> None:
         self.docker_binary = docker_binary
         self._env = {"DOCKER_BUILDKIT": "1"}
+        # Per-job tags go once no build runs (StorageUsers, as for buildah): identical builds
+        # in two slots make one image, and `docker rmi` of the first job's tag deleted it
+        # while the second was still exporting it ("failed to get digest ...").
+        self._users = StorageUsers(self._remove_tags, batch=1)
+
+    async def idle(self) -> None:
+        """Returns once no removal of finished jobs' tags runs (for shutdown and tests)."""
+        await self._users.idle()
 
     def _where(self) -> str:
         return shutil.which(self.docker_binary) or self.docker_binary
@@ -158,10 +170,11 @@ class DockerBuilder:
         env = dict(self._env)
         if request.docker_config_dir is not None:
             env["DOCKER_CONFIG"] = str(request.docker_config_dir)  # this job's credentials
-        built = await self._run(argv, on_line, "build", env)
-        if not built.ok:
-            raise parse_buildkit_failure(built.lines, request.dockerfile)
-        try:
+        async with self._users.building():
+            built = await self._run(argv, on_line, "build", env)
+            if not built.ok:
+                raise parse_buildkit_failure(built.lines, request.dockerfile)
+            self._users.remove_later(request.image)
             push = [self.docker_binary, "push", request.image]
             on_line(f"{PUSHING_MARKER} {request.image}")
             pushed = await push_with_retries(lambda: self._run(push, on_line, "push", env), on_line)
@@ -170,8 +183,6 @@ class DockerBuilder:
             found = parse_push_digest(pushed.lines)
             if found is None:
                 raise BuildFailed("push", "docker push printed no manifest digest", True)
-        finally:
-            await self._remove_tag(request.image, on_line)
         digest, size = found
         return PushedImage(digest=digest, size=size, media_type=DOCKER_MANIFEST)
 
@@ -187,12 +198,12 @@ class DockerBuilder:
         except ProcessNotFound as exc:
             raise BuildFailed(step, f"cannot run {exc.program}: {exc.reason}", True) from exc
 
-    async def _remove_tag(self, image: str, on_line: Callable[[str], None]) -> None:
-        """Drops the per-job tag; --no-prune keeps the layers for the next build's cache."""
+    async def _remove_tags(self, images: list[str]) -> None:
+        """Drops finished jobs' tags; --no-prune keeps the layers for the next build's cache."""
         try:
-            removed = await run_captured([self.docker_binary, "rmi", "--no-prune", image])
+            removed = await run_captured([self.docker_binary, "rmi", "--no-prune", *images])
         except (ProcessNotFound, TimeoutError) as exc:
-            on_line(f"polyarch: could not remove local tag {image}: {exc}")
+            log.warning("could not remove %d local tags: %s", len(images), exc)
             return
         if not removed.ok:
-            on_line(f"polyarch: could not remove local tag {image}: {removed.tail(1)}")
+            log.warning("could not remove local tags %s: %s", images, removed.tail(1))

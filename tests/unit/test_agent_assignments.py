@@ -48,6 +48,9 @@ class HeldBuilder:
         self.release = asyncio.Event()
         self.started: list[str] = []
 
+    async def idle(self) -> None:
+        pass  # nothing runs in the background
+
     async def check(self) -> None:
         pass
 
