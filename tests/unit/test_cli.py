@@ -301,7 +301,7 @@ def test_a_push_needs_a_tag_and_an_unpushed_build_does_not(
     [
         (["--ssh", "default"], "--ssh: not supported: agents hold no SSH agent"),
         (["--provenance=mode=full"], "--provenance: provenance 'mode=full': expected false"),
-        (["--sbom=true"], "--sbom: not supported: attestations come with"),
+        (["--sbom=true"], "--sbom: not supported: no SBOM is made on the farm"),
         (["--network", "host"], "--network: not supported: builds use the agent's default"),
         (["--build-context", "x=../x"], "--build-context: not supported: named build contexts"),
     ],
