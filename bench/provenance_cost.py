@@ -1,101 +1,31 @@
-"""What SLSA provenance costs on a 3-platform build: --provenance=mode=max, min and false.
+"""What SLSA provenance costs on a 3-platform build: --provenance=false, mode=min and mode=max.
 
-One coordinator with one real docker agent (amd64 native, arm64 and arm/v7 under QEMU) on
-127.0.0.1 and a local registry; rounds alternate the modes so drift hits all alike. Reports
-the median wall time of the whole `polyarch build` and of index assembly alone (verify the
-children, write and push the statements and attestation manifests, push the index), timed
-around IndexPublisher.publish in this process.
+Side by side in one run (bench/publish_cost.py: one real docker agent, amd64 native, arm64
+and arm/v7 under QEMU, a local registry; modes alternated): the median wall time of the
+whole `polyarch build` and of index assembly alone.
 
     .venv/bin/python bench/provenance_cost.py --builds 5
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import secrets
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from polyarch.agent.builders.docker import DockerBuilder
-from polyarch.coordinator.server import Coordinator, CoordinatorConfig
-from tests.support import services
-from tests.support.farm import Farm
+from publish_cost import compare, parse_args
 
-DOCKERFILE = "ARG BASE=scratch\nFROM ${BASE}\nARG NONCE=0\nRUN echo $NONCE > /nonce\n"
-PLATFORMS = "linux/amd64,linux/arm64,linux/arm/v7"
 MODES = ("false", "mode=min", "mode=max")
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--builds", type=int, default=5, help="per mode")
-    parser.add_argument("--json", metavar="FILE", help="every figure")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        with services.running_registry(work / "registry") as registry:
-            base = services.build_base_image(registry.address)
-            context = work / "ctx"
-            context.mkdir()
-            (context / "Dockerfile").write_text(DOCKERFILE)
-            config = CoordinatorConfig(listen="127.0.0.1:0", data_dir=work / "coordinator",
-                                       metrics_listen="", insecure=True)  # fmt: skip
-            coordinator = Coordinator(config)
-            await coordinator.start()
-            farm = Farm(coordinator, work)
-            await farm.add_agent(
-                "a", DockerBuilder(services.docker_binary()), native=["linux/amd64"],
-                emulated=["linux/arm64", "linux/arm/v7"], slots=3,
-            )  # fmt: skip
-            publisher = coordinator._publisher
-            assert publisher is not None
-            publish = publisher.publish
-            assembly: list[float] = []
-
-            async def timed(*a: Any, **kw: Any) -> Any:
-                began = time.perf_counter()
-                try:
-                    return await publish(*a, **kw)
-                finally:
-                    assembly.append(time.perf_counter() - began)
-
-            publisher.publish = timed  # type: ignore[method-assign]
-            walls: dict[str, list[float]] = {m: [] for m in MODES}
-            assemblies: dict[str, list[float]] = {m: [] for m in MODES}
-            # one warm-up build: base image pulls and QEMU start-up count for no mode
-            for n, mode in [(-1, "false")] + [(n, m) for n in range(args.builds) for m in MODES]:
-                began = time.perf_counter()
-                done = await farm.cli(
-                    "build", "--platform", PLATFORMS, "--progress", "quiet",
-                    "-t", f"{registry.address}/bench/provenance:r{n}-{mode.replace('=', '-')}",
-                    f"--provenance={mode}", "--build-arg", f"BASE={base}",
-                    "--build-arg", f"NONCE={secrets.token_hex(8)}", str(context),
-                )  # fmt: skip
-                if done.returncode != 0:
-                    raise SystemExit(f"build failed: {done.stderr}")
-                if n >= 0:
-                    walls[mode].append(time.perf_counter() - began)
-                    assemblies[mode].append(assembly[-1])
-            print(
-                f"{'provenance':12} {'build median':>13} {'assembly median':>16}  (n={args.builds})"
-            )
-            for mode in MODES:
-                print(f"{mode:12} {statistics.median(walls[mode]):12.2f}s "
-                      f"{statistics.median(assemblies[mode]) * 1e3:14.1f}ms")  # fmt: skip
-            if args.json:
-                figures = {"platforms": PLATFORMS, "build_seconds": walls,
-                           "assembly_seconds": assemblies}  # fmt: skip
-                await asyncio.to_thread(Path(args.json).write_text, json.dumps(figures, indent=2))
-            await farm.stop_agent("a")
-            await coordinator.stop(grace=1)
+        await compare("provenance", MODES, lambda mode, _: [f"--provenance={mode}"], args,
+                      Path(tmp))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -144,8 +144,7 @@ class Deployment:
         wheels = await self.wheels_for(facts)
         version = on_host.wheel_version(wheels)
         result.after = version
-        if version == facts.version or options.dry_run:
-            result.after = facts.version if not options.dry_run else version
+        if version == facts.version:  # already there: nothing to roll
             result.connected = await self.coordinator.connected(host.name) is not None
             return
         await on_host.install_version(remote, version, wheels)  # before the drain: no downtime

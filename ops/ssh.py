@@ -35,13 +35,14 @@ def _pattern(host: Host) -> str:
     return host.address if host.port == 22 else f"[{host.address}]:{host.port}"
 
 
-def _known_entry(known: Path, host: Host) -> bool:
-    """Whether known_hosts holds any key (or CA) for the host: then a mismatch is an attack or
-    a reinstall, never something to accept."""
+def _recorded_keys(known: Path, host: Host) -> asyncssh.SSHKnownHosts | None:
+    """known_hosts, parsed once, when it holds any key (or CA) for the host: then a mismatch is
+    an attack or a reinstall, never something to accept. None when the host is not in it."""
     if not known.exists():
-        return False
-    matched = asyncssh.read_known_hosts(str(known)).match(host.address, host.address, host.port)
-    return bool(matched[0] or matched[1])
+        return None
+    parsed = asyncssh.read_known_hosts(str(known))
+    matched = parsed.match(host.address, host.address, host.port)
+    return parsed if matched[0] or matched[1] else None
 
 
 class RemoteHost:
@@ -61,9 +62,10 @@ class RemoteHost:
         key is checked before any credential is offered."""
         known = host.known_hosts or known_hosts
         where = f"{host.user}@{host.address}:{host.port}"
-        recorded = _known_entry(known, host)
-        trusted: object = asyncssh.import_known_hosts(known.read_text() if recorded else "")
-        if not recorded and accept_new:
+        recorded = _recorded_keys(known, host)
+        # an unknown host is checked against nothing, so its key is refused
+        trusted: object = recorded if recorded is not None else asyncssh.import_known_hosts("")
+        if recorded is None and accept_new:
             trusted = None  # any key, recorded below
         options: dict[str, object] = {
             "username": host.user, "port": host.port, "connect_timeout": timeout,
@@ -73,7 +75,7 @@ class RemoteHost:
         try:
             connection = await asyncssh.connect(host.address, **options)
         except asyncssh.HostKeyNotVerifiable:
-            if not recorded:
+            if recorded is None:
                 raise HostError(
                     f"{where}: its host key is not in {known}; verify it and add it there, or "
                     "pass --accept-new-host-keys"
@@ -87,7 +89,7 @@ class RemoteHost:
             raise HostError(f"{where}: SSH login refused for {host.user} with {key}") from None
         except (OSError, TimeoutError, asyncssh.Error) as exc:
             raise HostError(f"{where}: cannot connect: {exc or type(exc).__name__}") from None
-        if not recorded:
+        if recorded is None:
             key_line = connection.get_server_host_key()
             if key_line is not None:
                 public = key_line.export_public_key().decode().split()[:2]

@@ -405,8 +405,9 @@ class BuildManager:
         self.gate.check_submit_policy(spec)
         if self.registry is None or not self.gate.immutable or spec.no_publish:
             return
-        own = await self._published_by(wanted)
-        await self.gate.check_submit_tags(client_for(self.registry, credentials), spec, own)
+        await self.gate.check_submit_tags(
+            client_for(self.registry, credentials), spec, lambda: self._published_by(wanted)
+        )
 
     async def _published_by(self, wanted: str) -> frozenset[str]:
         """Index digests that recent succeeded builds of the same request published (the

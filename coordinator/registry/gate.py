@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,18 +84,25 @@ class SupplyChainGate:
             raise InvalidRequest(str(exc)) from None
 
     async def check_submit_tags(
-        self, client: RegistryClient, spec: BuildSpec, own: frozenset[str] = frozenset()
+        self,
+        client: RegistryClient,
+        spec: BuildSpec,
+        own: Callable[[], Awaitable[frozenset[str]]] | None = None,
     ) -> None:
         """InvalidRequest naming each protected tag the registry already holds, unless it
-        holds one of `own`: indexes an earlier build of the same request published (its
-        rebuild may give the same digest again; the check before the index PUT decides)."""
+        holds one of `own()`: indexes an earlier build of the same request published (its
+        rebuild may give the same digest again; the check before the index PUT decides).
+        `own` is asked only when a protected tag is held: most submits need no lookup."""
         if not self.immutable or spec.no_publish:
             return
         try:
             held = await self.immutable.held(client, spec.tags)
         except RegistryError as exc:
             raise InvalidRequest(f"immutable tags cannot be checked: {exc}") from None
-        moved = [h for h in held if h.digest not in own]
+        if not held:
+            return
+        published = await own() if own is not None else frozenset()
+        moved = [h for h in held if h.digest not in published]
         if moved:
             raise InvalidRequest("; ".join(h.refusal() for h in moved))
 
