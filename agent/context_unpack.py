@@ -14,11 +14,10 @@ import zlib
 from pathlib import Path
 from typing import IO, BinaryIO, Literal, NoReturn, Protocol
 
+from polyarch.proto.context_paths import PathRuleError, check_symlink, split_path
+
 DEFAULT_MAX_BYTES = 8 << 30  # uncompressed archive bytes
 DEFAULT_MAX_MEMBERS = 1_000_000
-MAX_DEPTH = 64
-MAX_COMPONENT_BYTES = 255  # NAME_MAX
-MAX_PATH_BYTES = 4096  # PATH_MAX
 # tarfile reads a whole pax or GNU long-name header into memory (and on 3.11.7 parses pax
 # records with a quadratic regex, CVE-2024-6232: ~0.2 s at 32 KiB, minutes at 1 MiB) before
 # we see the member, so one header may use at most this much; legit ones stay under 10 KiB.
@@ -343,21 +342,10 @@ def _write_file(data: IO[bytes], member: tarfile.TarInfo, parent_fd: int, leaf: 
 
 def _split(path: str, member: str, what: str) -> tuple[str, ...]:
     """The path's components with "" and "." dropped; refuses what could leave the tree."""
-    if "\x00" in path:
-        _refuse(member, f"{what}contains a NUL byte")
-    if path.startswith("/"):
-        _refuse(member, f"{what}is an absolute path")
-    parts = tuple(part for part in path.split("/") if part not in ("", "."))
-    if ".." in parts:
-        _refuse(member, f"{what}has a '..' component")
-    if len(parts) > MAX_DEPTH:
-        _refuse(member, f"{what}is {len(parts)} levels deep, over the limit of {MAX_DEPTH}")
-    if len(os.fsencode(path)) > MAX_PATH_BYTES:
-        _refuse(member, f"{what}is longer than {MAX_PATH_BYTES} bytes")
-    for part in parts:
-        if len(os.fsencode(part)) > MAX_COMPONENT_BYTES:
-            _refuse(member, f"{what}has a component longer than {MAX_COMPONENT_BYTES} bytes")
-    return parts
+    try:
+        return split_path(path, what)
+    except PathRuleError as exc:
+        _refuse(member, str(exc))
 
 
 def _kind_of(member: tarfile.TarInfo) -> Kind:
@@ -377,35 +365,11 @@ def _kind_of(member: tarfile.TarInfo) -> Kind:
 def _check_symlink(
     member: str, parts: tuple[str, ...], target: str, anywhere: bool = False
 ) -> None:
-    """Allows relative targets like ../../a/b that stay inside the tree (any target with
-    `anywhere`).
-
-    The link's directory is real (nothing is written through a symlink), so leading '..'
-    climb real directories and are counted against its depth. A '..' after a name would
-    climb from wherever another symlink led (CVE-2025-4517's chains), so it is refused.
-    """
-    if not target:
-        _refuse(member, "is a symlink with an empty target")
-    if "\x00" in target:
-        _refuse(member, "is a symlink whose target contains a NUL byte")
-    if len(os.fsencode(target)) >= MAX_PATH_BYTES:
-        _refuse(member, f"is a symlink whose target is {MAX_PATH_BYTES} bytes or longer")
-    if anywhere:
-        return
-    if target.startswith("/"):
-        _refuse(member, f"is a symlink to the absolute path {target!r}; targets must be relative")
-    ups = 0
-    descended = False
-    for part in target.split("/"):
-        if part == "..":
-            if descended:
-                _refuse(member, f"is a symlink to {target!r}, which has '..' after a name; "
-                                "only leading '..' are allowed")  # fmt: skip
-            ups += 1
-        elif part not in ("", "."):
-            descended = True
-    if ups > len(parts) - 1:
-        _refuse(member, f"is a symlink to {target!r}, which points outside the context")
+    """Refuses a symlink whose target leaves the tree (proto/context_paths.py's rule)."""
+    try:
+        check_symlink(parts, target, anywhere)
+    except PathRuleError as exc:
+        _refuse(member, str(exc))
 
 
 def _set_mtime(path: int | str, mtime: float, *, dir_fd: int | None = None) -> None:

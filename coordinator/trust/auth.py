@@ -54,6 +54,8 @@ _B, _F, _T, _A = (f"/polyarch.v1.{s}/" for s in ("BuildService", "FleetService",
 METHOD_ACCESS: dict[str, Requirement] = {
     _B + "StatContext": Role.CI,
     _B + "UploadContext": Role.CI,
+    _B + "MissingBlobs": Role.CI,
+    _B + "UploadBlobs": Role.CI,
     _B + "SubmitBuild": Role.CI,
     _B + "WatchBuild": Role.CI,
     _B + "CancelBuild": Role.CI,  # its own builds; admin: any
@@ -70,6 +72,7 @@ METHOD_ACCESS: dict[str, Requirement] = {
     _T + "RevokeEnrolment": Role.ADMIN,
     _A + "Connect": Access.AGENT_CERT,
     _A + "FetchContext": Access.AGENT_CERT,  # and only a context of a job assigned to it
+    _A + "FetchBlobs": Access.AGENT_CERT,  # and only blobs such a context lists
     "/grpc.health.v1.Health/Check": Access.PUBLIC,
     "/grpc.health.v1.Health/Watch": Access.PUBLIC,
     "/grpc.health.v1.Health/List": Access.PUBLIC,

@@ -197,3 +197,11 @@ class FetchContextRequest(_message.Message):
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     digest: str
     def __init__(self, digest: _Optional[str] = ...) -> None: ...
+
+class FetchBlobsRequest(_message.Message):
+    __slots__ = ("context_digest", "blobs")
+    CONTEXT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    context_digest: str
+    blobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.BlobRange]
+    def __init__(self, context_digest: _Optional[str] = ..., blobs: _Optional[_Iterable[_Union[_common_pb2.BlobRange, _Mapping]]] = ...) -> None: ...

@@ -45,6 +45,11 @@ class AgentServiceStub:
                 request_serializer=polyarch_dot_proto_dot_v1_dot_agent__pb2.FetchContextRequest.SerializeToString,
                 response_deserializer=polyarch_dot_proto_dot_v1_dot_common__pb2.ContextChunk.FromString,
                 _registered_method=True)
+        self.FetchBlobs = channel.unary_stream(
+                '/polyarch.v1.AgentService/FetchBlobs',
+                request_serializer=polyarch_dot_proto_dot_v1_dot_agent__pb2.FetchBlobsRequest.SerializeToString,
+                response_deserializer=polyarch_dot_proto_dot_v1_dot_common__pb2.BlobChunk.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -59,7 +64,14 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchContext(self, request, context):
-        """Streams a stored build context by digest.
+        """Streams a stored build context by digest (a tar, or a manifest: see ContextChunk.kind).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchBlobs(self, request, context):
+        """Streams file blobs of a manifest context assigned to this agent, each from its offset.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +89,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.FetchContext,
                     request_deserializer=polyarch_dot_proto_dot_v1_dot_agent__pb2.FetchContextRequest.FromString,
                     response_serializer=polyarch_dot_proto_dot_v1_dot_common__pb2.ContextChunk.SerializeToString,
+            ),
+            'FetchBlobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchBlobs,
+                    request_deserializer=polyarch_dot_proto_dot_v1_dot_agent__pb2.FetchBlobsRequest.FromString,
+                    response_serializer=polyarch_dot_proto_dot_v1_dot_common__pb2.BlobChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +150,33 @@ class AgentService:
             '/polyarch.v1.AgentService/FetchContext',
             polyarch_dot_proto_dot_v1_dot_agent__pb2.FetchContextRequest.SerializeToString,
             polyarch_dot_proto_dot_v1_dot_common__pb2.ContextChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/polyarch.v1.AgentService/FetchBlobs',
+            polyarch_dot_proto_dot_v1_dot_agent__pb2.FetchBlobsRequest.SerializeToString,
+            polyarch_dot_proto_dot_v1_dot_common__pb2.BlobChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,14 +39,44 @@ class StatContextResponse(_message.Message):
     def __init__(self, present: _Optional[bool] = ..., size: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class UploadContextResponse(_message.Message):
-    __slots__ = ("digest", "size", "already_present")
+    __slots__ = ("digest", "size", "already_present", "missing_blobs", "missing_bytes")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    MISSING_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_BYTES_FIELD_NUMBER: _ClassVar[int]
     digest: str
     size: int
     already_present: bool
-    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., already_present: _Optional[bool] = ...) -> None: ...
+    missing_blobs: int
+    missing_bytes: int
+    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., already_present: _Optional[bool] = ..., missing_blobs: _Optional[int] = ..., missing_bytes: _Optional[int] = ...) -> None: ...
+
+class MissingBlobsRequest(_message.Message):
+    __slots__ = ("context_digest",)
+    CONTEXT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    context_digest: str
+    def __init__(self, context_digest: _Optional[str] = ...) -> None: ...
+
+class UploadBlobsChunk(_message.Message):
+    __slots__ = ("context_digest", "blob")
+    CONTEXT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    context_digest: str
+    blob: _common_pb2.BlobChunk
+    def __init__(self, context_digest: _Optional[str] = ..., blob: _Optional[_Union[_common_pb2.BlobChunk, _Mapping]] = ...) -> None: ...
+
+class UploadBlobsResponse(_message.Message):
+    __slots__ = ("stored_blobs", "stored_bytes", "missing_blobs", "missing_bytes")
+    STORED_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MISSING_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    stored_blobs: int
+    stored_bytes: int
+    missing_blobs: int
+    missing_bytes: int
+    def __init__(self, stored_blobs: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., missing_blobs: _Optional[int] = ..., missing_bytes: _Optional[int] = ...) -> None: ...
 
 class SubmitBuildRequest(_message.Message):
     __slots__ = ("context_digest", "dockerfile", "platforms", "tags", "build_args", "target", "labels", "emulation", "idempotency_key", "cache_from", "cache_to", "registry_auths", "secrets", "no_cache", "pull", "annotations", "no_publish", "scan_command", "provenance", "sign_key", "sign_with")

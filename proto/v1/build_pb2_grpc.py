@@ -45,6 +45,16 @@ class BuildServiceStub:
                 request_serializer=polyarch_dot_proto_dot_v1_dot_common__pb2.ContextChunk.SerializeToString,
                 response_deserializer=polyarch_dot_proto_dot_v1_dot_build__pb2.UploadContextResponse.FromString,
                 _registered_method=True)
+        self.MissingBlobs = channel.unary_stream(
+                '/polyarch.v1.BuildService/MissingBlobs',
+                request_serializer=polyarch_dot_proto_dot_v1_dot_build__pb2.MissingBlobsRequest.SerializeToString,
+                response_deserializer=polyarch_dot_proto_dot_v1_dot_common__pb2.BlobRange.FromString,
+                _registered_method=True)
+        self.UploadBlobs = channel.stream_unary(
+                '/polyarch.v1.BuildService/UploadBlobs',
+                request_serializer=polyarch_dot_proto_dot_v1_dot_build__pb2.UploadBlobsChunk.SerializeToString,
+                response_deserializer=polyarch_dot_proto_dot_v1_dot_build__pb2.UploadBlobsResponse.FromString,
+                _registered_method=True)
         self.SubmitBuild = channel.unary_unary(
                 '/polyarch.v1.BuildService/SubmitBuild',
                 request_serializer=polyarch_dot_proto_dot_v1_dot_build__pb2.SubmitBuildRequest.SerializeToString,
@@ -88,7 +98,25 @@ class BuildServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadContext(self, request_iterator, context):
-        """Uploads a build context tar stream; the first chunk names its digest and size.
+        """Uploads a build context tar stream, or a context manifest (kind MANIFEST); the first
+        chunk names its digest and size. A manifest's context is present (StatContext, submit)
+        once the coordinator holds every file blob it lists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MissingBlobs(self, request, context):
+        """The file blobs of an uploaded manifest the coordinator still lacks, each with the
+        verified offset an interrupted upload of it reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadBlobs(self, request_iterator, context):
+        """Uploads file blobs of an uploaded manifest, several per stream, each verified by its
+        digest; a broken stream keeps the verified part of the blob it was sending.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,6 +174,16 @@ def add_BuildServiceServicer_to_server(servicer, server):
                     servicer.UploadContext,
                     request_deserializer=polyarch_dot_proto_dot_v1_dot_common__pb2.ContextChunk.FromString,
                     response_serializer=polyarch_dot_proto_dot_v1_dot_build__pb2.UploadContextResponse.SerializeToString,
+            ),
+            'MissingBlobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.MissingBlobs,
+                    request_deserializer=polyarch_dot_proto_dot_v1_dot_build__pb2.MissingBlobsRequest.FromString,
+                    response_serializer=polyarch_dot_proto_dot_v1_dot_common__pb2.BlobRange.SerializeToString,
+            ),
+            'UploadBlobs': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadBlobs,
+                    request_deserializer=polyarch_dot_proto_dot_v1_dot_build__pb2.UploadBlobsChunk.FromString,
+                    response_serializer=polyarch_dot_proto_dot_v1_dot_build__pb2.UploadBlobsResponse.SerializeToString,
             ),
             'SubmitBuild': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitBuild,
@@ -232,6 +270,60 @@ class BuildService:
             '/polyarch.v1.BuildService/UploadContext',
             polyarch_dot_proto_dot_v1_dot_common__pb2.ContextChunk.SerializeToString,
             polyarch_dot_proto_dot_v1_dot_build__pb2.UploadContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MissingBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/polyarch.v1.BuildService/MissingBlobs',
+            polyarch_dot_proto_dot_v1_dot_build__pb2.MissingBlobsRequest.SerializeToString,
+            polyarch_dot_proto_dot_v1_dot_common__pb2.BlobRange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadBlobs(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/polyarch.v1.BuildService/UploadBlobs',
+            polyarch_dot_proto_dot_v1_dot_build__pb2.UploadBlobsChunk.SerializeToString,
+            polyarch_dot_proto_dot_v1_dot_build__pb2.UploadBlobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,25 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epolyarch/proto/v1/common.proto\x12\x0bpolyarch.v1\":\n\x0c\x43ontextChunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"D\n\x0cRegistryAuth\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"(\n\x0b\x42uildSecret\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c*\xc4\x01\n\nBuildState\x12\x1b\n\x17\x42UILD_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42UILD_STATE_QUEUED\x10\x01\x12\x17\n\x13\x42UILD_STATE_RUNNING\x10\x02\x12\x1a\n\x16\x42UILD_STATE_ASSEMBLING\x10\x03\x12\x19\n\x15\x42UILD_STATE_SUCCEEDED\x10\x04\x12\x16\n\x12\x42UILD_STATE_FAILED\x10\x05\x12\x19\n\x15\x42UILD_STATE_CANCELLED\x10\x06*\xaf\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x16\n\x12JOB_STATE_ASSIGNED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x14\n\x10JOB_STATE_PUSHED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*W\n\tBuildMode\x12\x1a\n\x16\x42UILD_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42UILD_MODE_NATIVE\x10\x01\x12\x17\n\x13\x42UILD_MODE_EMULATED\x10\x02*\x8a\x01\n\x0f\x45mulationPolicy\x12 \n\x1c\x45MULATION_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45MULATION_POLICY_FALLBACK\x10\x01\x12\x1a\n\x16\x45MULATION_POLICY_NEVER\x10\x02\x12\x1a\n\x16\x45MULATION_POLICY_ALLOW\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epolyarch/proto/v1/common.proto\x12\x0bpolyarch.v1\"b\n\x0c\x43ontextChunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12&\n\x04kind\x18\x04 \x01(\x0e\x32\x18.polyarch.v1.ContextKind\"G\n\tBlobChunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"9\n\tBlobRange\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"D\n\x0cRegistryAuth\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"(\n\x0b\x42uildSecret\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c*\xc4\x01\n\nBuildState\x12\x1b\n\x17\x42UILD_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42UILD_STATE_QUEUED\x10\x01\x12\x17\n\x13\x42UILD_STATE_RUNNING\x10\x02\x12\x1a\n\x16\x42UILD_STATE_ASSEMBLING\x10\x03\x12\x19\n\x15\x42UILD_STATE_SUCCEEDED\x10\x04\x12\x16\n\x12\x42UILD_STATE_FAILED\x10\x05\x12\x19\n\x15\x42UILD_STATE_CANCELLED\x10\x06*\xaf\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x16\n\x12JOB_STATE_ASSIGNED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x14\n\x10JOB_STATE_PUSHED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*W\n\tBuildMode\x12\x1a\n\x16\x42UILD_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42UILD_MODE_NATIVE\x10\x01\x12\x17\n\x13\x42UILD_MODE_EMULATED\x10\x02*\x8a\x01\n\x0f\x45mulationPolicy\x12 \n\x1c\x45MULATION_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45MULATION_POLICY_FALLBACK\x10\x01\x12\x1a\n\x16\x45MULATION_POLICY_NEVER\x10\x02\x12\x1a\n\x16\x45MULATION_POLICY_ALLOW\x10\x03*>\n\x0b\x43ontextKind\x12\x14\n\x10\x43ONTEXT_KIND_TAR\x10\x00\x12\x19\n\x15\x43ONTEXT_KIND_MANIFEST\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'polyarch.proto.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BUILDSTATE']._serialized_start=220
-  _globals['_BUILDSTATE']._serialized_end=416
-  _globals['_JOBSTATE']._serialized_start=419
-  _globals['_JOBSTATE']._serialized_end=594
-  _globals['_BUILDMODE']._serialized_start=596
-  _globals['_BUILDMODE']._serialized_end=683
-  _globals['_EMULATIONPOLICY']._serialized_start=686
-  _globals['_EMULATIONPOLICY']._serialized_end=824
+  _globals['_BUILDSTATE']._serialized_start=392
+  _globals['_BUILDSTATE']._serialized_end=588
+  _globals['_JOBSTATE']._serialized_start=591
+  _globals['_JOBSTATE']._serialized_end=766
+  _globals['_BUILDMODE']._serialized_start=768
+  _globals['_BUILDMODE']._serialized_end=855
+  _globals['_EMULATIONPOLICY']._serialized_start=858
+  _globals['_EMULATIONPOLICY']._serialized_end=996
+  _globals['_CONTEXTKIND']._serialized_start=998
+  _globals['_CONTEXTKIND']._serialized_end=1060
   _globals['_CONTEXTCHUNK']._serialized_start=47
-  _globals['_CONTEXTCHUNK']._serialized_end=105
-  _globals['_REGISTRYAUTH']._serialized_start=107
-  _globals['_REGISTRYAUTH']._serialized_end=175
-  _globals['_BUILDSECRET']._serialized_start=177
-  _globals['_BUILDSECRET']._serialized_end=217
+  _globals['_CONTEXTCHUNK']._serialized_end=145
+  _globals['_BLOBCHUNK']._serialized_start=147
+  _globals['_BLOBCHUNK']._serialized_end=218
+  _globals['_BLOBRANGE']._serialized_start=220
+  _globals['_BLOBRANGE']._serialized_end=277
+  _globals['_REGISTRYAUTH']._serialized_start=279
+  _globals['_REGISTRYAUTH']._serialized_end=347
+  _globals['_BUILDSECRET']._serialized_start=349
+  _globals['_BUILDSECRET']._serialized_end=389
 # @@protoc_insertion_point(module_scope)

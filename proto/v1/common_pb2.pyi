@@ -1,7 +1,7 @@
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -37,6 +37,11 @@ class EmulationPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EMULATION_POLICY_FALLBACK: _ClassVar[EmulationPolicy]
     EMULATION_POLICY_NEVER: _ClassVar[EmulationPolicy]
     EMULATION_POLICY_ALLOW: _ClassVar[EmulationPolicy]
+
+class ContextKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONTEXT_KIND_TAR: _ClassVar[ContextKind]
+    CONTEXT_KIND_MANIFEST: _ClassVar[ContextKind]
 BUILD_STATE_UNSPECIFIED: BuildState
 BUILD_STATE_QUEUED: BuildState
 BUILD_STATE_RUNNING: BuildState
@@ -58,16 +63,42 @@ EMULATION_POLICY_UNSPECIFIED: EmulationPolicy
 EMULATION_POLICY_FALLBACK: EmulationPolicy
 EMULATION_POLICY_NEVER: EmulationPolicy
 EMULATION_POLICY_ALLOW: EmulationPolicy
+CONTEXT_KIND_TAR: ContextKind
+CONTEXT_KIND_MANIFEST: ContextKind
 
 class ContextChunk(_message.Message):
-    __slots__ = ("digest", "size", "data")
+    __slots__ = ("digest", "size", "data", "kind")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     digest: str
     size: int
     data: bytes
-    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    kind: ContextKind
+    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ..., kind: _Optional[_Union[ContextKind, str]] = ...) -> None: ...
+
+class BlobChunk(_message.Message):
+    __slots__ = ("digest", "size", "offset", "data")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    size: int
+    offset: int
+    data: bytes
+    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class BlobRange(_message.Message):
+    __slots__ = ("digest", "size", "offset")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    size: int
+    offset: int
+    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class RegistryAuth(_message.Message):
     __slots__ = ("registry", "username", "password")
