@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from polyarch.agent import workspace as workspace_module
 from polyarch.agent.builders.base import BuildFailed
 from polyarch.agent.workspace import Workspace
 from polyarch.proto.v1 import agent_pb2, common_pb2
@@ -31,9 +32,11 @@ def tar_of(files: dict[str, bytes]) -> bytes:
 class ChunkedStub:
     """Streams a blob in small chunks, yielding to the loop between them like a real stream."""
 
-    def __init__(self, blob: bytes) -> None:
+    def __init__(self, blob: bytes, kind: common_pb2.ContextKind = common_pb2.CONTEXT_KIND_TAR):
         self.blob = blob
+        self.kind = kind
         self.calls = 0
+        self.chunks_sent = 0
 
     def FetchContext(
         self, request: agent_pb2.FetchContextRequest
@@ -43,7 +46,9 @@ class ChunkedStub:
         async def chunks() -> AsyncIterator[common_pb2.ContextChunk]:
             for i in range(0, len(self.blob), 512):
                 await asyncio.sleep(0)
-                yield common_pb2.ContextChunk(data=self.blob[i : i + 512])
+                self.chunks_sent += 1
+                kind = self.kind if i == 0 else common_pb2.CONTEXT_KIND_TAR
+                yield common_pb2.ContextChunk(data=self.blob[i : i + 512], kind=kind)
 
         return chunks()
 
@@ -68,6 +73,22 @@ async def test_a_corrupted_context_is_rejected_and_not_cached(tmp_path: Path) ->
     with pytest.raises(BuildFailed, match="context digest mismatch") as raised:
         await workspace.fetch_context(ChunkedStub(blob), claimed, workspace.job_dir("j", 1))  # type: ignore[arg-type]
     assert raised.value.infrastructure
+    assert list((tmp_path / "contexts").iterdir()) == []
+
+
+async def test_a_manifest_over_the_cap_is_refused_before_it_is_held_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workspace_module, "MAX_MANIFEST_BYTES", 2048)
+    manifest = b'{"format":"polyarch.context.manifest.v1"}\n' + b"x" * 10_000
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    stub = ChunkedStub(manifest, common_pb2.CONTEXT_KIND_MANIFEST)
+    workspace = Workspace(tmp_path)
+    with pytest.raises(BuildFailed) as raised:
+        await workspace.fetch_context(stub, digest, workspace.job_dir("j", 1))  # type: ignore[arg-type]
+    assert (raised.value.step, raised.value.infrastructure) == ("unpack context", False)
+    assert raised.value.message == "the context manifest is over the limit of 2048 bytes"
+    assert stub.chunks_sent == 5  # 4 x 512 bytes fit; the fifth goes over: no more is read
     assert list((tmp_path / "contexts").iterdir()) == []
 
 
