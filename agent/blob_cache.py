@@ -116,18 +116,18 @@ class BlobWriter:
                 "fetch context", f"blob {self.digest}: content digest mismatch, got {actual}; "
                 "not cached", infrastructure=True,
             )  # fmt: skip
-        # a variant must stay readable to copy further variants from the blob
-        share = first_use is not None and first_use[0] & 0o400
-        if first_use is not None and share:
-            os.fchmod(self._fd, first_use[0] & 0o777)
-            set_mtime(self._fd, first_use[1])
+        # the blob must stay readable to copy further variants from it
+        shared = first_use if first_use is not None and first_use[0] & 0o400 else None
+        if shared is not None:
+            os.fchmod(self._fd, shared[0] & 0o777)
+            set_mtime(self._fd, shared[1])
         os.close(self._fd)
         self._fd = -1
         blob = self.cache.blobs_dir / hex_of(self.digest)
         os.replace(self._partial, blob)
-        if first_use is not None and share:
-            with contextlib.suppress(OSError):  # layout makes a copy when it is missing
-                os.link(blob, self.cache.variants_dir / variant_name(self.digest, *first_use))
+        if shared is not None:
+            with contextlib.suppress(OSError):  # the layout copies the blob when it is missing
+                os.link(blob, self.cache.variants_dir / variant_name(self.digest, *shared))
 
     def close(self, *, keep: bool) -> None:
         """Drops the writer; `keep` leaves the partial file for a later resume."""

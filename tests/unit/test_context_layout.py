@@ -36,6 +36,8 @@ def make_tree(root: Path) -> None:
         "a-b": (b"sorts between a and a/b\n", 0o644, T),
         "a/b": (b"under a\n", 0o644, T),
         "empty-file": (b"", 0o644, T + 9),
+        "setuid-tool": (b"#!/bin/sh\n", 0o4755, T + 9),  # kept as 0755, as the tar path keeps it
+        "sticky/inside": (b"in a sticky folder\n", 0o644, T + 9),
     }
     for name, (data, mode, mtime) in files.items():
         path = root / name
@@ -49,7 +51,10 @@ def make_tree(root: Path) -> None:
     for name, target in links.items():
         (root / "links" / name).symlink_to(target)
         os.utime(root / "links" / name, (T + 10, T + 10), follow_symlinks=False)
-    dirs = {"private": 0o700, "ro/sub": 0o755, "ro": 0o555, "empty": 0o755, "links": 0o755}
+    dirs = {
+        "private": 0o700, "ro/sub": 0o755, "ro": 0o555, "empty": 0o755, "links": 0o755,
+        "sticky": 0o1777,
+    }  # fmt: skip
     for name in sorted({*dirs, "nested/a/b/c", "nested/a/b", "nested/a", "nested", "a"},
                        key=lambda d: d.count("/"), reverse=True):  # fmt: skip
         path = root / name
@@ -75,6 +80,15 @@ def cache_holding(root: Path, contents: dict[str, bytes]) -> BlobCache:
     return cache
 
 
+def as_unpacked(tmp_path: Path, tree: Path) -> Path:
+    """The tree as the tar path gives it to the builder: pack_context, then unpack_context."""
+    packed = pack_context(tree, spool_dir=tmp_path)
+    unpacked = fresh(tmp_path, "tar")
+    unpack_context(packed.path, unpacked)
+    packed.discard()
+    return unpacked
+
+
 def fresh(tmp_path: Path, name: str) -> Path:
     path = tmp_path / "jobs" / name / "context"
     path.mkdir(parents=True)
@@ -84,9 +98,7 @@ def fresh(tmp_path: Path, name: str) -> Path:
 def test_layout_is_the_tree_unpack_context_makes_of_the_same_folder(
     tmp_path: Path, tree: Path
 ) -> None:
-    packed = pack_context(tree, spool_dir=tmp_path)
-    unpacked = fresh(tmp_path, "tar")
-    unpack_context(packed.path, unpacked)
+    unpacked = as_unpacked(tmp_path, tree)
     manifest, contents = manifest_of_tree(tree)
     laid_out = fresh(tmp_path, "manifest")
     cache = cache_holding(tmp_path / "agent", contents)
@@ -97,6 +109,7 @@ def test_layout_is_the_tree_unpack_context_makes_of_the_same_folder(
     assert snapshot(laid_out) == expected
     assert expected["ro"][:2] == ("dir", 0o555) and expected["empty"][0] == "dir"
     assert expected["links/to-dir"] == ("symlink", 0o777, (T + 10) * 10**9, b"../nested/a")
+    assert (expected["setuid-tool"][1], expected["sticky"][1]) == (0o755, 0o777)
     # every file a new variant: the two same-* paths share one, so the second is a copy
     files = sum(1 for entry in manifest.entries if entry.kind == "file")
     assert stats == LayoutStats(linked=files - 1, copied=1, variants_made=files - 1)
@@ -122,7 +135,7 @@ def test_a_second_layout_hard_links_the_cache_variants_and_copies_nothing(
     for entry in files:
         variant = cache.variants_dir / variant_name(entry.digest, entry.mode, entry.mtime)
         assert (second / entry.path).stat().st_ino == variant.stat().st_ino
-    assert snapshot(second) == snapshot(tree)
+    assert snapshot(second) == snapshot(as_unpacked(tmp_path, tree))
 
 
 def test_a_fetched_blob_is_its_first_variant_so_the_first_layout_copies_nothing(
@@ -160,7 +173,7 @@ def test_a_link_failure_falls_back_to_a_copy(
 
     files = sum(1 for entry in manifest.entries if entry.kind == "file")
     assert (stats.linked, stats.copied) == (0, files)
-    assert snapshot(target) == snapshot(tree)
+    assert snapshot(target) == snapshot(as_unpacked(tmp_path, tree))
 
 
 def test_an_entry_that_would_leave_the_folder_is_refused_and_nothing_is_left(
