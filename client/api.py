@@ -239,6 +239,50 @@ class BuildClient:
             raise self._error(exc) from None
         return not response.already_present
 
+    # -- incremental contexts (client/context_upload.py drives them) -------------------
+
+    async def stat_context(self, digest: str) -> build_pb2.StatContextResponse:
+        return await self._call(
+            self._stub().StatContext, build_pb2.StatContextRequest(digest=digest)
+        )
+
+    async def upload_manifest(self, digest: str, data: bytes) -> build_pb2.UploadContextResponse:
+        """Uploads a context manifest (kind MANIFEST); the answer counts the blobs it lacks."""
+
+        async def chunks() -> AsyncIterator[common_pb2.ContextChunk]:
+            yield common_pb2.ContextChunk(
+                digest=digest, size=len(data), data=data[:CHUNK_SIZE],
+                kind=common_pb2.CONTEXT_KIND_MANIFEST,
+            )  # fmt: skip
+            for start in range(CHUNK_SIZE, len(data), CHUNK_SIZE):
+                yield common_pb2.ContextChunk(data=data[start : start + CHUNK_SIZE])
+
+        try:
+            response: build_pb2.UploadContextResponse = await self._stub().UploadContext(chunks())
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return response
+
+    async def missing_blobs(self, digest: str) -> list[common_pb2.BlobRange]:
+        """The blobs an uploaded manifest still lacks, each from the offset to resume at."""
+        call = self._stub().MissingBlobs(
+            build_pb2.MissingBlobsRequest(context_digest=digest), timeout=self.rpc_timeout
+        )
+        try:
+            return [blob async for blob in call]
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+
+    async def upload_blobs(
+        self, messages: AsyncIterator[build_pb2.UploadBlobsChunk]
+    ) -> build_pb2.UploadBlobsResponse:
+        """One UploadBlobs stream (the first message names the manifest); not bounded in time."""
+        try:
+            response: build_pb2.UploadBlobsResponse = await self._stub().UploadBlobs(messages)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return response
+
     async def submit(
         self,
         *,

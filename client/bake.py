@@ -21,9 +21,13 @@ from polyarch.client.api import BuildClient, PolyarchError
 from polyarch.client.bake_file import BakeFileError
 from polyarch.client.build_secrets import parse_secret, registries_of, registry_auths_for
 from polyarch.client.cli_common import EMULATION, EXIT_FAILED, UsageError, validate_tags
-from polyarch.client.context import PackedContext, pack_context
+from polyarch.client.context import ContextError
+from polyarch.client.context_manifest import ManifestContext, build_manifest
+from polyarch.client.context_upload import SentContext, send_context
 from polyarch.client.credentials import credentials_from_args
+from polyarch.client.file_hashes import FileHashes, default_hashes
 from polyarch.client.outputs import OutputError, plan_outputs
+from polyarch.client.upload_progress import UploadProgress
 from polyarch.proto.platforms import PlatformError, parse_platforms
 from polyarch.proto.v1 import build_pb2, common_pb2
 
@@ -65,7 +69,9 @@ class Plan:
     publish: bool
     secrets: dict[str, bytes]
     registry_auths: list[tuple[str, str, str]]
-    packed: PackedContext | None = None
+    context: ManifestContext | None = None
+    # an inline Dockerfile's folder: its file is uploaded from there, so it goes at the end
+    scratch: str | None = None
     build: build_pb2.Build | None = None
     error: str = ""
     build_id: str = ""
@@ -162,21 +168,23 @@ def plan(name: str, attrs: dict[str, Any]) -> Plan:
     return Plan(name, attrs, platforms, tags, publish, secrets, auths)
 
 
-def _pack(target: Plan) -> PackedContext:
-    """The target's context tar; an inline Dockerfile goes in through a temporary file."""
+def _describe(target: Plan, hashes: FileHashes) -> tuple[ManifestContext, str | None]:
+    """The target's context manifest, and the scratch folder of an inline Dockerfile (the
+    file goes in through it, and is uploaded from it: the caller removes it at the end)."""
     attrs = target.attrs
     context = attrs["context"].removeprefix("cwd://")
     inline = attrs.get("dockerfile-inline")
     if inline is None:
         dockerfile = attrs["dockerfile"].removeprefix("cwd://")
-        return pack_context(context, os.path.join(context, dockerfile))
+        return build_manifest(context, os.path.join(context, dockerfile), hashes=hashes), None
     scratch = tempfile.mkdtemp(prefix="polyarch-bake-")
     try:
         path = Path(scratch) / "Dockerfile"
         path.write_text(inline, encoding="utf-8")
-        return pack_context(context, path)
-    finally:
+        return build_manifest(context, path, hashes=hashes), scratch
+    except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
 
 def _context_key(attrs: dict[str, Any]) -> str:
@@ -184,20 +192,26 @@ def _context_key(attrs: dict[str, Any]) -> str:
     return json.dumps([context, attrs["dockerfile"], attrs.get("dockerfile-inline")])
 
 
-async def _pack_all(plans: list[Plan]) -> None:
-    """Packs every context (one tar per distinct context and Dockerfile) off the event loop;
-    a context that cannot be packed is bad input, named with its target."""
-    packing: dict[str, asyncio.Task[PackedContext]] = {}
+async def _describe_all(plans: list[Plan]) -> None:
+    """Describes every context (one manifest per distinct context and Dockerfile) off the
+    event loop; a context that cannot be read is bad input, named with its target."""
+    hashes = default_hashes()  # one cache warning at most, however many contexts
+    describing: dict[str, asyncio.Task[tuple[ManifestContext, str | None]]] = {}
     for target in plans:
         key = _context_key(target.attrs)
-        if key not in packing:
-            packing[key] = asyncio.create_task(asyncio.to_thread(_pack, target))
-    await asyncio.wait(packing.values())
+        if key not in describing:
+            describing[key] = asyncio.create_task(asyncio.to_thread(_describe, target, hashes))
+    await asyncio.wait(describing.values())
     failed: list[str] = []
+    owners: set[str] = set()
     for target in plans:
-        task = packing[_context_key(target.attrs)]
+        key = _context_key(target.attrs)
+        task = describing[key]
         if task.exception() is None:
-            target.packed = task.result()
+            target.context, scratch = task.result()
+            if key not in owners:  # the first target sharing it removes the scratch folder
+                owners.add(key)
+                target.scratch = scratch
         else:
             failed.append(f"target {target.name}: {task.exception()}")
     if failed:
@@ -211,28 +225,25 @@ class _Run:
     client: BuildClient
     args: argparse.Namespace
     out: TextIO
-    uploads: dict[str, asyncio.Task[bool]] = field(default_factory=dict)
+    uploads: dict[str, asyncio.Task[SentContext]] = field(default_factory=dict)
 
     async def target(self, target: Plan) -> None:
         """Uploads, submits and follows one target; its failure is recorded, not raised."""
         stream = TargetLines(self.out, target.name, as_json=self.args.progress == "rawjson")
         quiet = self.args.progress in ("quiet", "rawjson")
-        packed = target.packed
-        assert packed is not None
+        context = target.context
+        assert context is not None
         attrs = target.attrs
         try:
-            if packed.digest not in self.uploads:  # targets sharing a context send it once
-                upload = asyncio.create_task(self.client.upload_context(packed))
-                self.uploads[packed.digest] = upload
-                uploaded = await upload
-                if not quiet:
-                    where = "uploaded" if uploaded else "already on coordinator"
-                    stream.write(f"context {packed.digest} ({packed.size} bytes) {where}\n")
-            await self.uploads[packed.digest]
+            if context.digest not in self.uploads:  # targets sharing a context send it once
+                shown = UploadProgress(stream, "quiet" if quiet else "plain")
+                upload = asyncio.create_task(send_context(self.client, context, shown))
+                self.uploads[context.digest] = upload
+            sent = await self.uploads[context.digest]
             key = self.args.idempotency_key
             response = await self.client.submit(
-                context_digest=packed.digest,
-                dockerfile=packed.dockerfile,
+                context_digest=sent.digest,
+                dockerfile=sent.dockerfile,
                 platforms=target.platforms,
                 tags=target.tags,
                 build_args={k: v for k, v in attrs.get("args", {}).items() if v is not None},
@@ -262,12 +273,12 @@ class _Run:
             target.build = await self.client.follow(
                 target.build_id, progress.handle, on_lost=lambda line: print(line, file=stream)
             )
-        except PolyarchError as exc:  # refused or unreachable: this target fails, others go on
+        except (PolyarchError, ContextError) as exc:  # this target fails, others go on
             target.error = str(exc)
 
 
 async def _run(args: argparse.Namespace, plans: list[Plan]) -> None:
-    await _pack_all(plans)
+    await _describe_all(plans)
     client = BuildClient(
         args.coordinator,
         connect_timeout=args.connect_timeout,
@@ -318,8 +329,8 @@ def cmd_bake(args: argparse.Namespace, session: object) -> int:
         raise
     finally:
         for target in plans:
-            if target.packed is not None:
-                target.packed.discard()
+            if target.scratch is not None:
+                shutil.rmtree(target.scratch, ignore_errors=True)
     lines, metadata = report(plans, args.coordinator)
     for line in lines:
         print(line, file=sys.stderr, flush=True)

@@ -25,10 +25,13 @@ from polyarch.client.cli_common import (
     platforms_of,
     validate_tags,
 )
-from polyarch.client.context import pack_context
+from polyarch.client.context_manifest import build_manifest
+from polyarch.client.context_upload import send_context
 from polyarch.client.exports import check_local_dest, engine_platform, write_export
 from polyarch.client.outputs import Export, OutputError, docker_platform, plan_outputs
 from polyarch.client.tty_render import TtyRenderer, progress_mode
+from polyarch.client.upload_progress import Mode as UploadMode
+from polyarch.client.upload_progress import UploadProgress
 from polyarch.proto.attestations import DEFAULT_MODE, parse_provenance
 from polyarch.proto.cosign import SigningKeyError, load_signing_key
 from polyarch.proto.platforms import platform_from_uname
@@ -149,17 +152,17 @@ def cmd_build(args: argparse.Namespace, session: Session) -> int:
             "no tag given: pushing needs -t registry/repository:tag (to build without "
             "pushing: --output type=image,push=false, type=oci, type=tar, type=local or --load)"
         )
-    packed = pack_context(args.context, args.file)
+    context = build_manifest(args.context, args.file)
+    on_terminal = progress_mode(args.progress, sys.stderr) == "tty"
+    upload_mode: UploadMode = "quiet" if quiet else "tty" if on_terminal else "plain"
+    upload_progress = UploadProgress(sys.stderr, upload_mode)
 
     async def run() -> build_pb2.Build:
         async with client_of(args) as client:
-            uploaded = await client.upload_context(packed)
-            if not quiet:
-                where = "uploaded" if uploaded else "already on coordinator"
-                err(f"context {packed.digest} ({packed.size} bytes) {where}")
+            sent = await send_context(client, context, upload_progress)
             response = await client.submit(
-                context_digest=packed.digest,
-                dockerfile=packed.dockerfile,
+                context_digest=sent.digest,
+                dockerfile=sent.dockerfile,
                 platforms=platforms,
                 tags=tags,
                 build_args=build_args,
@@ -209,8 +212,6 @@ def cmd_build(args: argparse.Namespace, session: Session) -> int:
     except OutputError as exc:
         err(f"polyarch: error: {exc}")
         return EXIT_FAILED
-    finally:
-        packed.discard()
     if build.state != common_pb2.BUILD_STATE_SUCCEEDED:
         err(*render.failure_summary(build))
         return EXIT_FAILED

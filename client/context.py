@@ -54,19 +54,38 @@ class _HashingWriter:
         self._out.flush()
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """One file system object to put in the tar: its name inside the tar and where it is."""
+@dataclass(frozen=True, slots=True)
+class ContextEntry:
+    """One file system object of the context: its name inside the context and where it is."""
 
     name: str
-    source: Path
+    source: str  # a path (str: a Path per file costs more than the walk's stat)
     mode: int  # st_mode: file type and permission bits
     mtime: int
     size: int
+    # What a file hash cache compares (0 for made-up entries): a change to the content
+    # changes at least one of them, with the size.
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    inode: int = 0
 
     @classmethod
-    def of(cls, name: str, source: Path, info: os.stat_result) -> _Entry:
-        return cls(name, source, info.st_mode, int(info.st_mtime), info.st_size)
+    def of(cls, name: str, source: str, info: os.stat_result) -> ContextEntry:
+        return cls(
+            name, source, info.st_mode, int(info.st_mtime), info.st_size,
+            info.st_mtime_ns, info.st_ctime_ns, info.st_ino,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ContextTree:
+    """What a context holds, as the tar path packs it and a manifest describes it."""
+
+    root: Path  # the context directory, resolved
+    entries: list[ContextEntry]  # sorted by name
+    # The Dockerfile's path inside the context, to send as SubmitBuildRequest.dockerfile.
+    dockerfile: str
+    dockerfile_source: Path  # where the Dockerfile is on disk (absolute)
 
 
 def _resolve_dockerfile(context: Path, dockerfile: str | os.PathLike[str] | None) -> Path:
@@ -101,11 +120,11 @@ def _ignore_file(context: Path, dockerfile: Path) -> Path:
     return specific if specific.is_file() else context / ".dockerignore"
 
 
-def _walk(context: Path, matcher: PatternMatcher) -> list[_Entry]:
+def _walk(context: Path, matcher: PatternMatcher) -> list[ContextEntry]:
     """Every object of the context that is not ignored, parents of re-included paths added."""
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, ContextEntry] = {}
     # Excluded directories we descended into because an exception may re-include below them.
-    excluded_dirs: dict[str, _Entry] = {}
+    excluded_dirs: dict[str, ContextEntry] = {}
 
     def add_parents(name: str) -> None:
         parent = name.rpartition("/")[0]
@@ -113,14 +132,14 @@ def _walk(context: Path, matcher: PatternMatcher) -> list[_Entry]:
             entries[parent] = excluded_dirs[parent]
             parent = parent.rpartition("/")[0]
 
-    def visit(directory: Path, prefix: str) -> None:
+    def visit(directory: str, prefix: str) -> None:
         try:
             children = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
             raise ContextError(f"cannot read directory {directory}: {exc.strerror}") from None
         for child in children:
             name = prefix + child.name
-            source = Path(child.path)
+            source = child.path
             try:
                 info = child.stat(follow_symlinks=False)
             except OSError as exc:
@@ -128,7 +147,7 @@ def _walk(context: Path, matcher: PatternMatcher) -> list[_Entry]:
             mode = info.st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
                 continue  # sockets, fifos and devices have no place in an image build context
-            entry = _Entry.of(name, source, info)
+            entry = ContextEntry.of(name, source, info)
             if matcher.excluded(name):
                 if stat.S_ISDIR(mode) and matcher.may_include_below(name):
                     excluded_dirs[name] = entry
@@ -139,11 +158,11 @@ def _walk(context: Path, matcher: PatternMatcher) -> list[_Entry]:
             if stat.S_ISDIR(mode):
                 visit(source, name + "/")
 
-    visit(context, "")
+    visit(str(context), "")
     return [entries[name] for name in sorted(entries)]
 
 
-def _tarinfo(entry: _Entry) -> tarfile.TarInfo:
+def _tarinfo(entry: ContextEntry) -> tarfile.TarInfo:
     """A reproducible header: owner root with no names, permissions and whole-second mtime kept."""
     member = tarfile.TarInfo(entry.name)
     member.mode = stat.S_IMODE(entry.mode)
@@ -164,14 +183,14 @@ def _tarinfo(entry: _Entry) -> tarfile.TarInfo:
     return member
 
 
-def _add(archive: tarfile.TarFile, entry: _Entry) -> None:
+def _add(archive: tarfile.TarFile, entry: ContextEntry) -> None:
     member = _tarinfo(entry)
     if member.type != tarfile.REGTYPE:
         archive.addfile(member)
         return
     source = entry.source
     try:
-        with source.open("rb") as data:
+        with open(source, "rb") as data:
             archive.addfile(member, data)
     except OSError as exc:
         # tarfile raises a bare OSError when a file shrinks while it is copied.
@@ -179,18 +198,15 @@ def _add(archive: tarfile.TarFile, entry: _Entry) -> None:
         raise ContextError(f"cannot read {source}: {reason}") from None
 
 
-def pack_context(
-    context_dir: str | os.PathLike[str],
-    dockerfile: str | os.PathLike[str] | None = None,
-    spool_dir: str | os.PathLike[str] | None = None,
-) -> PackedContext:
-    """Packs `context_dir` into a temporary tar file, hashing it as it is written.
+def walk_context(
+    context_dir: str | os.PathLike[str], dockerfile: str | os.PathLike[str] | None = None
+) -> ContextTree:
+    """Every object of `context_dir` a build sends, honouring .dockerignore.
 
-    The tar is deterministic for a given tree: entries sorted by path, owner
-    0:0 without names, permission bits and mtimes (whole seconds) kept,
-    symlinks stored as symlinks. The Dockerfile and the ignore file are always
-    included, as docker does. A Dockerfile outside the context goes in as
-    `.polyarch/Dockerfile`. The caller owns the returned file (`discard()` it).
+    The Dockerfile and the ignore file are always included, as docker does. A
+    Dockerfile outside the context goes in as `.polyarch/Dockerfile`, under a
+    `.polyarch` directory (0755, the Dockerfile's mtime) that replaces any the
+    context has.
     """
     context = Path(context_dir)
     if not context.exists():
@@ -217,11 +233,31 @@ def pack_context(
         entries = [e for e in entries if e.name not in (".polyarch", RESERVED_DOCKERFILE)]
         info = dockerfile_path.stat()
         mtime = int(info.st_mtime)
-        entries.append(_Entry(".polyarch", dockerfile_path.parent, stat.S_IFDIR | 0o755, mtime, 0))
-        entries.append(_Entry.of(RESERVED_DOCKERFILE, dockerfile_path, info))
+        polyarch_dir = ContextEntry(
+            ".polyarch", str(dockerfile_path.parent), stat.S_IFDIR | 0o755, mtime, 0
+        )
+        entries.append(polyarch_dir)
+        entries.append(ContextEntry.of(RESERVED_DOCKERFILE, str(dockerfile_path), info))
         entries.sort(key=lambda e: e.name)
     else:
         dockerfile_name = inside
+    return ContextTree(context, entries, dockerfile_name, dockerfile_path)
+
+
+def pack_context(
+    context_dir: str | os.PathLike[str],
+    dockerfile: str | os.PathLike[str] | None = None,
+    spool_dir: str | os.PathLike[str] | None = None,
+) -> PackedContext:
+    """Packs `context_dir` (walk_context's tree) into a temporary tar file, hashing it as it
+    is written.
+
+    The tar is deterministic for a given tree: entries sorted by path, owner
+    0:0 without names, permission bits and mtimes (whole seconds) kept,
+    symlinks stored as symlinks. The caller owns the returned file (`discard()` it).
+    """
+    tree = walk_context(context_dir, dockerfile)
+    entries = tree.entries
 
     spool = Path(spool_dir) if spool_dir is not None else None
     fd, tmp_name = tempfile.mkstemp(prefix="polyarch-context-", suffix=".tar", dir=spool)
@@ -243,5 +279,5 @@ def pack_context(
         path=tmp_path,
         digest="sha256:" + writer.hasher.hexdigest(),
         size=writer.size,
-        dockerfile=dockerfile_name,
+        dockerfile=tree.dockerfile,
     )

@@ -161,6 +161,12 @@ def plaintext(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def hash_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The context's file hashes are cached in the test's folder, not the user's."""
+    monkeypatch.setenv("POLYARCH_CACHE_DIR", str(tmp_path / "polyarch-cache"))
+
+
 @pytest.fixture
 def coordinator() -> Iterator[tuple[str, FakeCoordinator]]:
     fake = FakeCoordinator()
