@@ -95,8 +95,6 @@ def build_manifest(
         manifest = ContextManifest.from_entries(entries)
     except ManifestError as exc:
         raise ContextError(f"build context {tree.root}: {exc}") from None
-    # from_entries keeps no encoding; encoding 10,000 entries twice (upload, digest) shows
-    manifest = ContextManifest(manifest.entries, manifest.encode())
     return ManifestContext(
         manifest=manifest,
         dockerfile=tree.dockerfile,

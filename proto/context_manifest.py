@@ -103,7 +103,7 @@ class ContextManifest:
         except UnicodeEncodeError:
             raise ManifestError("a path holds a character no file name can") from None
         _validate(ordered, max_entries, max_bytes)
-        return cls(ordered)
+        return cls(ordered, HEADER + b"".join(entry.encode() for entry in ordered))
 
     @classmethod
     def decode(
@@ -126,9 +126,8 @@ class ContextManifest:
         return cls(entries, data)
 
     def encode(self) -> bytes:
-        if self._encoded:
-            return self._encoded
-        return HEADER + b"".join(entry.encode() for entry in self.entries)
+        """The canonical bytes (kept from from_entries() or decode(), not made again)."""
+        return self._encoded or HEADER + b"".join(entry.encode() for entry in self.entries)
 
     @cached_property
     def digest(self) -> str:
