@@ -18,6 +18,7 @@ from polyarch.coordinator.contexts.store import ContextStore
 from polyarch.coordinator.core.model import InvalidRequest, LimitExceeded
 
 _BATCH_BLOBS = 256  # small blobs written per thread hop, at most CHUNK_SIZE bytes in all
+_SETTLE_SECONDS = 10.0  # a bound on the wait for one write in flight
 
 
 @dataclass
@@ -68,17 +69,17 @@ class BlobReceiver:
                     raise InvalidRequest("the first blob chunk must name its blob's digest")
                 else:
                     await self._write(piece.data)
-            self._leave_current()
+            await self._leave_current()
             await self._flush()
         except BaseException:
-            self._abandon()
+            await self._abandon()
             raise
         report = self.report
         report.missing_blobs, report.missing_bytes = await self.store.settle(self.context)
         return report
 
     async def _start(self, piece: BlobPiece) -> None:
-        self._leave_current()
+        await self._leave_current()
         digest, offset = piece.digest, piece.offset
         size = self.listed.get(digest)
         if size is None:
@@ -176,15 +177,17 @@ class BlobReceiver:
             f"{exc.actual} ({exc.received} bytes); it was not stored"
         )
 
-    def _leave_current(self) -> None:
-        """An unfinished blob's partial stays for a resume (MissingBlobs reports its offset)."""
+    async def _leave_current(self) -> None:
+        """An unfinished blob's partial stays for a resume (MissingBlobs reports its offset):
+        its last write lands before this returns, unless the wait is cancelled."""
         current, self._current = self._current, None
         if current is not None and current.writer is not None:
             current.writer.abandon(lambda: self.blobs.release(current.digest))
+            await self.blobs.settled([current.digest], _SETTLE_SECONDS)
 
-    def _abandon(self) -> None:
+    async def _abandon(self) -> None:
         """On a failed or broken stream: keeps the partial; drops unwritten small blobs."""
-        self._leave_current()
         for digest, _ in self._batch:
             self.blobs.release(digest)
         self._batch, self._batched = [], 0
+        await self._leave_current()

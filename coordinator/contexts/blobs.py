@@ -125,6 +125,15 @@ class BlobStore:
     def busy(self, digest: str) -> bool:
         return digest in self._busy
 
+    async def settled(self, digests: Iterable[str], timeout: float) -> None:
+        """Waits, up to `timeout`, until none of `digests` is claimed: a broken stream's last
+        write lands before its claim goes, so a partial's size is then final."""
+        claimed = [asyncio.ensure_future(self._busy[d].wait()) for d in digests if d in self._busy]
+        if claimed:
+            await asyncio.wait(claimed, timeout=timeout)
+            for waiter in claimed:
+                waiter.cancel()
+
     # ---- writes --------------------------------------------------------------------------
 
     async def put_whole(self, blobs: list[tuple[str, bytes]], then: Callable[[], None]) -> None:
@@ -314,7 +323,11 @@ class BlobWriter:
                 f"({self.received} bytes received, {len(data)} more sent)"
             )
         self.received += len(data)
-        await asyncio.shield(self._in_thread(self._write, data))
+        # One write in flight while the next chunk is received: the previous one must be
+        # done (its error raised here) before this one starts, as they share the file.
+        if self._last is not None:
+            await asyncio.shield(self._last)
+        self._in_thread(self._write, data)
 
     def _write(self, data: bytes) -> None:
         self._hasher.update(data)
@@ -325,6 +338,8 @@ class BlobWriter:
     async def finish(self) -> None:
         """Verifies, fsyncs and renames the blob into place; on a mismatch deletes the
         partial and raises BlobMismatch. The writer is closed either way."""
+        if self._last is not None:
+            await asyncio.shield(self._last)
         future = self._in_thread(self._finish, self._fd)
         self._fd = -1  # the thread closes it, whatever happens to this caller
 

@@ -29,6 +29,9 @@ from polyarch.proto.context_manifest import ContextManifest, ManifestError
 CHUNK_SIZE = 1 << 20
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NO_LIMIT = 1 << 62
+# How long MissingBlobs waits for a claimed blob: a stream that just broke lets go within
+# a write; one still sending it keeps it, and its offset then is as good as any.
+_SETTLE_SECONDS = 2.0
 Kind = Literal["tar", "manifest"]
 
 
@@ -260,6 +263,7 @@ class ContextStore:
         if self.path_for(digest).exists():
             raise InvalidRequest(f"context {digest} was uploaded as a tar: it has no file blobs")
         _, missing = await self._missing(digest)
+        await self.blobs.settled(missing, _SETTLE_SECONDS)  # a stream broken just now
         return [(blob, size, self.blobs.partial_size(blob)) for blob, size in missing.items()]
 
     async def upload_target(self, digest: str) -> Listing:
