@@ -270,7 +270,7 @@ class BlobStore:
 
 
 class BlobWriter:
-    """One blob being received into its partial file; complete() verifies and publishes it."""
+    """One blob being received into its partial file; finish() verifies and publishes it."""
 
     def __init__(self, store: BlobStore, digest: str, size: int, offset: int) -> None:
         self.store = store

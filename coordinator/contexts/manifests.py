@@ -90,7 +90,10 @@ class ManifestStore:
     # ---- writes (on the event loop: single syscalls) --------------------------------------
 
     def add_pending(self, digest: str, verified_file: str, manifest: ContextManifest) -> None:
-        """Moves a verified, decoded upload into pending/ (replacing an identical one)."""
+        """Moves a verified, decoded upload into pending/ (replacing an identical one), unless
+        a concurrent upload of it was committed meanwhile."""
+        if self.path_for(digest, "committed").exists():
+            return
         target = self.path_for(digest, "pending")
         existed = target.exists()
         os.replace(verified_file, target)
@@ -101,8 +104,14 @@ class ManifestStore:
     def commit(self, digest: str) -> bool:
         """pending -> committed; False when the pending manifest is gone (expired, or
         committed by another stream meanwhile: the caller checks state_of)."""
+        pending, committed = self.path_for(digest, "pending"), self.path_for(digest, "committed")
         try:
-            os.replace(self.path_for(digest, "pending"), self.path_for(digest, "committed"))
+            if committed.exists():  # an identical copy: keep one
+                size = pending.stat().st_size
+                pending.unlink()
+                self.stored_bytes -= size
+            else:
+                os.replace(pending, committed)
         except FileNotFoundError:
             return False
         listing = self._cache.get(digest)
@@ -172,9 +181,11 @@ class ManifestStore:
             with contextlib.suppress(FileNotFoundError):
                 data = self.path_for(digest, state).read_bytes()
                 at = data.find(needle)
+                if at < 0:
+                    return "?"
                 line = data[data.rfind(b"\n", 0, at) + 1 : data.find(b"\n", at)]
                 with contextlib.suppress(ValueError, TypeError, KeyError):
-                    return str(json.loads(line)["path"]) if at >= 0 else "?"
+                    return str(json.loads(line)["path"])
         return "?"
 
     # ---- garbage collection (blocking: run in a thread, except where said) ----------------
