@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from polyarch.coordinator.contexts.blob_uploads import BlobReceiver, UploadReport
-from polyarch.coordinator.contexts.blobs import CHUNK_SIZE, BlobPiece
+from polyarch.coordinator.contexts.blobs import CHUNK_SIZE, BlobPiece, StoredBlob
 from polyarch.coordinator.contexts.gc import ContextCollector
 from polyarch.coordinator.contexts.store import ContextStore
 from polyarch.coordinator.core.model import (
@@ -27,6 +27,7 @@ from polyarch.coordinator.limits import Limits
 from polyarch.proto.context_manifest import ContextManifest, ManifestEntry
 
 DAY = 86400.0
+MIB = 1 << 20
 LIMITS = Limits(upload_deadline_seconds=3600, context_gc_max_total_bytes=1 << 40)
 
 
@@ -246,6 +247,31 @@ async def test_manifests_over_the_limits_are_refused_naming_the_limit(tmp_path: 
     assert os.listdir(tmp_path / "tmp") == [] and os.listdir(tmp_path / "pending") == []
 
 
+async def test_a_blob_over_a_limit_lowered_since_its_manifest_came_is_refused(
+    store: ContextStore,
+) -> None:
+    manifest = manifest_of({"big": BIG})
+    await upload_manifest(store, manifest)
+    store.limits = Limits(max_context_bytes=MIB)
+    with pytest.raises(
+        LimitExceeded, match=f"{len(BIG)} bytes is over the limit max_context_bytes={MIB}"
+    ):
+        await send(store, manifest, *whole(BIG))
+    assert not store.blobs.present(sha(BIG)) and os.listdir(store.root / "partial") == []
+
+
+async def test_many_small_blobs_in_one_stream_are_each_verified_and_stored(
+    store: ContextStore,
+) -> None:
+    files = {f"d/f{i:04d}": os.urandom(i % 7 * 1000) + i.to_bytes(2, "big") for i in range(700)}
+    manifest = manifest_of(files)
+    assert (await upload_manifest(store, manifest))[0] == 700
+    report = await send(store, manifest, *[p for data in files.values() for p in whole(data)])
+    assert (report.stored_blobs, report.missing_blobs) == (700, 0)
+    assert all(store.blobs.path_for(sha(data)).read_bytes() == data for data in files.values())
+    assert os.listdir(store.root / "tmp") == []
+
+
 async def test_two_streams_sending_the_same_blob_store_one_correct_copy(
     store: ContextStore,
 ) -> None:
@@ -363,29 +389,22 @@ async def test_gc_keeps_listed_blobs_and_drops_unlisted_old_ones_and_stale_uploa
     assert os.listdir(store.root / "tmp") == []
 
 
-async def test_a_blob_a_new_manifest_lists_survives_a_pass_that_began_before_it(
+async def test_a_blob_a_new_manifest_lists_survives_a_pass_that_counted_before_it(
     store: ContextStore,
 ) -> None:
     gone = await committed(store, {"a": b"reused"})
     age(store.blobs.path_for(sha(b"reused")), 2 * 3600)
     age(store.manifests.path_for(gone.digest, "committed"), 10 * DAY)
-    calls = 0
+    delete = store.blobs.delete_unprotected
 
-    def in_use() -> set[str]:
-        nonlocal calls
-        calls += 1
-        return set()
+    def after_a_late_manifest(blobs: list[StoredBlob], cutoff: float) -> tuple[int, int]:
+        # a client uploads a manifest listing the blob after the collector counted references
+        # (outside the guard here only because this runs inside the collector's own hold)
+        assert store.blobs.touch_missing({sha(b"reused"): 6}) == {}
+        return delete(blobs, cutoff)
 
-    collector = ContextCollector(store, in_use)
-    original = store.blobs.delete_unprotected
-
-    def late_manifest_first(blobs: object, cutoff: float) -> tuple[int, int]:
-        # a client uploads a manifest listing the blob after the references were counted
-        store.blobs.touch_missing({sha(b"reused"): 6})
-        return original(blobs, cutoff)  # type: ignore[arg-type]
-
-    store.blobs.delete_unprotected = late_manifest_first  # type: ignore[method-assign]
-    report = await collector.collect()
+    store.blobs.delete_unprotected = after_a_late_manifest  # type: ignore[method-assign]
+    report = await ContextCollector(store, set).collect()
     assert report.deleted == 1 and report.blobs_deleted == 0
     assert store.blobs.present(sha(b"reused"))
 
