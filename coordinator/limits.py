@@ -20,7 +20,12 @@ class Limits:
     """
 
     # contexts
-    max_context_bytes: int = 8 * GIB
+    max_context_bytes: int = 8 * GIB  # a tar, or a manifest's files together (and each blob)
+    # A manifest line is ~150-250 bytes and the coordinator decodes one into ~300 bytes of
+    # memory, so these bound a decode to ~100 MB while allowing ~250k-file contexts (far more
+    # than any context docker itself handles well).
+    max_manifest_bytes: int = 64 * MIB
+    max_context_entries: int = 250_000  # files, directories and symlinks of one manifest
     upload_deadline_seconds: float = 1800.0  # a whole upload
     upload_idle_seconds: float = 60.0  # between two chunks
     max_concurrent_uploads: int = 64

@@ -118,6 +118,16 @@ class CoordinatorMetrics:
         self.context_bytes_served = Counter(
             "polyarch_context_bytes_served", "Build context bytes sent to agents.", registry=r
         )
+        # Deduplication of incremental contexts: what a manifest upload did not need sent.
+        self.context_blobs = Counter(
+            "polyarch_context_blobs", "File blobs of uploaded context manifests, by outcome: "
+            "uploaded (received and stored), deduplicated (already stored, so not sent), "
+            "discarded (sent while another upload stored it).", ["outcome"], registry=r,
+        )  # fmt: skip
+        self.context_bytes_deduplicated = Counter(
+            "polyarch_context_bytes_deduplicated", "Bytes of file blobs uploaded context "
+            "manifests listed that the coordinator already held (not sent).", registry=r,
+        )  # fmt: skip
         self.exports = Counter(
             "polyarch_exports", "Build exports streamed to clients, by format and outcome.",
             ["format", "outcome"], registry=r,

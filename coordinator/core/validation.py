@@ -7,7 +7,7 @@ from pathlib import PurePosixPath
 
 from polyarch.coordinator.contexts.store import ContextStore, check_digest
 from polyarch.coordinator.core.fleet import AgentSession
-from polyarch.coordinator.core.model import BuildSpec, EmulationPolicy, InvalidRequest, NotFound
+from polyarch.coordinator.core.model import BuildSpec, EmulationPolicy, InvalidRequest
 from polyarch.coordinator.limits import Limits
 from polyarch.coordinator.registry.annotations import parse_annotations
 from polyarch.coordinator.wire.caps import check_caps
@@ -28,9 +28,7 @@ def validate_spec(
     The images of a build that publishes nothing go to `scratch_repository`
     ("registry/repository") where one is set, and it may then come without a tag."""
     check_caps(spec, limits)
-    check_digest(spec.context_digest)
-    if contexts.size_of(spec.context_digest) is None:
-        raise NotFound(f"context {spec.context_digest} is not on the coordinator; upload it first")
+    contexts.require(check_digest(spec.context_digest))
     spec.dockerfile = _check_dockerfile(spec.dockerfile or "Dockerfile")
     if not spec.platforms:
         raise InvalidRequest("no platform given: name at least one, e.g. linux/amd64")

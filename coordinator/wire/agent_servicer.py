@@ -93,29 +93,61 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self, request: agent_pb2.FetchContextRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[common_pb2.ContextChunk]:
         contexts = self.manager.contexts
-        agent = current_principal().agent_name
-        if agent and not self.manager.roster.may_fetch_context(agent, request.digest):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"agent {agent} holds no current assignment that uses this context",
-            )
+        if not await self._may_fetch(request.digest, context):
             return
         try:
+            kind = contexts.kind_of(request.digest)
             size = contexts.size_of(request.digest)
-            if size is None:
+            if size is None or kind is None:
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"context {request.digest} is not stored"
                 )
                 return
+            kind_code = (
+                common_pb2.CONTEXT_KIND_MANIFEST
+                if kind == "manifest"
+                else common_pb2.CONTEXT_KIND_TAR
+            )
             first = True
             async for data in contexts.read(request.digest):
                 self.manager.metrics.context_bytes_served.inc(len(data))
                 if first:
-                    yield common_pb2.ContextChunk(digest=request.digest, size=size, data=data)
+                    yield common_pb2.ContextChunk(
+                        digest=request.digest, size=size, data=data, kind=kind_code
+                    )
                     first = False
                 else:
                     yield common_pb2.ContextChunk(data=data)
             if first:  # an empty context still announces itself
-                yield common_pb2.ContextChunk(digest=request.digest, size=0)
+                yield common_pb2.ContextChunk(digest=request.digest, size=0, kind=kind_code)
         except PolyarchError as exc:
             await context.abort(status_code(exc), str(exc))
+
+    async def FetchBlobs(
+        self, request: agent_pb2.FetchBlobsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[common_pb2.BlobChunk]:
+        contexts = self.manager.contexts
+        if not await self._may_fetch(request.context_digest, context):
+            return
+        try:
+            wanted = [(blob.digest, blob.size, blob.offset) for blob in request.blobs]
+            ranges = await contexts.fetch_ranges(request.context_digest, wanted)
+            async for piece in contexts.blobs.read(ranges):
+                self.manager.metrics.context_bytes_served.inc(len(piece.data))
+                yield common_pb2.BlobChunk(
+                    digest=piece.digest, size=piece.size, offset=piece.offset, data=piece.data
+                )
+        except PolyarchError as exc:
+            await context.abort(status_code(exc), str(exc))
+
+    async def _may_fetch(self, digest: str, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        """Only an agent with a current assignment using the context may read it (any caller
+        when auth is off: --insecure has no agent identities)."""
+        agent = current_principal().agent_name
+        if agent and not self.manager.roster.may_fetch_context(agent, digest):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent {agent} holds no current assignment that uses this context",
+            )
+            return False
+        return True

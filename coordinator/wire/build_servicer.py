@@ -8,7 +8,9 @@ from typing import Any
 
 import grpc
 
-from polyarch.coordinator.contexts.store import check_digest
+from polyarch.coordinator.contexts.blob_uploads import BlobReceiver
+from polyarch.coordinator.contexts.blobs import BlobPiece
+from polyarch.coordinator.contexts.store import ManifestReceipt, check_digest
 from polyarch.coordinator.contexts.uploads import timed
 from polyarch.coordinator.core.manager import BuildManager
 from polyarch.coordinator.core.model import InvalidRequest, PolyarchError
@@ -70,10 +72,77 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
                         yield chunk.data
 
                 async with contextlib.aclosing(chunks()) as data:
-                    stored = await contexts.write(first.digest, first.size, data)
+                    if first.kind == common_pb2.CONTEXT_KIND_MANIFEST:
+                        receipt = await contexts.write_manifest(first.digest, first.size, data)
+                    elif first.kind == common_pb2.CONTEXT_KIND_TAR:
+                        stored = await contexts.write(first.digest, first.size, data)
+                        receipt = ManifestReceipt(already_present=not stored)
+                    else:
+                        raise InvalidRequest(f"unknown context kind {first.kind}")
+        if receipt.listed_blobs:
+            deduplicated = receipt.listed_blobs - receipt.missing_blobs
+            metrics.context_blobs.labels(outcome="deduplicated").inc(deduplicated)
+            deduplicated_bytes = receipt.listed_bytes - receipt.missing_bytes
+            metrics.context_bytes_deduplicated.inc(deduplicated_bytes)
         return build_pb2.UploadContextResponse(
-            digest=first.digest, size=first.size, already_present=not stored
-        )
+            digest=first.digest, size=first.size, already_present=receipt.already_present,
+            missing_blobs=receipt.missing_blobs, missing_bytes=receipt.missing_bytes,
+        )  # fmt: skip
+
+    async def MissingBlobs(
+        self, request: build_pb2.MissingBlobsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[common_pb2.BlobRange]:
+        try:
+            contexts = self.manager.contexts
+            missing = await contexts.missing_blobs(check_digest(request.context_digest))
+        except PolyarchError as exc:
+            await context.abort(status_code(exc), str(exc))
+            return
+        for digest, size, offset in missing:
+            yield common_pb2.BlobRange(digest=digest, size=size, offset=offset)
+
+    @domain_errors
+    async def UploadBlobs(
+        self,
+        request_iterator: AsyncIterator[build_pb2.UploadBlobsChunk],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> build_pb2.UploadBlobsResponse:
+        contexts = self.manager.contexts
+        limits = contexts.limits
+        metrics = self.manager.metrics
+        with contexts.uploads.claim(current_principal().token_id):
+            timed_messages = timed(
+                request_iterator, limits.upload_idle_seconds, limits.upload_deadline_seconds
+            )
+            async with contextlib.aclosing(timed_messages) as messages:
+                first = await anext(messages, None)
+                if first is None or not first.context_digest:
+                    raise InvalidRequest(
+                        "the first message must name the context (context_digest) the blobs "
+                        "belong to"
+                    )
+                digest = first.context_digest
+                listing = await contexts.upload_target(digest)
+
+                async def pieces() -> AsyncGenerator[BlobPiece, None]:
+                    message: build_pb2.UploadBlobsChunk | None = first
+                    while message is not None:
+                        if message.context_digest not in ("", digest):
+                            raise InvalidRequest("all the blobs of one stream go to one context")
+                        if message.HasField("blob"):
+                            blob = message.blob
+                            metrics.context_bytes_received.inc(len(blob.data))
+                            yield BlobPiece(blob.digest, blob.size, blob.offset, blob.data)
+                        message = await anext(messages, None)
+
+                async with contextlib.aclosing(pieces()) as stream:
+                    report = await BlobReceiver(contexts, digest, listing.blobs).receive(stream)
+        metrics.context_blobs.labels(outcome="uploaded").inc(report.stored_blobs)
+        metrics.context_blobs.labels(outcome="discarded").inc(report.discarded_blobs)
+        return build_pb2.UploadBlobsResponse(
+            stored_blobs=report.stored_blobs, stored_bytes=report.stored_bytes,
+            missing_blobs=report.missing_blobs, missing_bytes=report.missing_bytes,
+        )  # fmt: skip
 
     @domain_errors
     async def SubmitBuild(
