@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import subprocess
+import tarfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 
-from polyarch.client.api import BuildClient
+from polyarch.client.api import BuildClient, PolyarchError
 from polyarch.client.context import pack_context
-from polyarch.proto.v1 import common_pb2
+from polyarch.client.context_manifest import build_manifest
+from polyarch.client.context_upload import send_context
+from polyarch.client.file_hashes import FileHashes
+from polyarch.proto.v1 import build_pb2, common_pb2
 from tests.support.farm import Farm, builder_named
 from tests.support.verify import docker_run, skopeo_raw
 
@@ -54,15 +63,29 @@ def make_tree(root: Path) -> Path:
     return root
 
 
-def last_layer(reference: str) -> str:
-    """The digest of the image's last layer (the COPY), as the registry holds it."""
-    manifest = json.loads(skopeo_raw(reference))
-    return str(manifest["layers"][-1]["digest"])
+def copied_files(reference: str, work: Path) -> dict[str, tuple[object, ...]]:
+    """Every member of the image's last layer (the COPY), read with skopeo and tarfile: type,
+    mode, size, link target, content digest, and the mtime of all but directories (both
+    builders stamp a directory they write into with the copy's time)."""
+    subprocess.run(
+        ["skopeo", "copy", "--src-tls-verify=false", f"docker://{reference}", f"dir:{work}"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    layer = json.loads((work / "manifest.json").read_text())["layers"][-1]["digest"]
+    members = {}
+    with tarfile.open(work / layer.removeprefix("sha256:")) as archive:
+        for member in archive:
+            data = archive.extractfile(member) if member.isfile() else None
+            content = hashlib.sha256(data.read()).hexdigest() if data else ""
+            mtime = None if member.isdir() else member.mtime
+            members[member.name] = (member.type, member.mode, member.size, member.linkname,
+                                    content, mtime)  # fmt: skip
+    return members
 
 
 def platform_image(index_reference: str, platform: str) -> str:
     """The image of `platform` in the index at `index_reference`, by digest."""
-    index = json.loads(skopeo_raw(index_reference))
+    index = skopeo_raw(index_reference)
     os_, arch = platform.split("/")[:2]
     entry = next(
         m for m in index["manifests"]
@@ -116,13 +139,15 @@ async def test_whole_and_incremental_contexts_build_the_same_layer(
         "--progress", "plain", "--build-arg", f"BASE={base_image}", str(context),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "context: 13 files" in result.stderr, result.stderr  # the manifest path, not a tar
+    # the manifest path, not a tar: 10 files, 9 distinct contents (same-a and same-b)
+    assert "context: 10 files, 3.1 MB; sending 9 files" in result.stderr, result.stderr
     incremental = f"{repo}:incremental"
 
-    # the COPY layer is byte for byte the same: same paths, modes, mtimes, links and contents
-    whole_image = platform_image(whole, "linux/amd64")
-    incremental_image = platform_image(incremental, "linux/amd64")
-    assert last_layer(whole_image) == last_layer(incremental_image)
+    # the COPY layers hold the same paths, modes, mtimes, links and contents
+    whole_files = copied_files(platform_image(whole, "linux/amd64"), tmp_path / "whole")
+    incremental_files = copied_files(platform_image(incremental, "linux/amd64"), tmp_path / "incr")
+    assert len(whole_files) == 18
+    assert whole_files == incremental_files
 
     # and what the builder saw is what the user has, read back by docker run
     listing = docker_run(docker_binary, incremental, "linux/amd64", "sh", "-c", LISTING)
@@ -185,3 +210,172 @@ async def test_a_changed_file_is_all_that_travels(
     assert "already on the coordinator" in log, log
     assert coordinator_received(farm) == received
     assert agent_fetched(farm, "agent") == fetched
+
+
+async def test_a_tampered_blob_is_refused_by_the_coordinator_and_by_the_agent(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str, tmp_path: Path
+) -> None:
+    await farm.add_agent("agent", builder_named("buildah", docker_binary), native=["linux/amd64"])
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text("ARG BASE\nFROM ${BASE}\nCOPY payload /payload\n")
+    (context / "payload").write_bytes(b"the real payload\n" * 1000)
+    manifest = build_manifest(context, hashes=FileHashes(tmp_path / "hashes"))
+    payload = next(e for e in manifest.manifest.entries if e.path == "payload")
+
+    async def blob_messages(data: bytes) -> AsyncIterator[build_pb2.UploadBlobsChunk]:
+        yield build_pb2.UploadBlobsChunk(
+            context_digest=manifest.digest,
+            blob=common_pb2.BlobChunk(digest=payload.digest, size=len(data), data=data),
+        )
+
+    async with BuildClient(farm.address, credentials=farm.credentials()) as client:
+        await client.upload_manifest(manifest.digest, manifest.manifest.encode())
+        forged = bytearray((context / "payload").read_bytes())
+        forged[0] ^= 1  # one bit: same size, another digest
+        with pytest.raises(PolyarchError) as refused:
+            await client.upload_blobs(blob_messages(bytes(forged)))
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert payload.digest in str(refused.value)
+        missing = await client.missing_blobs(manifest.digest)
+        assert payload.digest in {blob.digest for blob in missing}
+        assert not (await client.stat_context(manifest.digest)).present
+
+        # the real bytes complete it; then the coordinator's copy rots on its disk
+        sent = await send_context(client, manifest)
+        assert (await client.stat_context(sent.digest)).present
+    contexts = farm.coordinator.manager.contexts  # type: ignore[union-attr]
+    stored = contexts.blobs.path_for(payload.digest)
+    stored.write_bytes(b"bit rot" + stored.read_bytes()[7:])
+
+    result = await farm.cli(
+        "build", "--platform", "linux/amd64", "-t", f"{registry.address}/{unique_repo}:rot",
+        "--progress", "plain", "--build-arg", f"BASE={base_image}", str(context),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "fetch context" in result.stderr and payload.digest in result.stderr, result.stderr
+    agent_blobs = farm.work_dir / "agents" / "agent"
+    cached = [p.name for p in agent_blobs.rglob(payload.digest.removeprefix("sha256:") + "*")]
+    assert cached == [], cached  # nothing unverified was kept
+
+
+class CuttingProxy:
+    """A TCP proxy to `upstream` that cuts the first connection to send more than `cut_after`
+    bytes upstream (a network that drops mid-upload); all else passes untouched."""
+
+    def __init__(self, upstream: str, cut_after: int) -> None:
+        self.upstream = upstream
+        self.cut_after = cut_after
+        self.cuts = 0
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> CuttingProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        host, port = self.upstream.rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, cut: bool) -> None:
+            passed = 0
+            while data := await src.read(1 << 16):
+                if cut and not self.cuts and passed + len(data) > self.cut_after:
+                    self.cuts += 1
+                    break
+                passed += len(data)
+                dst.write(data)
+                await dst.drain()
+
+        up = asyncio.create_task(pump(reader, up_writer, True))
+        down = asyncio.create_task(pump(up_reader, writer, False))
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (up, down):
+            task.cancel()
+        for w in (writer, up_writer):
+            w.transport.abort()
+
+
+async def test_an_interrupted_upload_resumes_where_it_stopped(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str, tmp_path: Path
+) -> None:
+    await farm.add_agent("agent", builder_named("buildah", docker_binary), native=["linux/amd64"])
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text("ARG BASE\nFROM ${BASE}\nCOPY big /big\n")
+    big = os.urandom(40 << 20)
+    (context / "big").write_bytes(big)
+    received = coordinator_received(farm)
+    async with CuttingProxy(farm.address, cut_after=16 << 20) as proxy:
+        result = await farm.cli(
+            "build", "--coordinator", proxy.address, "--platform", "linux/amd64",
+            "-t", f"{registry.address}/{unique_repo}:big", "--progress", "plain",
+            "--build-arg", f"BASE={base_image}", str(context),
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert proxy.cuts == 1 and proxy.connections >= 2
+    uploaded = coordinator_received(farm) - received
+    # the blob went up once: what arrived before the cut was kept, the rest followed
+    assert (40 << 20) <= uploaded < (40 << 20) + (2 << 20), uploaded
+    image = platform_image(f"{registry.address}/{unique_repo}:big", "linux/amd64")
+    copied = docker_run(docker_binary, image, "linux/amd64", "sha256sum", "/big")
+    assert copied.split()[0] == hashlib.sha256(big).hexdigest()
+
+
+@pytest.mark.emulated
+async def test_two_agents_with_different_caches_both_build_it(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str, tmp_path: Path
+) -> None:
+    await farm.add_agent("warm", builder_named("buildah", docker_binary), native=["linux/amd64"])
+    context = tmp_path / "ctx"
+    (context / "src").mkdir(parents=True)
+    (context / "Dockerfile").write_text("ARG BASE\nFROM ${BASE}\nCOPY src /src\n")
+    for n in range(8):
+        (context / "src" / f"{n}.bin").write_bytes(os.urandom(256 << 10))
+    tag = f"{registry.address}/{unique_repo}:v"
+
+    async def build(platforms: str) -> None:
+        result = await farm.cli(
+            "build", "--platform", platforms, "-t", tag, "--progress", "plain",
+            "--build-arg", f"BASE={base_image}", str(context),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+
+    await build("linux/amd64")  # only "warm" holds these blobs now
+    await farm.add_agent("cold", builder_named("docker", docker_binary), native=["linux/arm64"])
+    changed = os.urandom(256 << 10)
+    (context / "src" / "3.bin").write_bytes(changed)
+    (context / "src" / "new.bin").write_bytes(b"new file\n")
+    warm_before = agent_fetched(farm, "warm")
+    await build("linux/amd64,linux/arm64")
+
+    # the warm agent fetched only the two new contents; the cold one everything
+    warm_fetched = agent_fetched(farm, "warm") - warm_before
+    assert (256 << 10) <= warm_fetched < (256 << 10) + (64 << 10), warm_fetched
+    assert agent_fetched(farm, "cold") >= 8 * (256 << 10)
+    expected = hashlib.sha256(changed).hexdigest()
+    listing = "sha256sum /src/3.bin /src/0.bin && cat /src/new.bin"
+    for platform in ("linux/amd64", "linux/arm64"):
+        out = docker_run(
+            docker_binary, platform_image(tag, platform), platform, "sh", "-c", listing
+        )
+        lines = out.splitlines()
+        assert lines[0].split()[0] == expected, (platform, out)
+        assert (
+            lines[1].split()[0]
+            == hashlib.sha256((context / "src" / "0.bin").read_bytes()).hexdigest()
+        )
+        assert lines[2] == "new file"
