@@ -243,7 +243,7 @@ class _Run:
             key = self.args.idempotency_key
             response = await self.client.submit(
                 context_digest=sent.digest,
-                dockerfile=sent.dockerfile,
+                dockerfile=context.dockerfile,  # targets sharing a tree differ here
                 platforms=target.platforms,
                 tags=target.tags,
                 build_args={k: v for k, v in attrs.get("args", {}).items() if v is not None},

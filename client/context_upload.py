@@ -241,6 +241,7 @@ class _BlobSender:
                 f"progress; the last time: {error}",
                 error.code,
             )
+        self.progress.note(f"context upload interrupted ({error}); resuming where it stopped")
         await asyncio.sleep(backoff_delay(self.failures - 1, 0.2, cap=5.0))
 
     def _check_ranges(self, ranges: list[common_pb2.BlobRange]) -> None:

@@ -77,8 +77,11 @@ class UploadProgress:
         self._drawn = False
 
     def note(self, line: str) -> None:
-        """A line of its own (the summary), unless quiet."""
+        """A line of its own (the summary, a resume), unless quiet; a bar drawn stays above."""
         if self.mode != "quiet":
+            if self._drawn:
+                self.out.write("\n")
+                self._drawn = False
             self.out.write(line + "\n")
             self.out.flush()
 

@@ -327,6 +327,7 @@ async def test_an_interrupted_upload_resumes_where_it_stopped(
         )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert proxy.cuts == 1 and proxy.connections >= 2
+    assert "context upload interrupted" in result.stderr, result.stderr
     uploaded = coordinator_received(farm) - received
     # the blob went up once: what arrived before the cut was kept, the rest followed
     assert (40 << 20) <= uploaded < (40 << 20) + (2 << 20), uploaded
