@@ -10,7 +10,8 @@ own counters (polyarch_context_bytes_received_total / _served_total).
 Per round, both ways in alternating order, each on its own copy of the tree (so neither
 warms the other's caches):
 
-- tiny: a Dockerfile alone;
+- tiny: a Dockerfile alone (after an untimed warm-up build of its own: whichever build goes
+  first in a round pays ~0.35 s more, either way);
 - first: 200 files of 1 MB, never seen before (fresh random bytes each round);
 - same: the same 200 MB again;
 - changed: the same 200 MB with one 1 MB file rewritten.
@@ -58,6 +59,7 @@ MB = 1_000_000
 CASES = ["tiny", "first", "same", "changed"]
 CLIENT_SCRIPT = """
 import asyncio, json, sys, time
+from pathlib import Path
 from polyarch.client.api import BuildClient
 from polyarch.client.context_manifest import build_manifest
 from polyarch.client.context_upload import send_context
@@ -66,7 +68,7 @@ from polyarch.client.file_hashes import FileHashes
 
 async def main(address, token, context, cache):
     began = time.perf_counter()
-    manifest = build_manifest(context, hashes=FileHashes(cache))
+    manifest = build_manifest(context, hashes=FileHashes(Path(cache)))
     hashed = time.perf_counter()
     async with BuildClient(address, credentials=Credentials(token=token)) as client:
         sent = await send_context(client, manifest)
@@ -133,13 +135,22 @@ async def one_round(
 ) -> dict[str, dict[str, dict[str, float]]]:
     results: dict[str, dict[str, dict[str, float]]] = {case: {} for case in CASES}
     ways = ["tar", "incremental"] if n % 2 == 0 else ["incremental", "tar"]
-    for way in ways:
-        root = work / f"round-{n}-{way}"
-        tiny, big = root / "tiny", root / "big"
-        for context in (tiny, big):
+    roots = {way: work / f"round-{n}-{way}" for way in ways}
+    for root in roots.values():  # both trees first, flushed: no way times the other's writes
+        for context in (root / "tiny", root / "big"):
             context.mkdir(parents=True)
             (context / "Dockerfile").write_text("ARG BASE\nFROM ${BASE}\nRUN true\n")
-        write_files(big, 200, MB)
+        write_files(root / "big", 200, MB)
+    os.sync()
+    # untimed: the first build of a round pays ~0.35 s more whichever way goes first
+    warm = work / f"round-{n}-warm-up"
+    warm.mkdir()
+    (warm / "Dockerfile").write_text("ARG BASE\nFROM ${BASE}\nRUN true\n")
+    await timed_build(coordinator, warm, "incremental", base, f"{registry}/bench/warm:{n}", warm)
+    shutil.rmtree(warm)
+    for way in ways:
+        root = roots[way]
+        tiny, big = root / "tiny", root / "big"
         tag = f"{registry}/bench/incremental-{way}:{n}"
         cache = root / "hash-cache"
         results["tiny"][way] = await timed_build(coordinator, tiny, way, base, tag, cache)
@@ -147,6 +158,7 @@ async def one_round(
         results["same"][way] = await timed_build(coordinator, big, way, base, tag, cache)
         (big / "data" / "part-0100").write_bytes(os.urandom(MB))
         results["changed"][way] = await timed_build(coordinator, big, way, base, tag, cache)
+    for root in roots.values():
         shutil.rmtree(root)
     return results
 
@@ -230,7 +242,9 @@ def start_agent(coordinator: SecureCoordinator, work: Path, token: str) -> subpr
     )  # fmt: skip
     log.close()
     wait_until(
-        lambda: '"bench"' in coordinator.cli("agents", "--json").stdout, 60, "agent connected"
+        lambda: '"bench"' in coordinator.cli("agents", "--json").stdout,
+        timeout=60,
+        message="agent connected",
     )
     return proc
 
