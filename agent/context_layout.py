@@ -1,8 +1,9 @@
 """Lays a manifest context out in a job folder from the blob cache: the tree unpack_context makes.
 
-Files are hard links to cache variants where possible. The builders only read the context
-(docker and buildah send or copy it; nothing writes into it), which is what makes sharing
-an inode with the cache safe; the job folder is private (0700) like the cache.
+Files are hard links to cache variants where the builder cannot write into the folder
+(Builder.may_link_context: docker sends it to BuildKit; buildah only when the Dockerfile
+mounts nothing of it writable), else private copies: a write through a shared inode would
+change the cache under every other build. The job folder is private (0700) like the cache.
 """
 
 from __future__ import annotations
@@ -39,15 +40,19 @@ class LayoutStats:
     variants_made: int = 0
 
 
-def lay_out(manifest: ContextManifest, target: Path, cache: BlobCache) -> LayoutStats:
+def lay_out(
+    manifest: ContextManifest, target: Path, cache: BlobCache, *, link: bool = True
+) -> LayoutStats:
     """Makes `manifest`'s tree in the empty directory `target`; every blob must be cached
-    (and pinned). On failure the target is left empty again."""
+    (and pinned). Files are hard links to cache variants, or with `link` False private
+    copies (for a build that may write into its context). On failure the target is left
+    empty again."""
     root_fd = os.open(target, _DIR_FLAGS)
     try:
         if os.listdir(root_fd):
             raise ValueError(f"layout target {str(target)!r} is not empty")
         blobs_fd, variants_fd = cache.open_dirs()
-        layout = _Layout(root_fd, blobs_fd, variants_fd, cache)
+        layout = _Layout(root_fd, blobs_fd, variants_fd, cache, link)
         try:
             for entry in manifest.entries:
                 layout.add(entry)
@@ -72,7 +77,10 @@ class _Layout:
     """Creates entries in manifest order (parents first), each leaf exclusively, relative to
     directory fds opened one level at a time with O_NOFOLLOW."""
 
-    def __init__(self, root_fd: int, blobs_fd: int, variants_fd: int, cache: BlobCache) -> None:
+    def __init__(
+        self, root_fd: int, blobs_fd: int, variants_fd: int, cache: BlobCache, link: bool
+    ) -> None:
+        self.link = link
         self.root_fd = root_fd
         self.blobs_fd = blobs_fd
         self.variants_fd = variants_fd
@@ -120,7 +128,7 @@ class _Layout:
         name = variant_name(entry.digest, mode, entry.mtime)
         # a second path of this job with the same content, mode and mtime gets a copy: one
         # inode under two names is a hard-link pair, which the tar path never makes
-        if name not in self.linked_here:
+        if self.link and name not in self.linked_here:
             made = False
             while True:
                 try:

@@ -228,7 +228,10 @@ class Agent:
             job_dir = self.workspace.job_dir(job.job_id, job.attempt)
             step = "fetch context"
             began = time.monotonic()
-            context_dir = await self.workspace.fetch_context(stub, job.context_digest, job_dir)
+            context_dir = await self.workspace.fetch_context(
+                stub, job.context_digest, job_dir, job.dockerfile or "Dockerfile",
+                self.builder.may_link_context,
+            )  # fmt: skip
             fetched = time.monotonic()
             step = "build"
             insecure = registry_is_insecure(job.repository, self.config.insecure_registries)

@@ -69,6 +69,7 @@ CACHE_MAX_BYTES = 20 << 30
 SWEEP_INTERVAL_SECONDS = 60.0
 # A manifest is held whole to decode it: ~1M entries of ~200 bytes fit, what a tar may hold.
 MAX_MANIFEST_BYTES = 256 << 20
+_DOCKERFILE_MAX = 4 << 20  # read to decide hard links or copies; bigger ones get copies
 # Decoded manifests kept in memory (entries in total, ~450 bytes each): a rebuild of a
 # context skips decoding (~10 ms per 1,000 entries).
 _MEMORY_ENTRIES = 100_000
@@ -114,10 +115,16 @@ class Workspace:
         return path
 
     async def fetch_context(
-        self, stub: agent_pb2_grpc.AgentServiceStub, digest: str, job_dir: Path
+        self,
+        stub: agent_pb2_grpc.AgentServiceStub,
+        digest: str,
+        job_dir: Path,
+        dockerfile: str = "Dockerfile",
+        may_link: Callable[[bytes | None], bool] = lambda _dockerfile: False,
     ) -> Path:
         """Downloads the context (unless cached), verifies its digest and unpacks it (a tar)
-        or fetches the files the blob cache lacks and lays the tree out (a manifest)."""
+        or fetches the files the blob cache lacks and lays the tree out (a manifest): hard
+        links into the cache when `may_link` says so of the job's Dockerfile, else copies."""
         check_digest(digest)
         self._in_use[digest] = self._in_use.get(digest, 0) + 1
         try:
@@ -133,7 +140,7 @@ class Workspace:
                     # the archive is what the client sent: another agent would refuse it too
                     raise BuildFailed("unpack context", str(exc), infrastructure=False) from exc
             else:
-                await self._lay_out(stub, digest, manifest, target)
+                await self._lay_out(stub, digest, manifest, target, dockerfile, may_link)
         finally:
             self._in_use[digest] -= 1
             if not self._in_use[digest]:
@@ -227,13 +234,17 @@ class Workspace:
         digest: str,
         manifest: ContextManifest,
         target: Path,
+        dockerfile: str,
+        may_link: Callable[[bytes | None], bool],
     ) -> None:
         # pinned before the cache is looked at: a concurrent sweep keeps what this job uses
         self.blobs.pin(manifest.blobs)
         try:
             await fetch_blobs(stub, digest, manifest, self.blobs, self._on_bytes)
+            text = await asyncio.to_thread(_dockerfile_text, manifest, self.blobs, dockerfile)
+            link = may_link(text)
             try:
-                stats = await asyncio.to_thread(lay_out, manifest, target, self.blobs)
+                stats = await asyncio.to_thread(lay_out, manifest, target, self.blobs, link=link)
             except LayoutRefused as exc:
                 raise BuildFailed("unpack context", str(exc), infrastructure=False) from exc
             log.debug("context %s laid out: %s", digest, stats)
@@ -343,3 +354,13 @@ def _sha256_of(path: Path) -> str:
         while block := handle.read(1 << 20):
             hasher.update(block)
     return hasher.hexdigest()
+
+
+def _dockerfile_text(manifest: ContextManifest, cache: BlobCache, dockerfile: str) -> bytes | None:
+    """The job's Dockerfile from the cache, or None when the manifest has no plain file there
+    (a symlink, say: then nobody reads it here, and the layout copies)."""
+    wanted = "/".join(part for part in dockerfile.split("/") if part not in ("", "."))
+    for entry in manifest.entries:
+        if entry.path == wanted and entry.kind == "file" and entry.size <= _DOCKERFILE_MAX:
+            return (cache.blobs_dir / entry.digest.removeprefix("sha256:")).read_bytes()
+    return None

@@ -120,6 +120,12 @@ class Builder(Protocol):
         """Returns once no background clean-up of finished jobs runs (shutdown, tests)."""
         ...
 
+    def may_link_context(self, dockerfile: bytes | None) -> bool:
+        """Whether nothing a build of `dockerfile` runs can write into the context folder,
+        so its files may be hard links into the agent's cache (None: the Dockerfile is not
+        a plain file of the context). A wrong "yes" lets one build change another's files."""
+        ...
+
 
 def looks_like_infrastructure_failure(lines: Iterable[str]) -> bool:
     """True when the output shows an emulator crash or a machine-level fault."""

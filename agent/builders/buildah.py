@@ -38,6 +38,28 @@ from polyarch.proto.media_types import OCI_MANIFEST
 from polyarch.proto.platforms import Platform
 
 log = logging.getLogger(__name__)
+# A RUN --mount flag and its options (type=bind, the default type, mounts a context folder)
+_MOUNT_FLAG = re.compile(rb"--mount(=?)(\S*)")
+
+
+def may_write_context(dockerfile: bytes) -> bool:
+    """Whether a RUN of this Dockerfile could write into the context folder: buildah 1.28
+    bind-mounts the folder itself, so `RUN --mount=type=bind,rw,...` writes land there.
+
+    Conservative: any --mount with rw/readwrite, a variable, or a spelling this does not
+    parse counts. A false "yes" costs a private copy of the context; a false "no" would let
+    the build change the agent's cached files under other builds.
+    """
+    for match in _MOUNT_FLAG.finditer(dockerfile):
+        options = match[2].lower()
+        if not match[1] or b"$" in options:
+            return True
+        for option in options.split(b","):
+            key = option.split(b"=", 1)[0].strip(b"\"' ")
+            if key in (b"rw", b"readwrite"):
+                return True
+    return False
+
 
 _STEP = re.compile(r"^(?:\[(\d+)/(\d+)\] )?STEP (\d+)/(\d+): (.*)$")
 _AT_STEP = re.compile(r'building at STEP "(.*?)": (.*)$')
@@ -137,6 +159,9 @@ class BuildahBuilder:
 
             self._users[key] = StorageUsers(remove, batch=self.removal_batch)
         return self._users[key]
+
+    def may_link_context(self, dockerfile: bytes | None) -> bool:
+        return dockerfile is not None and not may_write_context(dockerfile)
 
     async def idle(self) -> None:
         """Returns once no removal of finished jobs' images runs in any storage."""

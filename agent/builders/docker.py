@@ -100,6 +100,10 @@ class DockerBuilder:
         # while the second was still exporting it ("failed to get digest ...").
         self._users = StorageUsers(self._remove_tags, batch=1)
 
+    def may_link_context(self, dockerfile: bytes | None) -> bool:
+        # the docker CLI sends the folder to BuildKit, which builds from its own copy
+        return True
+
     async def idle(self) -> None:
         """Returns once no removal of finished jobs' tags runs (for shutdown and tests)."""
         await self._users.idle()

@@ -380,3 +380,38 @@ async def test_two_agents_with_different_caches_both_build_it(
             == hashlib.sha256((context / "src" / "0.bin").read_bytes()).hexdigest()
         )
         assert lines[2] == "new file"
+
+
+async def test_a_build_writing_into_its_context_cannot_change_the_agents_cache(
+    farm: Farm, docker_binary: str, registry, base_image: str, unique_repo: str, tmp_path: Path
+) -> None:
+    """buildah 1.28 bind-mounts the context folder itself for RUN --mount, so `rw` writes
+    land in the job's files: those must be copies, never links into the agent's cache."""
+    await farm.add_agent("agent", builder_named("buildah", docker_binary), native=["linux/amd64"])
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "data.txt").write_text("original\n")
+    (context / "Dockerfile").write_text("ARG BASE\nFROM ${BASE}\nCOPY data.txt /data.txt\n")
+    (context / "Dockerfile.rw").write_text(
+        "ARG BASE\nFROM ${BASE}\n"
+        "RUN --mount=type=bind,target=/ctx,rw sh -c 'echo pwned > /ctx/data.txt'\n"
+    )
+    tag = f"{registry.address}/{unique_repo}"
+
+    async def build(name: str, *flags: str) -> None:
+        result = await farm.cli(
+            "build", "--platform", "linux/amd64", "-t", f"{tag}:{name}", "--progress", "plain",
+            "--build-arg", f"BASE={base_image}", *flags, str(context),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+
+    await build("first")  # data.txt linked from the cache
+    await build("writer", "-f", str(context / "Dockerfile.rw"))  # and now written to
+    await build("again", "--no-cache")
+    copied = docker_run(docker_binary, f"{tag}:again", "linux/amd64", "cat", "/data.txt")
+    assert copied.strip() == "original"
+    blobs = farm.work_dir / "agents" / "agent"
+    for cached in [*blobs.rglob("blobs/*"), *blobs.rglob("variants/*")]:
+        if cached.is_file() and "." not in cached.name:
+            digest = hashlib.sha256(cached.read_bytes()).hexdigest()
+            assert cached.name.startswith(digest), f"{cached} no longer holds its content"

@@ -51,6 +51,9 @@ class HeldBuilder:
     async def idle(self) -> None:
         pass  # nothing runs in the background
 
+    def may_link_context(self, dockerfile: bytes | None) -> bool:
+        return False  # builds nothing from the folder; copies are the safe default
+
     async def check(self) -> None:
         pass
 

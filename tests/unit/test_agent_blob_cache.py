@@ -12,6 +12,7 @@ import pytest
 
 from polyarch.agent import blob_fetch
 from polyarch.agent.builders.base import BuildFailed
+from polyarch.agent.builders.buildah import BuildahBuilder, may_write_context
 from polyarch.agent.workspace import Workspace
 from polyarch.proto.context_manifest import ContextManifest, ManifestEntry
 from polyarch.proto.v1 import common_pb2
@@ -171,6 +172,10 @@ async def test_a_malformed_manifest_is_refused_as_the_clients_fault(tmp_path: Pa
     assert list((tmp_path / "agent" / "contexts").iterdir()) == []
 
 
+def ALWAYS(_dockerfile: bytes | None) -> bool:
+    return True  # a builder that never writes into its context (docker)
+
+
 async def test_concurrent_jobs_download_a_shared_blob_once(tmp_path: Path) -> None:
     one, one_blobs = manifest_of({"Dockerfile": b"FROM a\n", "src/big": BIG})
     two, two_blobs = manifest_of({"Dockerfile": b"FROM b\n", "src/big": BIG})
@@ -180,15 +185,45 @@ async def test_concurrent_jobs_download_a_shared_blob_once(tmp_path: Path) -> No
     workspace = Workspace(tmp_path / "agent")
     async with serving(source) as stub:
         jobs = [(one, "a"), (two, "b"), (one, "c"), (two, "d")]
-        dirs = await asyncio.gather(
-            *(workspace.fetch_context(stub, m.digest, workspace.job_dir(j, 1)) for m, j in jobs)
-        )
+        dirs = await asyncio.gather(*(
+            workspace.fetch_context(stub, m.digest, workspace.job_dir(j, 1), may_link=ALWAYS)
+            for m, j in jobs
+        ))  # fmt: skip
     asked = [digest for request in source.blob_requests for digest, _, _ in request]
     assert sorted(asked) == sorted([digest_of(BIG), digest_of(b"FROM a\n"), digest_of(b"FROM b\n")])
     assert source.context_calls == 2
     assert [(d / "src" / "big").read_bytes() == BIG for d in dirs] == [True] * 4
     inodes = {(d / "src" / "big").stat().st_ino for d in dirs}
     assert len(inodes) == 1  # one variant, hard-linked into every job
+
+
+async def test_a_build_that_may_write_its_context_gets_private_copies(tmp_path: Path) -> None:
+    """buildah bind-mounts the context folder for RUN --mount: with `rw` a build writes
+    there, so such a Dockerfile's files must not be hard links into the cache."""
+    safe = b"FROM a\nCOPY src /src\n"
+    writes = b"FROM a\nRUN --mount=type=bind,target=/ctx,rw echo x > /ctx/src/big\n"
+    one, one_blobs = manifest_of({"Dockerfile": writes, "src/big": BIG})
+    two, two_blobs = manifest_of({"Dockerfile": safe, "src/big": BIG})
+    source = ContextSource(chunk=4096)
+    source.add_manifest(one, one_blobs)
+    source.add_manifest(two, two_blobs)
+    workspace = Workspace(tmp_path / "agent")
+    buildah = BuildahBuilder(removal_batch=1)
+    async with serving(source) as stub:
+        linked = await workspace.fetch_context(
+            stub, two.digest, workspace.job_dir("safe", 1), may_link=buildah.may_link_context
+        )
+        private = await workspace.fetch_context(
+            stub, one.digest, workspace.job_dir("rw", 1), may_link=buildah.may_link_context
+        )
+        assert (linked / "src" / "big").stat().st_nlink > 1  # shared with the cache
+        assert (private / "src" / "big").stat().st_nlink == 1
+        (private / "src" / "big").write_bytes(b"pwned\n")  # what the RUN step would do
+        again = await workspace.fetch_context(
+            stub, two.digest, workspace.job_dir("again", 1), may_link=buildah.may_link_context
+        )
+    assert (again / "src" / "big").read_bytes() == BIG
+    assert (linked / "src" / "big").read_bytes() == BIG
 
 
 async def test_trim_sweeps_blobs_only_no_cached_or_running_context_uses(tmp_path: Path) -> None:
@@ -266,3 +301,22 @@ async def test_blobs_are_asked_for_in_batches(
     asked = [digest for request in source.blob_requests for digest, _, _ in request]
     assert asked == list(manifest.blobs)
     assert snapshot(laid) == expected_tree({"Dockerfile": b"FROM scratch\n", **files})
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "writes"),
+    [
+        (b"FROM a\nCOPY . /src\nRUN make\n", False),
+        (b"FROM a\nRUN --mount=type=bind,target=/src make\n", False),
+        (b"FROM a\nRUN --mount=type=cache,target=/root/.cache make\n", False),
+        (b"FROM a\nRUN --mount=type=bind,target=/src,rw make\n", True),
+        (b"FROM a\nRUN --mount=type=bind,target=/src,readwrite=true make\n", True),
+        (b"FROM a\nRUN --mount=target=/src,RW make\n", True),
+        (b'FROM a\nRUN --mount="type=bind,rw" make\n', True),
+        (b"FROM a\nARG M=rw\nRUN --mount=type=bind,${M} make\n", True),
+        (b"FROM a\nRUN --mount type=bind,rw make\n", True),  # a spelling not parsed: assume so
+    ],
+)
+def test_which_dockerfiles_may_write_their_context(dockerfile: bytes, writes: bool) -> None:
+    assert may_write_context(dockerfile) is writes
+    assert BuildahBuilder(removal_batch=1).may_link_context(dockerfile) is not writes
