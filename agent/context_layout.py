@@ -9,12 +9,11 @@ change the cache under every other build. The job folder is private (0700) like 
 from __future__ import annotations
 
 import os
-import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from polyarch.agent.blob_cache import BlobCache, copy_blob, hex_of, set_mtime, variant_name
+from polyarch.agent.context_unpack import empty_dir
 from polyarch.proto.context_manifest import ContextManifest, ManifestEntry
 from polyarch.proto.context_paths import PathRuleError, check_symlink, split_path
 
@@ -61,7 +60,7 @@ def lay_out(
         except BaseException as exc:
             layout.leave()
             try:
-                _empty(root_fd)
+                empty_dir(root_fd)
             except OSError as cleanup:
                 exc.add_note(f"removing the partial tree failed too: {cleanup}")
             raise
@@ -187,11 +186,3 @@ def _parts(entry: ManifestEntry) -> tuple[str, ...]:
     except PathRuleError as exc:
         raise LayoutRefused(entry.path, str(exc)) from None
     return parts
-
-
-def _empty(dir_fd: int) -> None:
-    for name in os.listdir(dir_fd):
-        if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-            shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: never follows the tree's symlinks
-        else:
-            os.unlink(name, dir_fd=dir_fd)

@@ -104,7 +104,7 @@ def unpack_context(
             return unpacker.skipped
         except BaseException as exc:
             try:
-                _empty(root_fd)
+                empty_dir(root_fd)
             except OSError as cleanup:
                 exc.add_note(f"removing the partial tree failed too: {cleanup}")
             raise
@@ -112,7 +112,8 @@ def unpack_context(
         os.close(root_fd)
 
 
-def _empty(dir_fd: int) -> None:
+def empty_dir(dir_fd: int) -> None:
+    """Removes everything in the folder `dir_fd`, following no symlink (a failed unpack's)."""
     for name in os.listdir(dir_fd):
         if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
             shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: never follows the tree's symlinks
