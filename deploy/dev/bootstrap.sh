@@ -27,6 +27,8 @@ PACKAGES=(
     prometheus
     # systemd-analyze: tests verify deploy/systemd/'s units (PID 1 need not be systemd).
     systemd
+    # tests start a throwaway PostgreSQL server (the PostgreSQL StateStore's contract tests).
+    postgresql
 )
 FOREIGN_ARCHES=(arm64 armhf)
 QEMU_HANDLERS=(qemu-aarch64 qemu-arm)
