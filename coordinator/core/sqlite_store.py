@@ -14,34 +14,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from polyarch.coordinator.core.model import (
-    BuildRecord,
-    BuildSpec,
-    BuildState,
-    EmulationPolicy,
-    JobRecord,
-    JobState,
-    Mode,
-    spec_json,
-)
+from polyarch.coordinator.core.model import BuildRecord, JobRecord
 from polyarch.coordinator.core.store import (
     DuplicateIdempotencyKey,
+    SchemaTooNew,
     StoreClosed,
     StoreError,
     _log_failed_write,
     _LoopAffinity,
     _settle,
 )
+from polyarch.coordinator.core.store_rows import (
+    BUILD_COLUMNS,
+    BUILD_CREATED_AT,
+    BUILD_KEY,
+    JOB_ATTEMPT,
+    JOB_COLUMNS,
+    JOB_ID,
+    JOB_STATE,
+    TERMINAL_STATES,
+    Row,
+    build_from_row,
+    build_row,
+    job_from_row,
+    job_row,
+    outcome_row,
+    upsert_assignments,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-
-def _spec_from_json(text: str) -> BuildSpec:
-    data: dict[str, Any] = json.loads(text)
-    data["emulation"] = EmulationPolicy(data["emulation"])
-    return BuildSpec(**data)
+# PRAGMA user_version of a file this code made: a file with a higher one is refused. Version 1
+# is every table and column below; files from before versioning (0) are brought up to it.
+SCHEMA_VERSION = 1
 
 
 _SCHEMA = """
@@ -92,20 +99,6 @@ CREATE TABLE IF NOT EXISTS job_transitions (
 """
 
 
-def _upsert(table: str, columns: str) -> str:
-    """INSERT ... ON CONFLICT UPDATE: unlike INSERT OR REPLACE it keeps the rowid (and order)."""
-    names = [c.strip() for c in columns.split(",")]
-    updates = ", ".join(f"{n} = excluded.{n}" for n in names[1:])
-    marks = ",".join("?" * len(names))
-    return (
-        f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT(id) DO UPDATE SET {updates}"
-    )
-
-
-_BUILD_COLUMNS = (
-    "id, state, spec, created_at, finished_at, idempotency_key, "
-    "index_digest, index_media_type, index_size, error, owner, request_hash"
-)
 # Columns added after the first release, for databases made before them.
 _ADDED_COLUMNS = [
     ("builds", "owner", "TEXT NOT NULL DEFAULT ''"),
@@ -114,64 +107,38 @@ _ADDED_COLUMNS = [
     ("jobs", "attestation_digest", "TEXT NOT NULL DEFAULT ''"),
     ("jobs", "attestation_size", "INTEGER NOT NULL DEFAULT 0"),
 ]
-_JOB_COLUMNS = (
-    "id, build_id, platform, state, agent, mode, attempt, digest, size, media_type, "
-    "error, failed_step, queued_at, started_at, finished_at, requeue_reasons, config_digest, "
-    "attestation_digest, attestation_size"
-)
-_INSERT_BUILD = f"INSERT INTO builds ({_BUILD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+
+_INSERT_BUILD = f"INSERT INTO builds ({BUILD_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 # A build's request (spec, owner, key, hash, created_at) is written once, by create_build;
 # save_build writes what changes, so no state change re-encodes the spec.
 _UPDATE_BUILD = (
     "UPDATE builds SET state = ?, finished_at = ?, index_digest = ?, index_media_type = ?, "
     "index_size = ?, error = ? WHERE id = ?"
 )
-_UPSERT_JOB = _upsert("jobs", _JOB_COLUMNS)
-
-Row = tuple[Any, ...]
-
-
-def _build_row(build: BuildRecord) -> Row:
-    return (
-        build.id, build.state.value, spec_json(build.spec), build.created_at,
-        build.finished_at, build.idempotency_key or None, build.index_digest,
-        build.index_media_type, build.index_size, build.error, build.owner,
-        build.request_hash,
-    )  # fmt: skip
+# INSERT ... ON CONFLICT UPDATE: unlike INSERT OR REPLACE it keeps the rowid (and the order).
+_UPSERT_JOB = (
+    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({','.join('?' * 19)}) "
+    f"ON CONFLICT(id) DO UPDATE SET {upsert_assignments(JOB_COLUMNS)}"
+)
 
 
-def _job_row(job: JobRecord) -> Row:
-    return (
-        job.id, job.build_id, job.platform, job.state.value, job.agent,
-        job.mode.value if job.mode else None, job.attempt, job.digest, job.size,
-        job.media_type, job.error, job.failed_step, job.queued_at, job.started_at,
-        job.finished_at, json.dumps(job.requeue_reasons) if job.requeue_reasons else "[]",
-        job.config_digest, job.attestation_digest, job.attestation_size,
-    )  # fmt: skip
-
-
-def _build_from_row(row: Row) -> BuildRecord:
-    return BuildRecord(
-        id=row[0], state=BuildState(row[1]), spec=_spec_from_json(row[2]),
-        created_at=row[3], finished_at=row[4], idempotency_key=row[5] or "",
-        index_digest=row[6], index_media_type=row[7], index_size=row[8], error=row[9],
-        owner=row[10], request_hash=row[11],
-    )  # fmt: skip
-
-
-def _job_from_row(row: Row) -> JobRecord:
-    return JobRecord(
-        id=row[0], build_id=row[1], platform=row[2], state=JobState(row[3]), agent=row[4],
-        mode=Mode(row[5]) if row[5] else None, attempt=row[6], digest=row[7], size=row[8],
-        media_type=row[9], error=row[10], failed_step=row[11], queued_at=row[12],
-        started_at=row[13], finished_at=row[14], requeue_reasons=json.loads(row[15]),
-        config_digest=row[16], attestation_digest=row[17], attestation_size=row[18],
-    )  # fmt: skip
+def _migrate(db: sqlite3.Connection, path: Path | str) -> None:
+    """Creates or completes the schema; refuses a file a newer polyarch wrote."""
+    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNew(f"the SQLite database {path}", found, SCHEMA_VERSION)
+    db.executescript(_SCHEMA)
+    for table, column, kind in _ADDED_COLUMNS:
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    if found < SCHEMA_VERSION:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _write_job(db: sqlite3.Connection, row: Row, reason: str, at: float) -> None:
     """Upserts a job row; appends a transition when (state, attempt) changed."""
-    job_id, state, attempt = row[0], row[3], row[6]
+    job_id, state, attempt = row[JOB_ID], row[JOB_STATE], row[JOB_ATTEMPT]
     previous = db.execute("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
     db.execute(_UPSERT_JOB, row)
     if previous is None or tuple(previous) != (state, attempt):
@@ -185,13 +152,13 @@ def _insert_build(db: sqlite3.Connection, build: Row, jobs: list[Row]) -> None:
     try:
         db.execute(_INSERT_BUILD, build)
     except sqlite3.IntegrityError:
-        key = build[5]
+        key = build[BUILD_KEY]
         row = db.execute("SELECT id FROM builds WHERE idempotency_key = ?", (key,)).fetchone()
         if key is None or row is None:
             raise
         raise DuplicateIdempotencyKey(row[0]) from None
     for job in jobs:
-        _write_job(db, job, "submitted", build[3])
+        _write_job(db, job, "submitted", build[BUILD_CREATED_AT])
 
 
 @dataclass(slots=True)
@@ -237,11 +204,7 @@ class SQLiteStore(_LoopAffinity):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            for table, column, kind in _ADDED_COLUMNS:
-                present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-                if column not in present:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            _migrate(self._db, path)
         except BaseException:
             self._db.close()
             raise
@@ -254,27 +217,24 @@ class SQLiteStore(_LoopAffinity):
 
     # ---- writes -------------------------------------------------------------
     def create_build(self, build: BuildRecord, jobs: list[JobRecord]) -> asyncio.Future[None]:
-        build_row, job_rows = _build_row(build), [_job_row(j) for j in jobs]
-        return self._write(lambda db: _insert_build(db, build_row, job_rows))
+        row, job_rows = build_row(build), [job_row(j) for j in jobs]
+        return self._write(lambda db: _insert_build(db, row, job_rows))
 
     def save_build(self, build: BuildRecord) -> asyncio.Future[None]:
-        row = (
-            build.state.value, build.finished_at, build.index_digest, build.index_media_type,
-            build.index_size, build.error, build.id,
-        )  # fmt: skip
+        row = outcome_row(build)
         return self._write(lambda db: db.execute(_UPDATE_BUILD, row))
 
     def save_job(self, job: JobRecord, reason: str = "", at: float = 0.0) -> asyncio.Future[None]:
-        row = _job_row(job)
+        row = job_row(job)
         return self._write(lambda db: _write_job(db, row, reason, at))
 
     # ---- reads --------------------------------------------------------------
     async def get_build(self, build_id: str) -> BuildRecord | None:
-        sql = f"SELECT {_BUILD_COLUMNS} FROM builds WHERE id = ?"
+        sql = f"SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?"
         return await self._read(lambda db: _one_build(db.execute(sql, (build_id,))))
 
     async def find_by_idempotency_key(self, key: str) -> BuildRecord | None:
-        sql = f"SELECT {_BUILD_COLUMNS} FROM builds WHERE idempotency_key = ?"  # "" is NULL
+        sql = f"SELECT {BUILD_COLUMNS} FROM builds WHERE idempotency_key = ?"  # "" is NULL
         return await self._read(lambda db: _one_build(db.execute(sql, (key,))))
 
     async def jobs_of(self, build_id: str) -> list[JobRecord]:
@@ -284,14 +244,14 @@ class SQLiteStore(_LoopAffinity):
         ids = list(dict.fromkeys(build_ids))
         # one statement whatever the count: the ids travel as one JSON array
         sql = (
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE build_id IN "
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE build_id IN "
             "(SELECT value FROM json_each(?)) ORDER BY rowid"
         )
 
         def query(db: sqlite3.Connection) -> dict[str, list[JobRecord]]:
             found: dict[str, list[JobRecord]] = {build_id: [] for build_id in ids}
             for row in db.execute(sql, (json.dumps(ids),)):
-                found[row[1]].append(_job_from_row(row))
+                found[row[1]].append(job_from_row(row))
             return found
 
         return await self._read(query)
@@ -301,15 +261,15 @@ class SQLiteStore(_LoopAffinity):
     ) -> list[BuildRecord]:
         where, args = ("WHERE (created_at, id) < (?, ?)", before) if before else ("", ())
         sql = (
-            f"SELECT {_BUILD_COLUMNS} FROM builds {where} ORDER BY created_at DESC, id DESC LIMIT ?"
+            f"SELECT {BUILD_COLUMNS} FROM builds {where} ORDER BY created_at DESC, id DESC LIMIT ?"
         )
         return await self._read(lambda db: _all_builds(db.execute(sql, (*args, limit))))
 
     async def unfinished_builds(self) -> list[BuildRecord]:
-        terminal = tuple(s.value for s in BuildState if s.terminal)
+        terminal = TERMINAL_STATES
         marks = ",".join("?" * len(terminal))
         sql = (
-            f"SELECT {_BUILD_COLUMNS} FROM builds WHERE state NOT IN ({marks}) "
+            f"SELECT {BUILD_COLUMNS} FROM builds WHERE state NOT IN ({marks}) "
             "ORDER BY created_at, rowid"
         )
         return await self._read(lambda db: _all_builds(db.execute(sql, terminal)))
@@ -456,8 +416,8 @@ def _neutral(error: Exception) -> Exception:
 
 def _one_build(cursor: sqlite3.Cursor) -> BuildRecord | None:
     row = cursor.fetchone()
-    return None if row is None else _build_from_row(row)
+    return None if row is None else build_from_row(row)
 
 
 def _all_builds(cursor: sqlite3.Cursor) -> list[BuildRecord]:
-    return [_build_from_row(row) for row in cursor]
+    return [build_from_row(row) for row in cursor]

@@ -34,6 +34,17 @@ class StoreClosed(StoreError):
     """The store was used after close()."""
 
 
+class SchemaTooNew(StoreError):
+    """The database was migrated by a newer polyarch: this one would misread it, so it stops."""
+
+    def __init__(self, where: str, found: int, known: int) -> None:
+        super().__init__(
+            f"{where} has schema version {found}, newer than version {known} that this polyarch "
+            "knows: upgrade polyarch (a downgrade cannot read it)"
+        )
+        self.found, self.known = found, known
+
+
 class StateStore(Protocol):
     """Where builds and jobs live.
 
