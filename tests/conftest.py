@@ -17,6 +17,7 @@ from typing import NoReturn
 import pytest
 
 from tests.support import services
+from tests.support.postgres import PostgresServer, running_postgres
 from tests.support.services import Registry, ServiceError
 
 # testcontainers' reaper (Ryuk) is an image on Docker Hub, which CI can't pull.
@@ -69,6 +70,25 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
             yield reg
     except ServiceError as exc:
         _fail_on_service_error(exc)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server on 127.0.0.1 (scram auth), shared by the session."""
+    try:
+        with running_postgres() as server:
+            yield server
+    except ServiceError as exc:
+        _fail_on_service_error(exc)
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """A DSN (no password: a password file) of a new empty database, dropped after the test."""
+    name = f"test_{secrets.token_hex(6)}"
+    dsn = postgres_server.create_database(name)
+    yield dsn
+    postgres_server.drop_database(name)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The StateStore contract, run against every backend (SQLite and memory)."""
+"""The StateStore contract, run against every backend (SQLite, PostgreSQL and memory)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from polyarch.coordinator.core.model import (
     JobState,
     Mode,
 )
+from polyarch.coordinator.core.postgres_store import PostgresStore
 from polyarch.coordinator.core.sqlite_store import SQLiteStore
 from polyarch.coordinator.core.store import (
     DuplicateIdempotencyKey,
@@ -55,8 +56,9 @@ def make_build(
 
 
 class Commits:
-    """observe_batch for SQLiteStore: records each commit's size and can hold the writer
-    thread after a commit, so every write queued meanwhile lands in the next one."""
+    """observe_batch: records each commit's size. For SQLiteStore it can hold the writer
+    thread after a commit, so every write queued meanwhile lands in the next one (the
+    PostgreSQL writer is a task on the loop: calls made without awaiting share a batch)."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
@@ -87,15 +89,19 @@ def commits() -> Commits:
     return Commits()
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "postgres", "memory"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, commits: Commits
 ) -> AsyncIterator[StateStore]:
-    backend: StateStore = (
-        SQLiteStore(tmp_path / "state.sqlite3", observe_batch=commits)
-        if request.param == "sqlite"
-        else MemoryStore()
-    )
+    backend: StateStore
+    if request.param == "sqlite":
+        backend = SQLiteStore(tmp_path / "state.sqlite3", observe_batch=commits)
+    elif request.param == "postgres":  # a new database per test, on the session's server
+        backend = await PostgresStore.open(
+            request.getfixturevalue("postgres_dsn"), observe_batch=commits
+        )
+    else:
+        backend = MemoryStore()
     yield backend
     commits.release()
     await backend.close()
@@ -148,7 +154,7 @@ async def test_a_duplicate_key_in_one_batch_fails_only_that_build(
     results = await asyncio.gather(first, second, third, fourth, return_exceptions=True)
     assert results[0] is None and results[2] is None and results[3] is None
     assert isinstance(results[1], DuplicateIdempotencyKey) and results[1].build_id == "b1"
-    if isinstance(store, SQLiteStore):
+    if isinstance(store, SQLiteStore | PostgresStore):
         assert commits.sizes[-1] == 4  # one transaction held all four
     assert await store.get_build("b2") is None
     assert await store.jobs_of("b2") == []

@@ -1,0 +1,108 @@
+"""The PostgreSQL schema as numbered migrations, applied in order under an advisory lock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from polyarch.coordinator.core.store import SchemaTooNew
+
+# Step N brings a database from version N-1 to N. An applied step is never edited: a change
+# is a new step at the end (ALTER TABLE ...), so every database ends up with the same schema.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: builds, jobs and transitions as in SQLite. Times are epoch seconds in double
+    # precision: a record's float comes back bit for bit (timestamptz keeps microseconds
+    # only, and list_builds_page's cursor compares them exactly). `seq` is the creation order
+    # (SQLite's rowid): an upsert keeps it.
+    """
+    CREATE TABLE builds (
+        seq bigint GENERATED ALWAYS AS IDENTITY,
+        id text PRIMARY KEY,
+        state text NOT NULL,
+        spec text NOT NULL,
+        created_at double precision NOT NULL,
+        finished_at double precision,
+        idempotency_key text CONSTRAINT builds_idempotency_key UNIQUE,
+        index_digest text NOT NULL DEFAULT '',
+        index_media_type text NOT NULL DEFAULT '',
+        index_size bigint NOT NULL DEFAULT 0,
+        error text NOT NULL DEFAULT '',
+        owner text NOT NULL DEFAULT '',
+        request_hash text NOT NULL DEFAULT ''
+    );
+    CREATE INDEX builds_by_created ON builds (created_at, id);
+    -- unfinished_builds reads only the few builds not yet finished
+    CREATE INDEX builds_unfinished ON builds (created_at, seq)
+        WHERE state NOT IN ('succeeded', 'failed', 'cancelled');
+    CREATE TABLE jobs (
+        seq bigint GENERATED ALWAYS AS IDENTITY,
+        id text PRIMARY KEY,
+        build_id text NOT NULL REFERENCES builds (id),
+        platform text NOT NULL,
+        state text NOT NULL,
+        agent text NOT NULL DEFAULT '',
+        mode text,
+        attempt integer NOT NULL DEFAULT 0,
+        digest text NOT NULL DEFAULT '',
+        size bigint NOT NULL DEFAULT 0,
+        media_type text NOT NULL DEFAULT '',
+        error text NOT NULL DEFAULT '',
+        failed_step text NOT NULL DEFAULT '',
+        queued_at double precision NOT NULL,
+        started_at double precision,
+        finished_at double precision,
+        requeue_reasons text NOT NULL DEFAULT '[]',
+        config_digest text NOT NULL DEFAULT '',
+        attestation_digest text NOT NULL DEFAULT '',
+        attestation_size bigint NOT NULL DEFAULT 0
+    );
+    CREATE INDEX jobs_by_build ON jobs (build_id, seq);
+    CREATE TABLE job_transitions (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        job_id text NOT NULL,
+        attempt integer NOT NULL,
+        state text NOT NULL,
+        reason text NOT NULL,
+        at double precision NOT NULL
+    );
+    CREATE INDEX job_transitions_by_job ON job_transitions (job_id, seq);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# The advisory lock key migrations hold (transaction-scoped), the same in every coordinator so
+# that two starting at once migrate one after the other. Advisory locks are per database.
+# Other keys (a leader lease, later) must differ.
+MIGRATION_LOCK = 0x706F_6C79_6172_6368  # "polyarch"
+
+_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+async def migrate(
+    conn: AsyncConnection[Any], where: str, migrations: tuple[str, ...] = MIGRATIONS
+) -> tuple[int, int]:
+    """Applies the steps the database lacks, in one transaction; returns (found, now).
+
+    Refuses (SchemaTooNew, naming both versions) a database a newer polyarch migrated. The
+    connection must be in autocommit mode (no transaction open).
+    """
+    known = len(migrations)
+    async with conn.transaction():
+        # First, before even the version table: a concurrent CREATE TABLE IF NOT EXISTS can fail.
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        await conn.execute(_VERSION_TABLE)
+        cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_version")
+        row = await cursor.fetchone()
+        found = int(row[0]) if row else 0
+        if found > known:
+            raise SchemaTooNew(where, found, known)
+        for version in range(found + 1, known + 1):
+            await conn.execute(migrations[version - 1])
+            await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+    return found, max(found, known)
