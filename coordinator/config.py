@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from polyarch.coordinator.database_address import (
+    DatabaseAddressError,
+    read_database_file,
+    refuse_password,
+)
 from polyarch.coordinator.limits import Limits, LimitSyntaxError, with_overrides
 from polyarch.proto.agent_protocol import DEFAULT_AGENT_LEASE
 from polyarch.proto.config_files import ConfigError as ConfigError  # server.py imports it here
@@ -24,6 +29,11 @@ class CoordinatorConfig:
 
     listen: str = "127.0.0.1:7600"
     data_dir: Path = Path("/var/lib/polyarch")
+    # Where builds and jobs live: "" = SQLite in data_dir; a PostgreSQL connection string
+    # (postgresql://USER@HOST:PORT/DB) without a password: `ps` shows it to everyone.
+    database: str = ""
+    # A file (mode 0600) holding the connection string, password and all, instead.
+    database_file: Path | None = None
     # The agent channel (mTLS); "" = the listen host, listen port + 1 (port 0 stays 0).
     agent_listen: str = ""
     # Plaintext, no tokens: refused unless every listen address is loopback.
@@ -59,7 +69,8 @@ class CoordinatorConfig:
     sign_key: Path | None = None
 
 
-_PATHS = {"data_dir", "tls_cert", "tls_key", "tls_client_ca", "docker_config", "sign_key"}
+_PATHS = {"data_dir", "tls_cert", "tls_key", "tls_client_ca", "docker_config", "sign_key",
+          "database_file"}  # fmt: skip
 _LISTS = {"advertise", "insecure_registries", "immutable_tags"}
 _FLOATS = {"agent_timeout", "registry_timeout", "context_gc_interval", "scan_timeout"}
 _BOOLS = {"insecure", "allow_build_scan_command"}
@@ -117,12 +128,27 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
     except LimitSyntaxError as exc:
         raise ConfigError(str(exc)) from None
     config = CoordinatorConfig(**values)
+    where = "--database" if getattr(args, "database", None) else f"database in {args.config}"
+    check_database(config, where)
     if config.sign_key is not None:
         try:
             load_key_file(config.sign_key)  # refused now, with a usage exit, not at start
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return config
+
+
+def check_database(config: CoordinatorConfig, source: str) -> None:
+    """Refuses a database setting now (a usage exit), never quoting a password back."""
+    if config.database and config.database_file:
+        raise ConfigError("give the database as --database or as --database-file, not both")
+    try:
+        if config.database:
+            refuse_password(config.database, source)
+        if config.database_file is not None:
+            read_database_file(config.database_file)
+    except DatabaseAddressError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _address(text: str) -> str:
@@ -154,6 +180,12 @@ def add_coordinator_flags(parser: argparse.ArgumentParser) -> None:
     add("--config", type=Path, metavar="FILE", help="a TOML file with a [coordinator] table")
     add("--listen", type=_address, metavar="ADDR", help=f"clients' TLS port (default {d.listen})")
     add("--data-dir", type=Path, metavar="DIR", help=f"state, CA, tokens (default {d.data_dir})")
+    add("--database", metavar="DSN",
+        help="keep builds in PostgreSQL: postgresql://USER@HOST:PORT/DB, no password (use "
+        "--database-file, PGPASSFILE or PGPASSWORD); default: SQLite in --data-dir")  # fmt: skip
+    add("--database-file", type=Path, metavar="FILE",
+        help="a file (mode 0600) holding the PostgreSQL connection string, password "
+        "and all")  # fmt: skip
     add("--metrics-listen", type=_address_or_off, metavar="ADDR",
         help=f"Prometheus endpoint (default {d.metrics_listen}; 'off' disables)")  # fmt: skip
     add("--docker-config", type=Path, metavar="PATH", help="the farm's registry credentials")

@@ -153,6 +153,11 @@ class CoordinatorMetrics:
             "polyarch_store_commit_writes", "State changes that shared one commit.",
             buckets=_BATCH_BUCKETS, registry=r,
         )  # fmt: skip
+        self.store_commit_seconds = Histogram(
+            "polyarch_store_commit_seconds",
+            "Time the database took to apply one commit's state changes and commit them.",
+            buckets=_STORE_BUCKETS, registry=r,
+        )  # fmt: skip
         self.contexts_deleted = Counter(
             "polyarch_contexts_deleted", "Unused build contexts deleted by garbage collection.",
             registry=r,

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,7 +19,10 @@ from polyarch.coordinator.config import ConfigError, CoordinatorConfig, config_f
 from polyarch.coordinator.contexts.gc import ContextCollector, digests_in_use
 from polyarch.coordinator.contexts.store import ContextStore
 from polyarch.coordinator.core.manager import BuildManager
+from polyarch.coordinator.core.postgres_store import PostgresStore
 from polyarch.coordinator.core.sqlite_store import SQLiteStore
+from polyarch.coordinator.core.store import StateStore
+from polyarch.coordinator.database_address import read_database_file, redacted_dsn
 from polyarch.coordinator.exports.exporter import BuildExporter
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.registry.assembly import IndexPublisher
@@ -116,7 +120,7 @@ class Coordinator:
         self.finished = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
-        self._store: SQLiteStore | None = None
+        self._store: StateStore | None = None
         self._registry: RegistryClient | None = None
         self._publisher: IndexPublisher | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -148,11 +152,8 @@ class Coordinator:
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(cfg.data_dir, 0o700)
         database = cfg.data_dir / "state.sqlite3"
-        create_private_database(database)
-        self._store = SQLiteStore(
-            database, self.metrics.store_write_seconds.observe,
-            self.metrics.store_commit_writes.observe,
-        )  # fmt: skip
+        create_private_database(database)  # the trust store's tables stay here in any case
+        self._store = await self._open_state_store(database)
         self._registry = RegistryClient(
             credentials=CredentialStore.from_docker_config(cfg.docker_config),
             insecure_registries=cfg.insecure_registries,
@@ -236,6 +237,18 @@ class Coordinator:
             "coordinator listening on port %d, agents on %d (%s; data in %s)", self.port,
             self.agent_port, "PLAINTEXT" if cfg.insecure else "TLS", cfg.data_dir,
         )  # fmt: skip
+
+    async def _open_state_store(self, sqlite_path: Path) -> StateStore:
+        """PostgreSQL when --database or --database-file says so, else SQLite in data_dir."""
+        cfg, metrics = self.config, self.metrics
+        dsn = read_database_file(cfg.database_file) if cfg.database_file else cfg.database
+        observers = (metrics.store_write_seconds.observe, metrics.store_commit_writes.observe,
+                     metrics.store_commit_seconds.observe)  # fmt: skip
+        if dsn:
+            store = await PostgresStore.open(dsn, *observers)
+            log.info("build state in %s", redacted_dsn(dsn))  # never the password
+            return store
+        return SQLiteStore(sqlite_path, *observers)
 
     def _add_ports(self, server: grpc.aio.Server, agent_listen: str) -> tuple[int, int]:
         """The API port (TLS, tokens) and the agent port (mTLS); one plaintext port if insecure."""

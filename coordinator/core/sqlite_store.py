@@ -188,8 +188,9 @@ class SQLiteStore(_LoopAffinity):
     A read's answer is released only with its batch, after the commit: nobody sees state
     that is not durable. If the commit fails, every call in the batch fails with StoreError.
 
-    observe_write(seconds) gets each write's time from its call to its commit and
-    observe_batch(n) each commit's write count; both run on the writer thread.
+    observe_write(seconds) gets each write's time from its call to its commit, observe_batch(n)
+    each commit's write count, observe_commit(seconds) each batch's time in the database; all
+    run on the writer thread.
     """
 
     def __init__(
@@ -197,6 +198,7 @@ class SQLiteStore(_LoopAffinity):
         path: Path | str,
         observe_write: Callable[[float], None] | None = None,
         observe_batch: Callable[[int], None] | None = None,
+        observe_commit: Callable[[float], None] | None = None,
     ) -> None:
         # Opened here (so a bad path fails the constructor), used only by the writer after.
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
@@ -210,6 +212,7 @@ class SQLiteStore(_LoopAffinity):
             raise
         self._observe_write = observe_write
         self._observe_batch = observe_batch
+        self._observe_commit = observe_commit
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._closing: asyncio.Future[None] | None = None
         self._thread = threading.Thread(target=self._run, name="polyarch-store", daemon=True)
@@ -323,6 +326,7 @@ class SQLiteStore(_LoopAffinity):
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            applying_at = time.perf_counter()
             outcomes, writes = self._apply(batch)
             durable_at = time.perf_counter()
             if batch[-1].kind == "stop":
@@ -331,7 +335,9 @@ class SQLiteStore(_LoopAffinity):
                     self._db.close()
                 except sqlite3.Error:
                     log.exception("store: closing the database failed")
-            self._observe(batch, writes, durable_at)  # first: a settled write is counted
+            self._observe(
+                batch, writes, applying_at, durable_at
+            )  # first: a settled write is counted
             self._deliver(outcomes)
 
     def _apply(
@@ -386,10 +392,14 @@ class SQLiteStore(_LoopAffinity):
         except RuntimeError:  # the loop is closed: nobody is left to tell
             log.warning("store: event loop closed before %d calls were settled", len(outcomes))
 
-    def _observe(self, batch: list[_Op], writes: int, durable_at: float) -> None:
+    def _observe(
+        self, batch: list[_Op], writes: int, applying_at: float, durable_at: float
+    ) -> None:
         if not writes:
             return
         try:
+            if self._observe_commit is not None:
+                self._observe_commit(durable_at - applying_at)
             if self._observe_batch is not None:
                 self._observe_batch(writes)
             if self._observe_write is not None:
