@@ -1,19 +1,23 @@
-"""What group commit buys: the old synchronous SQLite store against the threaded one.
+"""The state store alone: SQLite (writer thread, group commit) and PostgreSQL side by side.
 
-Each round runs both stores, alternating, each in its own process (the old store is the
-tree before commit e7568a3, importable through --before) on a file on disk. K asyncio
-tasks drive N build lifecycles (create_build, then 8 save_job and 2 save_build), each write
-an RPC of its own: it yields to the loop, writes, and awaits durability. "write latency" is
-the store call until durable; "rpc latency" adds the wait for a busy loop. A probe task
-sleeps 1 ms in a loop and records how late it wakes: the event loop's lag.
+Each round runs every store named by --kinds, alternating, each in its own process: "new"
+is the SQLite store on a file on disk, "postgres" the PostgreSQL store on a fresh database
+of one local server this run starts (tests/support/postgres.py: 127.0.0.1, fsync on, its
+data in /tmp), "old" the synchronous SQLite store of the tree before commit e7568a3
+(importable through --before). K asyncio tasks drive N build lifecycles (create_build, then
+8 save_job and 2 save_build), each write an RPC of its own: it yields to the loop, writes,
+and awaits durability. "write latency" is the store call until durable; "rpc latency" adds
+the wait for a busy loop. A probe task sleeps 1 ms in a loop and records how late it wakes:
+the event loop's lag (the PostgreSQL writer is a task on the loop, so its work shows there).
 
-    PYTHONPATH=/tmp/storeshim .venv/bin/python bench/store.py --builds 300 --tasks 32
+    PYTHONPATH=/tmp/shim .venv/bin/python bench/store.py --builds 300 --tasks 32
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -33,9 +37,15 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-async def drive(kind: str, builds: int, tasks: int, path: Path) -> dict[str, float]:
+async def drive(kind: str, builds: int, tasks: int, path: Path, dsn: str) -> dict[str, float]:
     """One store, one workload; every figure in seconds unless named otherwise."""
-    if kind == "old":
+    if kind == "postgres":
+        from polyarch.coordinator.core import model
+        from polyarch.coordinator.core.postgres_store import PostgresStore
+
+        batches = []
+        store = await PostgresStore.open(dsn, observe_batch=batches.append)
+    elif kind == "old":
         from polyarch.coordinator import model
         from polyarch.coordinator.store import SQLiteStore as OldStore
 
@@ -118,7 +128,7 @@ async def drive(kind: str, builds: int, tasks: int, path: Path) -> dict[str, flo
         "writes": writes,
         "seconds": elapsed,
         "writes_per_s": writes / elapsed,
-        "commits": len(batches) if kind == "new" else writes,  # old: one commit per write
+        "commits": len(batches) if kind != "old" else writes,  # old: one commit per write
         "on_loop_per_write": on_loop / writes,
         "latency_p50": quantile(latencies, 0.5),
         "latency_p99": quantile(latencies, 0.99),
@@ -130,23 +140,25 @@ async def drive(kind: str, builds: int, tasks: int, path: Path) -> dict[str, flo
     }
 
 
-def child(kind: str, builds: int, tasks: int, directory: str | None) -> None:
+def child(kind: str, builds: int, tasks: int, directory: str | None, dsn: str) -> None:
     with tempfile.TemporaryDirectory(prefix="store-bench-", dir=directory) as work:
-        figures = asyncio.run(drive(kind, builds, tasks, Path(work) / "state.sqlite3"))
+        figures = asyncio.run(drive(kind, builds, tasks, Path(work) / "state.sqlite3", dsn))
     print(json.dumps(figures))
 
 
-def run_child(kind: str, args: argparse.Namespace) -> dict[str, float]:
+def run_child(kind: str, args: argparse.Namespace, dsn: str) -> dict[str, float]:
     env = dict(os.environ)
     if kind == "old":
         env["PYTHONPATH"] = args.before
     command = [sys.executable, __file__, "--child", kind, "--builds", str(args.builds),
-               "--tasks", str(args.tasks)] + (["--dir", args.dir] if args.dir else [])  # fmt: skip
+               "--tasks", str(args.tasks), "--dsn", dsn]  # fmt: skip
+    command += ["--dir", args.dir] if args.dir else []
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     figures: dict[str, float] = json.loads(out.splitlines()[-1])
     return figures
 
 
+TITLES = {"old": "old (sync)", "new": "sqlite (thread)", "postgres": "postgresql"}
 ROWS = [
     ("writes", "writes", 1.0, "{:.0f}"),
     ("writes/s", "writes_per_s", 1.0, "{:.0f}"),
@@ -170,22 +182,52 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the database goes (a real disk)")
     parser.add_argument("--before", default="/tmp/beforeshim",
                         help="PYTHONPATH under which polyarch is the old tree")  # fmt: skip
-    parser.add_argument("--child", choices=["old", "new"], help=argparse.SUPPRESS)
+    parser.add_argument("--kinds", default="new,postgres",
+                        help="stores to compare (old, new, postgres); the first is the "
+                        "reference of the ratios")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write every round's figures here")
+    parser.add_argument("--child", choices=list(TITLES), help=argparse.SUPPRESS)
+    parser.add_argument("--dsn", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.builds, args.tasks, args.dir)
+        child(args.child, args.builds, args.tasks, args.dir, args.dsn)
         return
-    results: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
-    for _ in range(args.rounds):
-        for kind in ("old", "new"):
-            results[kind].append(run_child(kind, args))
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds or any(k not in TITLES for k in kinds):
+        parser.error(f"--kinds: a comma-separated list of {', '.join(TITLES)}")
+    results: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    with contextlib.ExitStack() as stack:
+        server = None
+        if "postgres" in kinds:  # one local server for the run (tests/support/postgres.py)
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+            from tests.support.postgres import running_postgres
+
+            server = stack.enter_context(running_postgres())
+        for round_number in range(args.rounds):
+            for kind in kinds:
+                # a fresh database per round: no round reads another's rows
+                dsn = (
+                    server.create_database(f"bench_{round_number}")
+                    if kind == "postgres" and server
+                    else ""
+                )
+                results[kind].append(run_child(kind, args, dsn))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(f"{args.builds} builds x 11 writes, {args.tasks} tasks, median of {args.rounds} rounds")
-    print(f"{'':26}{'old (sync)':>14}{'new (thread)':>14}{'new/old':>10}")
+    first = kinds[0]
+    short = {"old": "old", "new": "sqlite", "postgres": "pg"}
+    ratios = [f"{short[k]}/{short[first]}" for k in kinds[1:]]
+    print(f"{'':26}" + "".join(f"{TITLES[k]:>16}" for k in kinds)
+          + "".join(f"{r:>15}" for r in ratios))  # fmt: skip
     for label, key, scale, form in ROWS:
-        old = statistics.median(r[key] for r in results["old"])
-        new = statistics.median(r[key] for r in results["new"])
-        ratio = f"{new / old:.3g}" if old else "-"
-        print(f"{label:26}{form.format(old * scale):>14}{form.format(new * scale):>14}{ratio:>10}")
+        medians = {k: statistics.median(r[key] for r in results[k]) for k in kinds}
+        cells = "".join(f"{form.format(medians[k] * scale):>16}" for k in kinds)
+        cells += "".join(
+            f"{medians[k] / medians[first]:>15.3g}" if medians[first] else f"{'-':>15}"
+            for k in kinds[1:]
+        )
+        print(f"{label:26}{cells}")
 
 
 if __name__ == "__main__":

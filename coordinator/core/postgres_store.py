@@ -86,8 +86,8 @@ class PostgresStore(_LoopAffinity):
     """StateStore in a PostgreSQL database (`await PostgresStore.open(dsn)`).
 
     A writer task owns one connection. It takes everything queued (up to _MAX_BATCH calls) and
-    applies the writes in one transaction, each in its own savepoint sent with its statements
-    in one round trip, so one failure fails only that write; it commits once, then runs the
+    sends the writes and their commit in one round trip; if one write fails, it applies them
+    again one by one, each in its own savepoint, so only that write fails. Then it runs the
     batch's reads (they see every write queued before them, and nothing uncommitted) and
     settles the futures. If the transaction fails, every call in the batch fails with
     StoreError; a lost connection is opened again for the next batch.
@@ -262,12 +262,10 @@ class PostgresStore(_LoopAffinity):
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = await self._connect()
-            cur = AsyncClientCursor(self._conn)  # client-side binding: see _write_one
-            began = time.perf_counter()
-            for i, op in enumerate(writes):
-                outcomes.append((op, None, await self._write_one(cur, op, begin=i == 0)))
+            cur = AsyncClientCursor(self._conn)  # client-side binding: see _write_all
             if writes:
-                await cur.execute("COMMIT")
+                began = time.perf_counter()
+                outcomes += await self._write_all(cur, writes)
                 self._observe(writes, began)
         except Exception as error:  # the transaction (or the connection) failed
             await self._recover(error)
@@ -282,9 +280,29 @@ class PostgresStore(_LoopAffinity):
                 outcomes.append((op, None, None))
         return outcomes
 
-    async def _write_one(self, cur: Cursor, op: _Op, begin: bool) -> BaseException | None:
-        """One write in its savepoint, sent as one string (client-side bound) in one round trip."""
-        body = "; ".join(cur.mogrify(sql, args) for sql, args in op.statements)
+    async def _write_all(
+        self, cur: Cursor, writes: list[_Op]
+    ) -> list[tuple[_Op, object, BaseException | None]]:
+        """Every write and the commit in one round trip: the statements are bound client-side
+        into one string (the simple query protocol takes many statements, without parameters).
+        If one write fails, nothing is applied, and the writes go again one by one, each in its
+        savepoint, so only that one fails."""
+        bodies = ["; ".join(cur.mogrify(sql, args) for sql, args in op.statements) for op in writes]
+        try:
+            await cur.execute(f"BEGIN; {'; '.join(bodies)}; COMMIT")
+            return [(op, None, None) for op in writes]
+        except (errors.IntegrityError, errors.DataError):
+            await cur.execute("ROLLBACK")  # the string stopped at the error, before its COMMIT
+        outcomes: list[tuple[_Op, object, BaseException | None]] = []
+        for i, (op, body) in enumerate(zip(writes, bodies, strict=True)):
+            outcomes.append((op, None, await self._write_one(cur, op, body, begin=i == 0)))
+        await cur.execute("COMMIT")
+        return outcomes
+
+    async def _write_one(
+        self, cur: Cursor, op: _Op, body: str, begin: bool
+    ) -> BaseException | None:
+        """One write in its savepoint, in one round trip."""
         try:
             await cur.execute(
                 f"{'BEGIN; ' if begin else ''}SAVEPOINT w; {body}; RELEASE SAVEPOINT w"
