@@ -287,14 +287,22 @@ class PostgresStore(_LoopAffinity):
         into one string (the simple query protocol takes many statements, without parameters).
         If one write fails, nothing is applied, and the writes go again one by one, each in its
         savepoint, so only that one fails."""
-        bodies = ["; ".join(cur.mogrify(sql, args) for sql, args in op.statements) for op in writes]
+        bodies: list[tuple[_Op, str]] = []
+        unbindable: list[tuple[_Op, object, BaseException | None]] = []
+        for op in writes:
+            try:
+                bodies.append((op, "; ".join(cur.mogrify(sql, a) for sql, a in op.statements)))
+            except psycopg.DataError as error:  # a NUL in a string, say: fails this write only
+                unbindable.append((op, None, _neutral(error)))
+        if not bodies:
+            return unbindable
         try:
-            await cur.execute(f"BEGIN; {'; '.join(bodies)}; COMMIT")
-            return [(op, None, None) for op in writes]
+            await cur.execute(f"BEGIN; {'; '.join(body for _, body in bodies)}; COMMIT")
+            return [(op, None, None) for op, _ in bodies] + unbindable
         except (errors.IntegrityError, errors.DataError):
             await cur.execute("ROLLBACK")  # the string stopped at the error, before its COMMIT
-        outcomes: list[tuple[_Op, object, BaseException | None]] = []
-        for i, (op, body) in enumerate(zip(writes, bodies, strict=True)):
+        outcomes = unbindable
+        for i, (op, body) in enumerate(bodies):
             outcomes.append((op, None, await self._write_one(cur, op, body, begin=i == 0)))
         await cur.execute("COMMIT")
         return outcomes

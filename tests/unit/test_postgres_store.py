@@ -99,3 +99,23 @@ async def test_every_commit_reports_its_writes_and_its_time_in_the_database(
     assert sizes == [5, 1]  # the five calls made without awaiting shared one commit
     assert len(latencies) == 6 and all(0 < t < 30 for t in latencies)
     assert len(commit_times) == 2 and all(0 < t <= max(latencies) for t in commit_times)
+
+
+async def test_a_value_postgresql_cannot_hold_fails_only_its_own_write(
+    postgres_dsn: str,
+) -> None:
+    """PostgreSQL text cannot hold NUL (SQLite's can): that write fails, its batch commits."""
+    store = await PostgresStore.open(postgres_dsn)
+    try:
+        build, jobs = make_build("b1", 1.0)
+        await store.create_build(build, jobs)
+        jobs[0].error = "builder said \x00 mid-line"
+        unstorable = store.save_job(jobs[0], "failed", 2.0)
+        other = store.create_build(*make_build("b2", 2.0))
+        with pytest.raises(StoreError, match="NUL"):
+            await unstorable
+        await other
+        assert (await store.jobs_of("b1"))[0].error == ""
+        assert await store.get_build("b2") is not None
+    finally:
+        await store.close()
