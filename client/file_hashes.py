@@ -17,6 +17,7 @@ from polyarch.client.context import ContextError
 
 CACHE_ENV = "POLYARCH_CACHE_DIR"
 DATABASE = "file-hashes.sqlite3"
+_OPEN_ATTEMPTS = 8  # ~2.5 s of retries in all
 READ_SIZE = 1 << 20
 # hashlib releases the GIL on large updates, so a few threads hash several big files at once
 # (8 x 128 MiB on 2 CPUs: 1.8 GB/s on one thread, 3.3 GB/s on two).
@@ -213,23 +214,34 @@ class FileHashes:
     def _open(self) -> sqlite3.Connection | None:
         if self.cache_dir is None:
             return None
-        connection: sqlite3.Connection | None = None
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(
-                self.cache_dir / DATABASE, timeout=5.0, isolation_level=None
-            )
-            # WAL: a CLI reading never waits for another one writing. A cache loses nothing
-            # that matters in a crash, so commits need not wait for the disk.
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute(_SCHEMA)
-            return connection
-        except (OSError, sqlite3.Error) as exc:
-            if connection is not None:
-                connection.close()
-            self._unusable("opening it", exc)
-            return None
+        # Switching a new file to WAL takes an exclusive lock without waiting on the busy
+        # timeout, so CLIs starting at once on a fresh cache retry for a moment.
+        for attempt in range(_OPEN_ATTEMPTS):
+            connection: sqlite3.Connection | None = None
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                connection = sqlite3.connect(
+                    self.cache_dir / DATABASE, timeout=5.0, isolation_level=None
+                )
+                # WAL: a CLI reading never waits for another one writing. A cache loses
+                # nothing that matters in a crash, so commits need not wait for the disk.
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=NORMAL")
+                connection.execute(_SCHEMA)
+                return connection
+            except sqlite3.OperationalError as exc:
+                if connection is not None:
+                    connection.close()
+                if "locked" not in str(exc) or attempt == _OPEN_ATTEMPTS - 1:
+                    self._unusable("opening it", exc)
+                    return None
+                time.sleep(0.01 * 2**attempt)
+            except (OSError, sqlite3.Error) as exc:
+                if connection is not None:
+                    connection.close()
+                self._unusable("opening it", exc)
+                return None
+        return None
 
     def _load(
         self, connection: sqlite3.Connection, files: Sequence[FileKey], under: str
