@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -176,8 +175,10 @@ class BuildClient:
         return f"no answer within {self.connect_timeout:g} s"
 
     async def close(self) -> None:
-        """Closes the channel (idempotent)."""
+        """Closes the channel (idempotent); the stubs go with it, so a later call says the
+        client is not connected rather than "Channel is closed"."""
         channel, self._channel = self._channel, None
+        self._build = self._fleet = self._trust = None
         if channel is not None:
             await channel.close(None)
 
@@ -365,14 +366,13 @@ class BuildClient:
         A coordinator gone for longer than `reconnect_window` seconds raises
         CoordinatorUnreachable (default RECONNECT_WINDOW); the build lives on in the coordinator.
         """
-        window = RECONNECT_WINDOW if reconnect_window is None else reconnect_window
-        loop = asyncio.get_running_loop()
-        lost_since: float | None = None
-        failures = 0
+        outage = _Outage(self, reconnect_window, on_lost, f"re-attaching to build {build_id}")
         while True:
             try:
+                if self._channel is None:
+                    await self.connect()  # CoordinatorUnreachable while it is still down
                 async for event in self.watch(build_id):
-                    lost_since, failures = None, 0
+                    outage.over()
                     on_event(event)
                     if event.WhichOneof("event") == "build" and event.build.state in _TERMINAL:
                         return event.build
@@ -381,23 +381,34 @@ class BuildClient:
                     on_event(build_pb2.BuildEvent(build=build))
                     return build
             except CoordinatorUnreachable as exc:
-                now = loop.time()
-                lost_since = now if lost_since is None else lost_since
-                if now - lost_since > window:
-                    raise
-                if on_lost is not None:
-                    on_lost(f"lost the coordinator ({exc}); re-attaching to build {build_id}")
-                await self.close()
-                await asyncio.sleep(backoff_delay(failures, RECONNECT_DELAY / 8, RECONNECT_DELAY))
-                failures += 1
-                with contextlib.suppress(CoordinatorUnreachable):
-                    await self.connect()
+                await outage.wait(exc)
             except PolyarchError as exc:
                 # the coordinator cut off a watch that fell too far behind: watch again
                 if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
                 if on_lost is not None:
                     on_lost(f"{exc}; watching build {build_id} again")
+
+    async def retrying(
+        self,
+        operation: Callable[[], Awaitable[_T]],
+        on_lost: Callable[[str], None] | None = None,
+        reconnect_window: float | None = None,
+    ) -> _T:
+        """Runs `operation`, and again after reconnecting while the coordinator is unreachable
+        (a restart, a takeover), for up to `reconnect_window` seconds (default
+        RECONNECT_WINDOW). Only for operations that are safe to repeat: a submit with the same
+        idempotency key, a context upload (content-addressed)."""
+        outage = _Outage(self, reconnect_window, on_lost, "trying again")
+        while True:
+            try:
+                if self._channel is None:
+                    await self.connect()
+                return await operation()
+            except PolyarchError as exc:
+                if exc.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                await outage.wait(exc)
 
     async def export(
         self,
@@ -503,3 +514,37 @@ class BuildClient:
         if self._fleet is None:
             raise PolyarchError("BuildClient used outside `async with` (call connect() first)")
         return self._fleet
+
+
+class _Outage:
+    """One operation's budget for a coordinator that went away: how long it has been gone,
+    and a growing pause between attempts; the first loss is reported, the rest are quiet."""
+
+    def __init__(
+        self,
+        client: BuildClient,
+        window: float | None,
+        on_lost: Callable[[str], None] | None,
+        doing: str,
+    ) -> None:
+        self.client = client
+        self.window = RECONNECT_WINDOW if window is None else window
+        self.on_lost = on_lost
+        self.doing = doing
+        self.since: float | None = None
+        self.failures = 0
+
+    def over(self) -> None:
+        self.since, self.failures = None, 0
+
+    async def wait(self, error: PolyarchError) -> None:
+        """Re-raises `error` once the coordinator has been gone longer than the window."""
+        now = asyncio.get_running_loop().time()
+        self.since = now if self.since is None else self.since
+        if now - self.since > self.window:
+            raise error
+        if self.on_lost is not None and self.failures == 0:
+            self.on_lost(f"lost the coordinator ({error}); {self.doing}")
+        await self.client.close()
+        await asyncio.sleep(backoff_delay(self.failures, RECONNECT_DELAY / 8, RECONNECT_DELAY))
+        self.failures += 1

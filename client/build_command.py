@@ -157,32 +157,40 @@ def cmd_build(args: argparse.Namespace, session: Session) -> int:
     upload_mode: UploadMode = "quiet" if quiet else "tty" if on_terminal else "plain"
     upload_progress = UploadProgress(sys.stderr, upload_mode)
 
+    # one key for every attempt: a submit repeated after losing the coordinator (a restart,
+    # a takeover) finds the build the first attempt made, if it was recorded
+    idempotency_key = args.idempotency_key or str(uuid.uuid4())
+
     async def run() -> build_pb2.Build:
         async with client_of(args) as client:
-            sent = await send_context(client, context, upload_progress)
-            response = await client.submit(
-                context_digest=sent.digest,
-                dockerfile=sent.dockerfile,
-                platforms=platforms,
-                tags=tags,
-                build_args=build_args,
-                target=args.target or "",
-                labels=labels,
-                emulation=EMULATION[args.emulation],
-                idempotency_key=args.idempotency_key or str(uuid.uuid4()),
-                cache_from=args.cache_from or [],
-                cache_to=args.cache_to or [],
-                registry_auths=registry_auths,
-                secrets=secrets,
-                no_cache=args.no_cache,
-                pull=args.pull,
-                annotations=args.annotation or [],
-                no_publish=not publish,
-                scan_command=args.scan_command or "",
-                provenance=provenance,
-                sign_key=sign_key,
-                sign_with=args.sign_with or "",
-            )
+
+            async def submit() -> build_pb2.SubmitBuildResponse:
+                sent = await send_context(client, context, upload_progress)
+                return await client.submit(
+                    context_digest=sent.digest,
+                    dockerfile=sent.dockerfile,
+                    platforms=platforms,
+                    tags=tags,
+                    build_args=build_args,
+                    target=args.target or "",
+                    labels=labels,
+                    emulation=EMULATION[args.emulation],
+                    idempotency_key=idempotency_key,
+                    cache_from=args.cache_from or [],
+                    cache_to=args.cache_to or [],
+                    registry_auths=registry_auths,
+                    secrets=secrets,
+                    no_cache=args.no_cache,
+                    pull=args.pull,
+                    annotations=args.annotation or [],
+                    no_publish=not publish,
+                    scan_command=args.scan_command or "",
+                    provenance=provenance,
+                    sign_key=sign_key,
+                    sign_with=args.sign_with or "",
+                )
+
+            response = await client.retrying(submit, on_lost=err)
             session.build_id = response.build.id
             if not quiet:
                 how = "attached to existing build" if response.existing else "submitted build"

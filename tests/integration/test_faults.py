@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -224,6 +225,9 @@ def test_coordinator_sigkill_mid_build(
     assert before["state"] not in ("succeeded", "failed", "cancelled")
 
     fleet.coordinator.sigkill()
+    # down for longer than the ~5 s after which the CLI's watch used to fail ("Channel is
+    # closed"): the outage is the scenario, not a wait for a condition
+    time.sleep(12)
     fleet.coordinator.start()  # same data dir, same address
 
     # The unfinished build survived the crash, with its jobs.
@@ -235,6 +239,7 @@ def test_coordinator_sigkill_mid_build(
 
     code, out, err = run.result()
     assert code == 0, err
+    assert err.count("lost the coordinator") == 1, err  # said once, then re-attached
     builds = [b for b in fleet.builds_json() if tag in b["tags"]]
     assert [b["id"] for b in builds] == [build_id]
     build = builds[0]
