@@ -68,13 +68,25 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX job_transitions_by_job ON job_transitions (job_id, seq);
     """,
+    # 2: the active coordinator's term (coordinator/ha/election.py). `epoch` grows with every
+    # takeover; a store fenced at an epoch commits nothing once it moved (the fencing token).
+    """
+    CREATE TABLE coordinator_term (
+        id integer PRIMARY KEY CHECK (id = 1),
+        epoch bigint NOT NULL,
+        holder text NOT NULL,
+        since double precision NOT NULL
+    );
+    INSERT INTO coordinator_term VALUES (1, 0, '', 0);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # The advisory lock key migrations hold (transaction-scoped), the same in every coordinator so
 # that two starting at once migrate one after the other. Advisory locks are per database.
-# Other keys (a leader lease, later) must differ.
+# The leader's session lock (coordinator/ha/election.py) is another key.
 MIGRATION_LOCK = 0x706F_6C79_6172_6368  # "polyarch"
+LEADER_LOCK = MIGRATION_LOCK + 1
 
 _VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (

@@ -16,6 +16,7 @@ from polyarch.coordinator.core.model import BuildRecord, JobRecord
 from polyarch.coordinator.core.postgres_schema import migrate
 from polyarch.coordinator.core.store import (
     DuplicateIdempotencyKey,
+    Fenced,
     StoreClosed,
     StoreError,
     _log_failed_write,
@@ -107,6 +108,12 @@ class PostgresStore(_LoopAffinity):
         self._conn: AsyncConnection[Any] | None = None
         self._closing: asyncio.Future[None] | None = None
         self._writer: asyncio.Task[None] | None = None
+        # The term this coordinator was elected for (coordinator/ha/election.py): when set,
+        # every transaction first checks that it is still the current one, holding the term
+        # row FOR SHARE, so a takeover's epoch increment waits for commits in flight and
+        # every later commit of this store fails with Fenced. None: no election (one
+        # coordinator on its own database).
+        self.fence_epoch: int | None = None
 
     @classmethod
     async def open(
@@ -269,6 +276,8 @@ class PostgresStore(_LoopAffinity):
                 self._observe(writes, began)
         except Exception as error:  # the transaction (or the connection) failed
             await self._recover(error)
+            if isinstance(error, psycopg.Error) and error.sqlstate == _FENCED:
+                error = Fenced(self.fence_epoch or 0)
             failure = error if isinstance(error, StoreError) else _neutral(error, "commit failed: ")
             return [(op, None, failure) for op in batch if op.kind != "stop"] + [
                 (op, None, None) for op in batch if op.kind == "stop"
@@ -297,24 +306,26 @@ class PostgresStore(_LoopAffinity):
         if not bodies:
             return unbindable
         try:
-            await cur.execute(f"BEGIN; {'; '.join(body for _, body in bodies)}; COMMIT")
+            await cur.execute(
+                f"BEGIN; {self._fence()}{'; '.join(body for _, body in bodies)}; COMMIT"
+            )
             return [(op, None, None) for op, _ in bodies] + unbindable
         except (errors.IntegrityError, errors.DataError):
             await cur.execute("ROLLBACK")  # the string stopped at the error, before its COMMIT
         outcomes = unbindable
         for i, (op, body) in enumerate(bodies):
-            outcomes.append((op, None, await self._write_one(cur, op, body, begin=i == 0)))
+            begin = f"BEGIN; {self._fence()}" if i == 0 else ""
+            outcomes.append((op, None, await self._write_one(cur, op, body, begin)))
         await cur.execute("COMMIT")
         return outcomes
 
-    async def _write_one(
-        self, cur: Cursor, op: _Op, body: str, begin: bool
-    ) -> BaseException | None:
-        """One write in its savepoint, in one round trip."""
+    def _fence(self) -> str:
+        return "" if self.fence_epoch is None else _fence_check(self.fence_epoch)
+
+    async def _write_one(self, cur: Cursor, op: _Op, body: str, begin: str) -> BaseException | None:
+        """One write in its savepoint, in one round trip (`begin` opens the transaction)."""
         try:
-            await cur.execute(
-                f"{'BEGIN; ' if begin else ''}SAVEPOINT w; {body}; RELEASE SAVEPOINT w"
-            )
+            await cur.execute(f"{begin}SAVEPOINT w; {body}; RELEASE SAVEPOINT w")
         except (errors.IntegrityError, errors.DataError) as error:  # fails this write only
             await cur.execute("ROLLBACK TO SAVEPOINT w; RELEASE SAVEPOINT w")
             if (
@@ -374,6 +385,18 @@ class PostgresStore(_LoopAffinity):
                     self._observe_write(durable_at - op.queued_at)
         except Exception:  # a broken metric must not stop the writer
             log.exception("store: an observe hook failed")
+
+
+_FENCED = "PF001"  # the SQLSTATE the fence raises: a class of our own
+
+
+def _fence_check(epoch: int) -> str:
+    """The statement that fails a transaction unless `epoch` is still the current term."""
+    return (
+        "DO $$BEGIN PERFORM 1 FROM coordinator_term WHERE id = 1 AND epoch = "
+        f"{int(epoch)} FOR SHARE; IF NOT FOUND THEN RAISE EXCEPTION 'fenced' USING "
+        f"ERRCODE = '{_FENCED}'; END IF; END$$; "
+    )
 
 
 def _neutral(error: Exception, context: str = "") -> Exception:

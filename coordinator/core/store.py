@@ -45,6 +45,17 @@ class SchemaTooNew(StoreError):
         self.found, self.known = found, known
 
 
+class Fenced(StoreError):
+    """This coordinator's term ended (another took over): it may write nothing more."""
+
+    def __init__(self, mine: int) -> None:
+        super().__init__(
+            f"this coordinator's term {mine} has ended: another coordinator is active now, "
+            "so this one writes nothing more"
+        )
+        self.epoch = mine
+
+
 class StateStore(Protocol):
     """Where builds and jobs live.
 

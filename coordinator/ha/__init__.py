@@ -1,0 +1,1 @@
+"""High availability: electing one active coordinator through PostgreSQL."""
