@@ -77,7 +77,7 @@ def _secure(
     else:
         authority = CertificateAuthority(cfg.data_dir / "tls")
         if shared is not None:
-            authority.shared = _shared_ca(shared, authority.own_material())
+            authority.shared = shared_ca(shared, authority.own_material())
         server_tls = authority.ensure(names)
     if shared is not None:
         _carry_over(shared, cfg.data_dir / "state.sqlite3")
@@ -91,7 +91,7 @@ def _secure(
     return Trust(store, tokens, authority, server_tls)
 
 
-def _shared_ca(store: PostgresTrustStore, own: CAMaterial | None) -> CAMaterial:
+def shared_ca(store: PostgresTrustStore, own: CAMaterial | None) -> CAMaterial:
     """The database's CA; the first coordinator stores its data dir's CA (an upgrade keeps
     every token's pin) or a new one. Only its sha256 is ever logged, never the key."""
     found = store.shared_ca()
@@ -118,11 +118,13 @@ def _carry_over(store: PostgresTrustStore, sqlite_path: Path) -> None:
     if not rows:
         return
     if store.list_tokens():
-        log.warning(
-            "%s holds %d tokens and %d enrolments that are not carried into %s (it has "
-            "tokens already); they are unused while this coordinator runs on the database",
-            sqlite_path, len(rows.tokens), len(rows.enrolments), store.where,
-        )  # fmt: skip
+        left_behind = [t for t in rows.tokens if store.get_token(t.id) is None]
+        if left_behind:  # else: carried in at an earlier start
+            log.warning(
+                "%d tokens of %s are not in %s, which had tokens when this coordinator first "
+                "started on it: they do not work here (start an upgraded coordinator first)",
+                len(left_behind), sqlite_path, store.where,
+            )  # fmt: skip
         return
     store.import_rows(rows, time.time())
     log.info("carried %d tokens, %d enrolments and %d drains from %s into %s", len(rows.tokens),

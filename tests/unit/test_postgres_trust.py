@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -9,7 +11,9 @@ import psycopg
 import pytest
 
 from polyarch.coordinator.core.store import StoreError
+from polyarch.coordinator.trust.pki import CAMaterial
 from polyarch.coordinator.trust.postgres_trust import PostgresTrustStore
+from polyarch.coordinator.trust.setup import shared_ca
 from polyarch.coordinator.trust.store import EnrolmentRecord, TokenRecord
 from polyarch.proto.trust import Role
 from tests.support.poll import poll_until
@@ -125,3 +129,23 @@ async def test_a_write_to_an_unreachable_database_fails_with_a_clear_error(
         assert store.get_token("0000000000d2") is not None
     finally:
         await store.aclose()
+
+
+async def test_stores_seeding_at_once_agree_on_one_ca(postgres_dsn: str) -> None:
+    stores = [await PostgresTrustStore.open(postgres_dsn) for _ in range(4)]
+    start = threading.Barrier(len(stores))
+
+    def seed(store: PostgresTrustStore) -> CAMaterial:
+        start.wait(timeout=30)  # all four ask at once, each on its own connection
+        with store.exclusive():
+            return shared_ca(store, None)
+
+    try:
+        agreed = await asyncio.gather(*(asyncio.to_thread(seed, s) for s in stores))
+        assert len({ca.sha256 for ca in agreed}) == 1
+        async with await psycopg.AsyncConnection.connect(postgres_dsn) as db:
+            rows = await (await db.execute("SELECT cert_pem FROM certificate_authority")).fetchall()
+        assert [row[0].encode() for row in rows] == [agreed[0].cert_pem]
+    finally:
+        for store in stores:
+            await store.aclose()
