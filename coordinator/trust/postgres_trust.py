@@ -352,7 +352,7 @@ class PostgresTrustStore:
         while True:
             try:
                 await self._relay(conn)
-            except (psycopg.Error, OSError, TimeoutError) as error:
+            except Exception as error:  # whatever it was, a fresh connection and a full reload
                 log.warning("trust: lost the notification connection to %s (%s); reconnecting",
                             self.where, str(error).strip() or type(error).__name__)  # fmt: skip
             finally:
@@ -367,7 +367,7 @@ class PostgresTrustStore:
             attempt += 1
             try:
                 return await self._listening_connection()
-            except (psycopg.Error, OSError, StoreError) as error:
+            except Exception as error:  # keep trying: a stale view is worse than a retry
                 log.warning("trust: cannot listen to %s yet (attempt %d): %s", self.where,
                             attempt, str(error).strip())  # fmt: skip
 

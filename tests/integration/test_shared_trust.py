@@ -274,3 +274,20 @@ async def test_an_operators_pki_is_given_to_both_and_nothing_is_stored(
         for coordinator in (a, b):
             assert await refused(coordinator, admin) is None
     assert await database_rows(postgres_dsn, "SELECT 1 FROM certificate_authority") == []
+
+
+async def test_a_drain_outlives_a_restart_with_sqlite_too(tmp_path: Path) -> None:
+    alone = settings(tmp_path / "a", "")
+    async with started(alone) as (single,):
+        admin = admin_token(single)
+        agent_token = await create_token(single, admin, trust_pb2.TOKEN_ROLE_AGENT)
+        trust = await asyncio.to_thread(Credentials(token=agent_token).resolve, single.address)
+        identity = await enrol(single.address, trust, "solo-1", replace=False)
+        async with agent_on(single, identity, tmp_path / "agent"), client(single, admin) as api:
+            await api.drain_agent("solo-1")
+    async with started(alone) as (again,), agent_on(again, identity, tmp_path / "agent"):
+        assert await agent_state(again, admin, "solo-1") == fleet_pb2.AGENT_STATE_DRAINING
+        async with client(again, admin) as api:
+            await api.undrain_agent("solo-1")
+    async with started(alone) as (third,):
+        assert third.manager is not None and "solo-1" not in third.manager.roster.drained
