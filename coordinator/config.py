@@ -29,7 +29,8 @@ class CoordinatorConfig:
 
     listen: str = "127.0.0.1:7600"
     data_dir: Path = Path("/var/lib/polyarch")
-    # Where builds and jobs live: "" = SQLite in data_dir; a PostgreSQL connection string
+    # Where builds, jobs and the trust state (tokens, enrolments, drains, the CA) live:
+    # "" = SQLite and files in data_dir; a PostgreSQL connection string
     # (postgresql://USER@HOST:PORT/DB) without a password: `ps` shows it to everyone.
     database: str = ""
     # A file (mode 0600) holding the connection string, password and all, instead.
@@ -181,7 +182,8 @@ def add_coordinator_flags(parser: argparse.ArgumentParser) -> None:
     add("--listen", type=_address, metavar="ADDR", help=f"clients' TLS port (default {d.listen})")
     add("--data-dir", type=Path, metavar="DIR", help=f"state, CA, tokens (default {d.data_dir})")
     add("--database", metavar="DSN",
-        help="keep builds in PostgreSQL: postgresql://USER@HOST:PORT/DB, no password (use "
+        help="keep builds, tokens, enrolments, drains and the CA in PostgreSQL, shared by "
+        "every coordinator on it: postgresql://USER@HOST:PORT/DB, no password (use "
         "--database-file, PGPASSFILE or PGPASSWORD); default: SQLite in --data-dir")  # fmt: skip
     add("--database-file", type=Path, metavar="FILE",
         help="a file (mode 0600) holding the PostgreSQL connection string, password "

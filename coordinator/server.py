@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,13 +30,9 @@ from polyarch.coordinator.registry.credentials import CredentialStore
 from polyarch.coordinator.registry.gate import GatePolicy, SupplyChainGate
 from polyarch.coordinator.registry.provenance import builder_id
 from polyarch.coordinator.trust.auth import Authenticator, AuthInterceptor, TokenBook
-from polyarch.coordinator.trust.pki import (
-    CertificateAuthority,
-    ServerTLS,
-    operator_tls,
-    server_names,
-)
-from polyarch.coordinator.trust.store import SQLiteTrustStore, create_private_database
+from polyarch.coordinator.trust.pki import ServerTLS, server_names
+from polyarch.coordinator.trust.setup import Trust, open_trust
+from polyarch.coordinator.trust.store import create_private_database
 from polyarch.coordinator.wire.agent_servicer import AgentServicer
 from polyarch.coordinator.wire.build_servicer import BuildServicer
 from polyarch.coordinator.wire.fleet_servicer import FleetServicer
@@ -125,7 +120,7 @@ class Coordinator:
         self._publisher: IndexPublisher | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._context_gc: asyncio.Task[None] | None = None
-        self._trust_store: SQLiteTrustStore | None = None
+        self.trust: Trust | None = None
         self.manager: BuildManager | None = None
         self.tokens: TokenBook | None = None
         self.server_tls: ServerTLS | None = None
@@ -151,9 +146,10 @@ class Coordinator:
             log.warning("--insecure: plaintext and no authentication; loopback only")
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(cfg.data_dir, 0o700)
-        database = cfg.data_dir / "state.sqlite3"
-        create_private_database(database)  # the trust store's tables stay here in any case
-        self._store = await self._open_state_store(database)
+        dsn = read_database_file(cfg.database_file) if cfg.database_file else cfg.database
+        if not dsn:
+            create_private_database(cfg.data_dir / "state.sqlite3")  # builds and trust both
+        self._store = await self._open_state_store(dsn)
         self._registry = RegistryClient(
             credentials=CredentialStore.from_docker_config(cfg.docker_config),
             insecure_registries=cfg.insecure_registries,
@@ -182,22 +178,16 @@ class Coordinator:
         self.metrics.context_uploads_in_flight.set_function(lambda: contexts.uploads.in_flight)
         # a lease is LEASE_HEARTBEATS missed heartbeats: agents learn the interval in Welcome
         self.manager.heartbeat_interval = heartbeat_interval_for(cfg.agent_timeout)
+        # tokens, enrolments, drains and the CA: in PostgreSQL with --database, shared by
+        # every coordinator on it; else in the data dir (state.sqlite3, tls/)
+        names = server_names([cfg.listen, agent_listen], cfg.advertise)
+        self.trust = trust = await open_trust(cfg, dsn, names)
+        self.manager.roster.keep_drains(trust.store)
         await self.manager.start(reattach_grace=cfg.agent_timeout)
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
-        authority: CertificateAuthority | None = None
-        if not cfg.insecure:
-            if cfg.tls_cert or cfg.tls_key or cfg.tls_client_ca:
-                if not (cfg.tls_cert and cfg.tls_key and cfg.tls_client_ca):
-                    raise ValueError("--tls-cert, --tls-key and --tls-client-ca go together")
-                self.server_tls = operator_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-            else:
-                authority = CertificateAuthority(cfg.data_dir / "tls")
-                names = server_names([cfg.listen, agent_listen], cfg.advertise)
-                self.server_tls = authority.ensure(names)
-            self._trust_store = SQLiteTrustStore(database)
-            self.tokens = TokenBook(self._trust_store, self.server_tls.ca_sha256)
-            if self.tokens.ensure_admin_token(cfg.data_dir / "admin.token"):
-                log.info("wrote the first admin token to %s", cfg.data_dir / "admin.token")
+        authority = trust.authority
+        self.server_tls, self.tokens = trust.server_tls, trust.tokens
+        if self.tokens is not None:
             authenticator = Authenticator(self.tokens, require_enrolment=authority is not None)
             refusals = self.metrics.auth_refusals
             interceptors.append(
@@ -214,11 +204,11 @@ class Coordinator:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(manager), server)
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(manager), server)
         if self.tokens is not None:
-            trust = TrustServicer(
+            trust_servicer = TrustServicer(
                 self.tokens, authority, lambda: self.agent_port,
                 manager.disconnect_agent,
             )  # fmt: skip
-            trust_pb2_grpc.add_TrustServiceServicer_to_server(trust, server)
+            trust_pb2_grpc.add_TrustServiceServicer_to_server(trust_servicer, server)
         await add_health_and_reflection(server)
         self.port, self.agent_port = self._add_ports(server, agent_listen)
         self._server = server
@@ -238,17 +228,16 @@ class Coordinator:
             self.agent_port, "PLAINTEXT" if cfg.insecure else "TLS", cfg.data_dir,
         )  # fmt: skip
 
-    async def _open_state_store(self, sqlite_path: Path) -> StateStore:
+    async def _open_state_store(self, dsn: str) -> StateStore:
         """PostgreSQL when --database or --database-file says so, else SQLite in data_dir."""
         cfg, metrics = self.config, self.metrics
-        dsn = read_database_file(cfg.database_file) if cfg.database_file else cfg.database
         observers = (metrics.store_write_seconds.observe, metrics.store_commit_writes.observe,
                      metrics.store_commit_seconds.observe)  # fmt: skip
         if dsn:
             store = await PostgresStore.open(dsn, *observers)
             log.info("build state in %s", redacted_dsn(dsn))  # never the password
             return store
-        return SQLiteStore(sqlite_path, *observers)
+        return SQLiteStore(cfg.data_dir / "state.sqlite3", *observers)
 
     def _add_ports(self, server: grpc.aio.Server, agent_listen: str) -> tuple[int, int]:
         """The API port (TLS, tokens) and the agent port (mTLS); one plaintext port if insecure."""
@@ -320,8 +309,8 @@ class Coordinator:
                 await self._registry.aclose()
             if self._store is not None:
                 await self._store.close()
-            if self._trust_store is not None:
-                self._trust_store.close()
+            if self.trust is not None:
+                await self.trust.close()
         finally:
             self.status = Status.CLOSED
             self.finished.set()

@@ -79,6 +79,59 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO coordinator_term VALUES (1, 0, '', 0);
     """,
+    # 3: the trust state every coordinator on this database shares (issue 14): tokens (only
+    # their secrets' sha256), enrolments, drained agent names and the farm's CA. A trigger
+    # announces every changed row on TRUST_CHANNEL, whoever wrote it (another coordinator, or
+    # an operator in psql), so each coordinator's in-memory view reloads that row; TRUNCATE
+    # announces a null key (reload everything). `seq` keeps tokens' creation order for ties.
+    """
+    CREATE TABLE tokens (
+        seq bigint GENERATED ALWAYS AS IDENTITY,
+        id text PRIMARY KEY,
+        role text NOT NULL,
+        secret_sha256 text NOT NULL,
+        description text NOT NULL,
+        created_at double precision NOT NULL,
+        expires_at double precision,
+        revoked_at double precision
+    );
+    CREATE TABLE enrolments (
+        name text PRIMARY KEY,
+        cert_sha256 text NOT NULL,
+        enrolled_at double precision NOT NULL,
+        token_id text NOT NULL
+    );
+    CREATE TABLE drained_agents (
+        name text PRIMARY KEY,
+        drained_at double precision NOT NULL
+    );
+    -- At most one row. key_pem is the CA's private key in clear: the database's access
+    -- control (who may connect as a role that can read this table, and its backups) is
+    -- what protects it, as the data dir's 0600 file did for one coordinator.
+    CREATE TABLE certificate_authority (
+        only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+        cert_pem text NOT NULL,
+        key_pem text NOT NULL,
+        created_at double precision NOT NULL
+    );
+    CREATE FUNCTION polyarch_trust_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        changed jsonb := to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END);
+    BEGIN
+        PERFORM pg_notify('polyarch_trust', json_build_object(
+            'table', TG_TABLE_NAME,
+            'key', CASE WHEN TG_LEVEL = 'ROW' THEN changed ->> TG_ARGV[0] END)::text);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER tokens_changed AFTER INSERT OR UPDATE OR DELETE ON tokens
+        FOR EACH ROW EXECUTE FUNCTION polyarch_trust_changed('id');
+    CREATE TRIGGER tokens_truncated AFTER TRUNCATE ON tokens
+        FOR EACH STATEMENT EXECUTE FUNCTION polyarch_trust_changed('id');
+    CREATE TRIGGER enrolments_changed AFTER INSERT OR UPDATE OR DELETE ON enrolments
+        FOR EACH ROW EXECUTE FUNCTION polyarch_trust_changed('name');
+    CREATE TRIGGER enrolments_truncated AFTER TRUNCATE ON enrolments
+        FOR EACH STATEMENT EXECUTE FUNCTION polyarch_trust_changed('name');
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -87,6 +140,11 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # The leader's session lock (coordinator/ha/election.py) is another key.
 MIGRATION_LOCK = 0x706F_6C79_6172_6368  # "polyarch"
 LEADER_LOCK = MIGRATION_LOCK + 1
+# Held while a coordinator reads or seeds the shared trust state at start (the CA, an
+# upgraded data dir's tokens, the first admin token), so two starting at once agree.
+TRUST_BOOTSTRAP_LOCK = MIGRATION_LOCK + 2
+# The LISTEN/NOTIFY channel of trust changes; payload {"table": ..., "key": id or name}.
+TRUST_CHANNEL = "polyarch_trust"
 
 _VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (

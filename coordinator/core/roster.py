@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from polyarch.coordinator.core.fleet import AgentSession, Cancel, Hello, Welcome, snapshot_fleet
 from polyarch.coordinator.core.ledger import BuildLedger
@@ -26,6 +27,9 @@ from polyarch.proto.platforms import Platform, PlatformError, parse_platform
 from polyarch.proto.registries import polyarch_version
 from polyarch.proto.trust import NAME_PATTERN
 
+if TYPE_CHECKING:
+    from polyarch.coordinator.trust.store import TrustStore
+
 log = logging.getLogger(__name__)
 
 
@@ -40,8 +44,10 @@ class Roster:
         self.clock = clock
         self.scheduler = Scheduler()
         self.sessions: dict[str, AgentSession] = {}
-        # names an operator drained: the drain survives the agent reconnecting
+        # names an operator drained: the drain survives the agent reconnecting, and with a
+        # store (keep_drains) the coordinator restarting too
         self.drained: set[str] = set()
+        self._drain_store: TrustStore | None = None
         # what Welcome tells agents; the server sets it from its lease (agent_timeout / 3)
         self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         # recovered jobs that were on an agent -> when to stop waiting for it to reconnect
@@ -100,10 +106,18 @@ class Roster:
         self.publish_fleet()
         return lost
 
+    def keep_drains(self, store: TrustStore) -> None:
+        """Drains become durable: the store's are loaded now, and later ones written through
+        (before memory changes, so a failed write leaves both as they were)."""
+        self._drain_store = store
+        self.drained = set(store.drained_agents())
+
     def set_draining(self, name: str, draining: bool, remember: bool) -> AgentSession:
         session = self.sessions.get(name)
         if session is None:
             raise NotFound(f"no connected agent named {name!r}")
+        if remember and self._drain_store is not None:
+            self._drain_store.set_drained(name, draining, self.clock())
         if remember:
             if draining:
                 self.drained.add(name)

@@ -115,6 +115,8 @@ class TokenBook:
         self.ca_sha256 = ca_sha256
         self.clock = clock
         self._revoked: dict[str, asyncio.Event] = {}
+        # a revocation made on another coordinator ends this one's streams too
+        store.on_revoked(self._revoked_elsewhere)
 
     def create(self, role: Role, ttl: float = 0, description: str = "") -> TokenText:
         if len(description) > 256 or not description.isprintable():
@@ -128,8 +130,9 @@ class TokenBook:
         return text
 
     def ensure_admin_token(self, path: Path) -> bool:
-        """Writes a new admin token to `path` (0600) unless the file exists; True if it did."""
-        if path.exists():
+        """Writes a new admin token to `path` (0600) when the store holds no token at all (a
+        coordinator joining a shared database mints none); True if it did."""
+        if self.store.list_tokens():
             return False
         text = self.create(Role.ADMIN, description=f"first admin token ({path.name})")
         write_private(path, f"{text}\n".encode())
@@ -141,6 +144,9 @@ class TokenBook:
             raise NotFound(f"no token {token_id!r}")
         self._revoked.setdefault(token_id, asyncio.Event()).set()
         return record
+
+    def _revoked_elsewhere(self, token_id: str) -> None:
+        self._revoked.setdefault(token_id, asyncio.Event()).set()
 
     def authenticate(self, presented: str) -> Principal:
         try:

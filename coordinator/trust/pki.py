@@ -7,7 +7,7 @@ import ipaddress
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -83,74 +83,112 @@ class ServerTLS:
     ca_sha256: str | None  # the pin tokens carry; None when unknown (operator PKI)
 
 
+@dataclass(frozen=True)
+class CAMaterial:
+    """A CA certificate and its private key, PEM. The key is a secret: never log this."""
+
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+    @property
+    def sha256(self) -> str:
+        return certificate_sha256(self.cert_pem)
+
+
+def new_ca() -> CAMaterial:
+    """A new self-signed CA (EC P-256, 10 years), in memory."""
+    key = new_key()
+    # a unique name: two farms' CAs never look alike to a verifier or to an operator
+    label = f"polyarch coordinator CA {secrets.token_hex(4)}"
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, label)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return CAMaterial(cert_pem(cert), key_pem(key))
+
+
 class CertificateAuthority:
     """D/tls/: ca.pem + ca-key.pem (made once), server.pem + server-key.pem (remade when the
-    names change). Signs agents' CSRs with their name as the only subject."""
+    names change). Signs agents' CSRs with their name as the only subject.
 
-    def __init__(self, tls_dir: Path) -> None:
+    With `shared` (the CA coordinators share through their database) the CA comes from
+    memory: D/tls/ keeps this coordinator's server certificate and key, a ca.pem only where
+    it had none (for operators), and never the CA's key."""
+
+    def __init__(self, tls_dir: Path, shared: CAMaterial | None = None) -> None:
         self.tls_dir = tls_dir
         self.ca_path = tls_dir / "ca.pem"
         self.ca_key_path = tls_dir / "ca-key.pem"
         self.server_path = tls_dir / "server.pem"
         self.server_key_path = tls_dir / "server-key.pem"
+        self.shared = shared
 
     def ensure(self, names: list[str]) -> ServerTLS:
-        """Creates the CA if missing and a server certificate covering `names`."""
+        """Creates the CA if missing (own CA) and a server certificate covering `names`."""
         self.tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.tls_dir, 0o700)
-        if not self.ca_path.exists() or not self.ca_key_path.exists():
+        if self.shared is not None:
+            if not self.ca_path.exists():
+                self.ca_path.write_bytes(self.shared.cert_pem)
+        elif not self.ca_path.exists() or not self.ca_key_path.exists():
             self._create_ca()
-        ca_cert = x509.load_pem_x509_certificate(self.ca_path.read_bytes())
         if not self._server_covers(names):
             self._create_server(names)
-        ca_pem = self.ca_path.read_bytes()
+        ca_pem = self.ca_pem()
         return ServerTLS(
             server_cert_pem=self.server_path.read_bytes() + ca_pem,
             server_key_pem=self.server_key_path.read_bytes(),
             client_ca_pem=ca_pem,
-            ca_sha256=certificate_sha256(cert_pem(ca_cert)),
+            ca_sha256=certificate_sha256(ca_pem),
         )
 
+    def ca_pem(self) -> bytes:
+        """The CA certificate agents and clients trust."""
+        return self.shared.cert_pem if self.shared is not None else self.ca_path.read_bytes()
+
+    def own_material(self) -> CAMaterial | None:
+        """The data dir's own CA (certificate and key), if it has one."""
+        if not self.ca_path.exists() or not self.ca_key_path.exists():
+            return None
+        return CAMaterial(self.ca_path.read_bytes(), self.ca_key_path.read_bytes())
+
     def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        cert = x509.load_pem_x509_certificate(self.ca_path.read_bytes())
-        key = serialization.load_pem_private_key(self.ca_key_path.read_bytes(), password=None)
+        material = self.shared or CAMaterial(
+            self.ca_path.read_bytes(), self.ca_key_path.read_bytes()
+        )
+        cert = x509.load_pem_x509_certificate(material.cert_pem)
+        key = serialization.load_pem_private_key(material.key_pem, password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return cert, key
 
     def _create_ca(self) -> None:
-        key = new_key()
-        # a unique name: two farms' CAs never look alike to a verifier or to an operator
-        label = f"polyarch coordinator CA {secrets.token_hex(4)}"
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, label)])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + CA_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256())
-        )
-        write_private(self.ca_key_path, key_pem(key))
-        self.ca_path.write_bytes(cert_pem(cert))
+        material = new_ca()
+        write_private(self.ca_key_path, material.key_pem)
+        self.ca_path.write_bytes(material.cert_pem)
         # a new CA invalidates the old server certificate
         self.server_path.unlink(missing_ok=True)
 

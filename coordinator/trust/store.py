@@ -1,4 +1,4 @@
-"""Durable trust state: API tokens (hashed) and agent enrolments, in SQLite or in memory."""
+"""Durable trust state: API tokens (hashed), agent enrolments and drains, in SQLite or memory."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import copy
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,13 +41,17 @@ class EnrolmentRecord:
 
 
 class TrustStore(Protocol):
-    """Tokens and enrolments. Every write is durable when it returns; reads return copies.
+    """Tokens, enrolments and the names of drained agents (operator state that coordinators
+    sharing a database share too). Every write is durable when it returns; reads are copies.
 
     Contract (tests/unit/test_trust_store.py runs it against every backend):
     - add_token refuses an id that exists (ValueError); get_token of an unknown id is None.
     - revoke_token sets revoked_at once and returns the record, None for an unknown id.
     - list_tokens is oldest first.
     - save_enrolment replaces the name's previous enrolment.
+    - set_drained adds or removes a name; drained_agents lists the names, sorted.
+    - on_revoked(callback): callback(token_id) when a revocation made elsewhere (another
+      coordinator on a shared database) reaches this store; a local store never calls it.
     """
 
     def add_token(self, token: TokenRecord) -> None: ...
@@ -56,6 +61,9 @@ class TrustStore(Protocol):
     def save_enrolment(self, enrolment: EnrolmentRecord) -> None: ...
     def get_enrolment(self, name: str) -> EnrolmentRecord | None: ...
     def delete_enrolment(self, name: str) -> bool: ...
+    def set_drained(self, name: str, drained: bool, at: float) -> None: ...
+    def drained_agents(self) -> list[str]: ...
+    def on_revoked(self, callback: Callable[[str], None]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -74,6 +82,10 @@ CREATE TABLE IF NOT EXISTS enrolments (
     cert_sha256 TEXT NOT NULL,
     enrolled_at REAL NOT NULL,
     token_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS drained_agents (
+    name TEXT PRIMARY KEY,
+    drained_at REAL NOT NULL
 );
 """
 _TOKEN_COLUMNS = "id, role, secret_sha256, description, created_at, expires_at, revoked_at"
@@ -148,6 +160,23 @@ class SQLiteTrustStore:
             cursor = self._db.execute("DELETE FROM enrolments WHERE name = ?", (name,))
         return cursor.rowcount > 0
 
+    def set_drained(self, name: str, drained: bool, at: float) -> None:
+        with self._lock:
+            if drained:
+                self._db.execute(
+                    "INSERT INTO drained_agents (name, drained_at) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO NOTHING",
+                    (name, at),
+                )
+            else:
+                self._db.execute("DELETE FROM drained_agents WHERE name = ?", (name,))
+
+    def drained_agents(self) -> list[str]:
+        return [str(r[0]) for r in self._query("SELECT name FROM drained_agents ORDER BY name", ())]
+
+    def on_revoked(self, callback: Callable[[str], None]) -> None:
+        pass  # only this coordinator writes its file: TokenBook sees every revocation itself
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -167,6 +196,7 @@ class MemoryTrustStore:
     def __init__(self) -> None:
         self._tokens: dict[str, TokenRecord] = {}
         self._enrolments: dict[str, EnrolmentRecord] = {}
+        self._drained: set[str] = set()
 
     def add_token(self, token: TokenRecord) -> None:
         if token.id in self._tokens:
@@ -199,5 +229,50 @@ class MemoryTrustStore:
     def delete_enrolment(self, name: str) -> bool:
         return self._enrolments.pop(name, None) is not None
 
+    def set_drained(self, name: str, drained: bool, at: float) -> None:
+        if drained:
+            self._drained.add(name)
+        else:
+            self._drained.discard(name)
+
+    def drained_agents(self) -> list[str]:
+        return sorted(self._drained)
+
+    def on_revoked(self, callback: Callable[[str], None]) -> None:
+        pass  # nothing else writes here
+
     def close(self) -> None:
         pass
+
+
+@dataclass
+class TrustRows:
+    """A whole trust state as rows: what an upgrade carries from SQLite into PostgreSQL."""
+
+    tokens: list[TokenRecord]
+    enrolments: list[EnrolmentRecord]
+    drained: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.tokens or self.enrolments or self.drained)
+
+
+def read_sqlite_trust(path: Path) -> TrustRows:
+    """The trust rows of a coordinator's state.sqlite3, read-only; empty if there is none."""
+    if not path.exists():
+        return TrustRows([], [], [])
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tokens = enrolments = drained = []
+        if "tokens" in tables:
+            rows = db.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at, rowid")
+            tokens = [_token(r) for r in rows]
+        if "enrolments" in tables:
+            rows = db.execute("SELECT name, cert_sha256, enrolled_at, token_id FROM enrolments")
+            enrolments = [EnrolmentRecord(*r) for r in rows]
+        if "drained_agents" in tables:
+            drained = [str(r[0]) for r in db.execute("SELECT name FROM drained_agents")]
+        return TrustRows(tokens, enrolments, drained)
+    finally:
+        db.close()

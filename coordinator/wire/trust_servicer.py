@@ -121,7 +121,7 @@ class TrustServicer(trust_pb2_grpc.TrustServiceServicer):
             log.info("agent %s enrolled by %s", request.name, principal.label)
         return trust_pb2.EnrollResponse(
             certificate_pem=cert.public_bytes(Encoding.PEM),
-            ca_pem=self.authority.ca_path.read_bytes(),
+            ca_pem=self.authority.ca_pem(),
             agent_port=self.agent_port(),
         )
 

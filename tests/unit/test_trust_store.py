@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from polyarch.coordinator.trust.postgres_trust import PostgresTrustStore
 from polyarch.coordinator.trust.store import (
     EnrolmentRecord,
     MemoryTrustStore,
@@ -17,8 +19,16 @@ from polyarch.coordinator.trust.store import (
 from polyarch.proto.trust import Role
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TrustStore]:
+    if request.param == "postgres":
+        # its listener is an asyncio task: it runs while this runner does (open, close); the
+        # sync contract needs none of it, since a store's own writes update its view
+        with asyncio.Runner() as runner:
+            shared = runner.run(PostgresTrustStore.open(request.getfixturevalue("postgres_dsn")))
+            yield shared
+            runner.run(shared.aclose())
+        return
     backend: TrustStore = (
         SQLiteTrustStore(tmp_path / "db" / "state.sqlite3")
         if request.param == "sqlite"
@@ -62,6 +72,16 @@ def test_a_deleted_enrolment_is_gone_and_deleting_twice_says_so(store: TrustStor
     assert store.delete_enrolment("arm-1")
     assert store.get_enrolment("arm-1") is None
     assert not store.delete_enrolment("arm-1")
+
+
+def test_drains_are_kept_until_undrained(store: TrustStore) -> None:
+    store.set_drained("arm-2", True, 1.0)
+    store.set_drained("arm-1", True, 2.0)
+    store.set_drained("arm-1", True, 3.0)  # twice: still one name
+    assert store.drained_agents() == ["arm-1", "arm-2"]
+    store.set_drained("arm-2", False, 4.0)
+    store.set_drained("never-drained", False, 5.0)
+    assert store.drained_agents() == ["arm-1"]
 
 
 def test_the_sqlite_file_is_private(tmp_path: Path) -> None:
