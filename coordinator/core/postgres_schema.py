@@ -132,6 +132,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER enrolments_truncated AFTER TRUNCATE ON enrolments
         FOR EACH STATEMENT EXECUTE FUNCTION polyarch_trust_changed('name');
     """,
+    # 4: the active coordinator's agent (mTLS) address beside `holder`, its clients' address:
+    # `holder` stays exactly what a standby sends clients (polyarch-active), and agents will
+    # follow `agent_holder` without anyone parsing a combined string.
+    """
+    ALTER TABLE coordinator_term ADD COLUMN agent_holder text NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -49,13 +49,17 @@ class Term:
     epoch: int
     holder: str
     since: float
+    agent_holder: str = ""  # the active's agent (mTLS) address
 
 
 class Election:
     """This coordinator's candidacy: `campaign()` until it wins, then `hold()` while it is
-    active; `resign()` lets go. `me` is the address clients should be sent to."""
+    active; `resign()` lets go. `me` is the address clients should be sent to, `agents` the
+    one agents should (recorded as the term's agent_holder)."""
 
-    def __init__(self, dsn: str, me: str, *, lease: float = 4.0, retry: float = 1.0) -> None:
+    def __init__(
+        self, dsn: str, me: str, *, agents: str = "", lease: float = 4.0, retry: float = 1.0
+    ) -> None:
         if not 0 < lease <= MAX_LEASE:
             raise ValueError(
                 f"the leadership lease must be within (0, {MAX_LEASE:g}] seconds: the server "
@@ -63,6 +67,7 @@ class Election:
                 "have stepped down before"
             )
         self.dsn, self.me, self.lease, self.retry = dsn, me, lease, retry
+        self.agents = agents
         self._where = f"the PostgreSQL database {redacted_dsn(dsn)}"
         self._conn: AsyncConnection[Any] | None = None
         self._answered = 0.0  # monotonic time the lock's session last answered
@@ -72,20 +77,28 @@ class Election:
         """Waits until this coordinator holds the lock, then starts a new term and returns
         it. A database that is down or refuses is retried every `retry` seconds."""
         while True:
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = await self._connect()
-                cursor = await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
-                row = await cursor.fetchone()
-                if row is not None and row[0]:
-                    self.term = await self._new_term(self._conn)
-                    self._answered = time.monotonic()
-                    log.info("election: active for term %d (%s)", self.term.epoch, self.me)
-                    return self.term
-            except psycopg.Error as error:
-                log.warning("election: %s did not answer (%s); retrying", self._where, error)
-                await self._drop()
+            term = await self.attempt()
+            if term is not None:
+                return term
             await asyncio.sleep(self.retry)
+
+    async def attempt(self) -> Term | None:
+        """One try at the lock: the new term if this coordinator won it, None if another
+        holds it or the database did not answer (logged)."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await self._connect()
+            cursor = await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
+            row = await cursor.fetchone()
+            if row is not None and row[0]:
+                self.term = await self._new_term(self._conn)
+                self._answered = time.monotonic()
+                log.info("election: active for term %d (%s)", self.term.epoch, self.me)
+                return self.term
+        except psycopg.Error as error:
+            log.warning("election: %s did not answer (%s); retrying", self._where, error)
+            await self._drop()
+        return None
 
     async def hold(self) -> str:
         """Returns why this coordinator must stop acting as the active one: the lock's
@@ -127,12 +140,12 @@ class Election:
         """The current term as the database records it (for a standby's redirects)."""
         async with await AsyncConnection.connect(self.dsn, autocommit=True) as conn:
             cursor = await conn.execute(
-                "SELECT epoch, holder, since FROM coordinator_term WHERE id = 1"
+                "SELECT epoch, holder, since, agent_holder FROM coordinator_term WHERE id = 1"
             )
             row = await cursor.fetchone()
         if row is None or not row[1]:
             return None
-        return Term(int(row[0]), str(row[1]), float(row[2]))
+        return Term(int(row[0]), str(row[1]), float(row[2]), str(row[3]))
 
     async def resign(self) -> None:
         """Lets the lock go at once (closing the session frees it); idempotent."""
@@ -154,13 +167,13 @@ class Election:
     async def _new_term(self, conn: AsyncConnection[Any]) -> Term:
         # waits for commits of the previous term that hold its row FOR SHARE (the fence)
         cursor = await conn.execute(
-            "UPDATE coordinator_term SET epoch = epoch + 1, holder = %s, since = %s "
-            "WHERE id = 1 RETURNING epoch, holder, since",
-            (self.me, time.time()),
+            "UPDATE coordinator_term SET epoch = epoch + 1, holder = %s, since = %s, "
+            "agent_holder = %s WHERE id = 1 RETURNING epoch, holder, since, agent_holder",
+            (self.me, time.time(), self.agents),
         )
         row = await cursor.fetchone()
         assert row is not None  # the migration inserts the one row
-        return Term(int(row[0]), str(row[1]), float(row[2]))
+        return Term(int(row[0]), str(row[1]), float(row[2]), str(row[3]))
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
