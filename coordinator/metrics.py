@@ -173,6 +173,16 @@ class CoordinatorMetrics:
         self.context_uploads_in_flight = Gauge(
             "polyarch_context_uploads_in_flight", "Context uploads being received.", registry=r
         )
+        # High availability (coordinator/ha): 0 on a standby, so a dashboard sums to 1.
+        self.coordinator_active = Gauge(
+            "polyarch_coordinator_active",
+            "1 while this coordinator is the active one (dispatching), 0 while standby.",
+            registry=r,
+        )  # fmt: skip
+        self.failovers = Counter(
+            "polyarch_coordinator_failovers", "Terms this coordinator won: its first "
+            "election, and each takeover from another.", registry=r,
+        )  # fmt: skip
 
     def watch_fleet(self) -> None:
         """Registers the fleet gauges; they report what publish_fleet last handed over."""

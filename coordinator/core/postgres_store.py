@@ -114,6 +114,8 @@ class PostgresStore(_LoopAffinity):
         # every later commit of this store fails with Fenced. None: no election (one
         # coordinator on its own database).
         self.fence_epoch: int | None = None
+        # Told once a commit was fenced, so the coordinator stops at once (coordinator/ha).
+        self.on_fenced: Callable[[], None] | None = None
 
     @classmethod
     async def open(
@@ -278,6 +280,8 @@ class PostgresStore(_LoopAffinity):
             await self._recover(error)
             if isinstance(error, psycopg.Error) and error.sqlstate == _FENCED:
                 error = Fenced(self.fence_epoch or 0)
+                if self.on_fenced is not None:
+                    self.on_fenced()
             failure = error if isinstance(error, StoreError) else _neutral(error, "commit failed: ")
             return [(op, None, failure) for op in batch if op.kind != "stop"] + [
                 (op, None, None) for op in batch if op.kind == "stop"
