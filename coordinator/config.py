@@ -68,6 +68,10 @@ class CoordinatorConfig:
     # PEM EC P-256 private key for builds that ask `--sign-with farm` (read at start; only
     # the loaded key stays in memory)
     sign_key: Path | None = None
+    # With a database: campaign to be the one active coordinator (coordinator/ha). False
+    # only in-process (tests that need two coordinators serving at once); neither a flag
+    # nor a config-file key, so no deployment can run two dispatching coordinators.
+    election: bool = True
 
 
 _PATHS = {"data_dir", "tls_cert", "tls_key", "tls_client_ca", "docker_config", "sign_key",
@@ -75,6 +79,7 @@ _PATHS = {"data_dir", "tls_cert", "tls_key", "tls_client_ca", "docker_config", "
 _LISTS = {"advertise", "insecure_registries", "immutable_tags"}
 _FLOATS = {"agent_timeout", "registry_timeout", "context_gc_interval", "scan_timeout"}
 _BOOLS = {"insecure", "allow_build_scan_command"}
+_IN_PROCESS = {"election"}  # settable only by code that builds a CoordinatorConfig
 # flag attribute on the argparse namespace -> config field (where they differ)
 _FLAG_FIELDS = {"insecure_registry": "insecure_registries"}
 
@@ -102,8 +107,9 @@ def _coerce(name: str, value: Any) -> Any:
 def read_config_file(path: Path) -> dict[str, Any]:
     """The [coordinator] table of a TOML file, checked against the known settings."""
     return read_toml_table(
-        path, "coordinator", (f.name for f in dataclasses.fields(CoordinatorConfig))
-    )
+        path, "coordinator",
+        (f.name for f in dataclasses.fields(CoordinatorConfig) if f.name not in _IN_PROCESS),
+    )  # fmt: skip
 
 
 def config_from(args: argparse.Namespace) -> CoordinatorConfig:
@@ -118,6 +124,8 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
         limit_assignments += [f"{key}={value}" for key, value in limits_table.items()]
         values.update({key: _coerce(key, value) for key, value in table.items()})
     for name in (f.name for f in dataclasses.fields(CoordinatorConfig)):
+        if name in _IN_PROCESS:
+            continue
         flag = next((a for a, f in _FLAG_FIELDS.items() if f == name), name)
         given = getattr(args, flag, None)
         if name in _BOOLS and given is False:

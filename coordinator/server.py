@@ -23,6 +23,9 @@ from polyarch.coordinator.core.sqlite_store import SQLiteStore
 from polyarch.coordinator.core.store import StateStore
 from polyarch.coordinator.database_address import read_database_file, redacted_dsn
 from polyarch.coordinator.exports.exporter import BuildExporter
+from polyarch.coordinator.ha.candidacy import EXIT_DEMOTED, Candidacy, dialled_address
+from polyarch.coordinator.ha.election import Election, Term
+from polyarch.coordinator.ha.gate import ActiveGate
 from polyarch.coordinator.metrics import CoordinatorMetrics
 from polyarch.coordinator.registry.assembly import IndexPublisher
 from polyarch.coordinator.registry.client import RegistryClient
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_START_FAILED = 1
 EXIT_USAGE = 2
+# EXIT_DEMOTED (4, coordinator/ha/candidacy.py): stepped down as the active one; restart it.
 
 # Keepalive: notice a silent network (no RST) within about 30 s even between heartbeats.
 _SERVER_OPTIONS = [
@@ -74,25 +78,46 @@ def refuse_insecure_off_loopback(addresses: list[str]) -> None:
             )
 
 
-async def add_health_and_reflection(server: grpc.aio.Server) -> None:
-    """The standard gRPC health service (no token needed) and reflection (a read token)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from grpc_health.v1._async import HealthServicer
-    from grpc_reflection.v1alpha import reflection
-
+def _service_names() -> list[str]:
     from polyarch.proto.v1 import agent_pb2, build_pb2, fleet_pb2, trust_pb2
 
-    health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [
+    return [
         build_pb2.DESCRIPTOR.services_by_name["BuildService"].full_name,
         agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
         fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
         trust_pb2.DESCRIPTOR.services_by_name["TrustService"].full_name,
     ]
-    for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def add_health_and_reflection(server: grpc.aio.Server) -> Any:
+    """The standard gRPC health service (no token needed) and reflection (a read token).
+    Returns the health servicer: "" (the process) SERVING; the polyarch services start
+    NOT_SERVING, and set_serving() turns them on while this coordinator is the active one."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1._async import HealthServicer
+    from grpc_reflection.v1alpha import reflection
+
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = _service_names()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await set_serving(health_servicer, False)
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    return health_servicer
+
+
+async def set_serving(health_servicer: Any, serving: bool) -> None:
+    """The polyarch services' health: SERVING on the active coordinator only (a standby
+    refuses them), so a load balancer's health check picks the active one."""
+    from grpc_health.v1 import health_pb2
+
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in _service_names():
+        await health_servicer.set(name, status)
 
 
 class Status(enum.Enum):
@@ -125,6 +150,10 @@ class Coordinator:
         self.tokens: TokenBook | None = None
         self.server_tls: ServerTLS | None = None
         self.agent_port = 0
+        self.gate = ActiveGate()
+        self.candidacy: Candidacy | None = None
+        self._contexts: ContextStore | None = None
+        self._health: Any = None
 
     async def start(self, timeout: float = 30.0) -> None:
         """Starts everything; idempotent; on failure closes what it opened and raises."""
@@ -156,7 +185,7 @@ class Coordinator:
             timeout=cfg.registry_timeout,
             on_request_error=lambda kind: self.metrics.registry_errors.labels(kind=kind).inc(),
         )
-        contexts = ContextStore(cfg.data_dir / "contexts", cfg.limits)
+        self._contexts = contexts = ContextStore(cfg.data_dir / "contexts", cfg.limits)
         gate = SupplyChainGate(
             GatePolicy(
                 scan_command=cfg.scan_command, scan_timeout=cfg.scan_timeout,
@@ -183,8 +212,9 @@ class Coordinator:
         names = server_names([cfg.listen, agent_listen], cfg.advertise)
         self.trust = trust = await open_trust(cfg, dsn, names)
         self.manager.roster.keep_drains(trust.store)
-        await self.manager.start(reattach_grace=cfg.agent_timeout)
-        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        # the manager starts (state loaded, dispatch on) only once this one is the active
+        # coordinator; until then the gate, first of all, refuses every RPC but health
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [self.gate]
         authority = trust.authority
         self.server_tls, self.tokens = trust.server_tls, trust.tokens
         if self.tokens is not None:
@@ -209,7 +239,7 @@ class Coordinator:
                 manager.disconnect_agent,
             )  # fmt: skip
             trust_pb2_grpc.add_TrustServiceServicer_to_server(trust_servicer, server)
-        await add_health_and_reflection(server)
+        self._health = await add_health_and_reflection(server)
         self.port, self.agent_port = self._add_ports(server, agent_listen)
         self._server = server
         await server.start()
@@ -219,14 +249,56 @@ class Coordinator:
                 int(port), addr=host or "127.0.0.1", registry=self.metrics.registry
             )
             self.metrics_port = self._metrics_server.server_port
-        self._watchdog = asyncio.create_task(self._expire_silent_agents(), name="agent-watchdog")
-        self._context_gc = asyncio.create_task(
-            self._collector(contexts).run(cfg.context_gc_interval), name="context-gc"
+        self.candidacy = Candidacy(
+            self._election(dsn, agent_listen), self.gate, self._promote, self._announce
         )
+        if isinstance(self._store, PostgresStore):
+            self._store.on_fenced = lambda: self._demote("a commit was fenced")
+        await self.candidacy.start()
         log.info(
             "coordinator listening on port %d, agents on %d (%s; data in %s)", self.port,
             self.agent_port, "PLAINTEXT" if cfg.insecure else "TLS", cfg.data_dir,
         )  # fmt: skip
+
+    def _election(self, dsn: str, agent_listen: str) -> Election | None:
+        """With --database every coordinator is a candidate: it records what clients (and
+        agents) dial, the first --advertise name with the bound ports."""
+        cfg = self.config
+        if not dsn or not cfg.election:
+            return None
+        return Election(
+            dsn, dialled_address(cfg.listen, cfg.advertise, self.port),
+            agents=dialled_address(agent_listen, cfg.advertise, self.agent_port),
+        )  # fmt: skip
+
+    async def _promote(self, term: Term | None) -> None:
+        """Becomes the active coordinator: fenced to the term before anything is written,
+        then the state reloaded as after a restart, dispatch on, the agent watchdog and GC."""
+        assert self.manager is not None and self._contexts is not None
+        if term is not None and isinstance(self._store, PostgresStore):
+            self._store.fence_epoch = term.epoch
+        await self.manager.start(reattach_grace=self.config.agent_timeout)
+        self._watchdog = asyncio.create_task(self._expire_silent_agents(), name="agent-watchdog")
+        self._context_gc = asyncio.create_task(
+            self._collector(self._contexts).run(self.config.context_gc_interval),
+            name="context-gc",
+        )
+        if term is not None:
+            self.metrics.failovers.inc()
+
+    async def _announce(self, active: bool) -> None:
+        self.metrics.coordinator_active.set(1 if active else 0)
+        if self._health is not None:
+            await set_serving(self._health, active)
+
+    def _demote(self, reason: str) -> None:
+        if self.candidacy is not None:
+            self.candidacy.demote(reason)
+
+    @property
+    def lost(self) -> asyncio.Event | None:
+        """Set once this coordinator stepped down (serve() then exits with EXIT_DEMOTED)."""
+        return self.candidacy.lost if self.candidacy is not None else None
 
     async def _open_state_store(self, dsn: str) -> StateStore:
         """PostgreSQL when --database or --database-file says so, else SQLite in data_dir."""
@@ -290,6 +362,7 @@ class Coordinator:
             return
         self.status = Status.CLOSING
         try:
+            self.gate.close("this coordinator is stopping")
             for task in (self._watchdog, self._context_gc):
                 if task is not None:
                     task.cancel()
@@ -309,6 +382,9 @@ class Coordinator:
                 await self._registry.aclose()
             if self._store is not None:
                 await self._store.close()
+            if self.candidacy is not None:
+                # after the last commit: a standby takes over at once, nothing in flight
+                await self.candidacy.close()
             if self.trust is not None:
                 await self.trust.close()
         finally:
@@ -333,7 +409,24 @@ async def serve(config: CoordinatorConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"polyarch coordinator listening on {coordinator.address}", flush=True)
-    await stop.wait()
+    waits = [asyncio.create_task(stop.wait(), name="signal")]
+    lost = coordinator.lost
+    if lost is not None:
+        waits.append(asyncio.create_task(lost.wait(), name="demotion"))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
+    if lost is not None and lost.is_set():
+        reason = coordinator.candidacy.reason if coordinator.candidacy else ""
+        log.error(
+            "exiting with code %d (%s): a supervisor restarts this coordinator as a standby",
+            EXIT_DEMOTED, reason,
+        )  # fmt: skip
+        try:  # a database gone silent must not hold the exit: the supervisor is waiting
+            await asyncio.wait_for(coordinator.stop(grace=0), 10.0)
+        except TimeoutError:
+            log.error("the stop did not finish within 10 s; exiting anyway")
+        return EXIT_DEMOTED
     log.info("signal received: stopping gracefully")
     await coordinator.stop(grace=10.0)
     return EXIT_OK

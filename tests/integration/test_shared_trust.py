@@ -39,6 +39,9 @@ def settings(data_dir: Path, dsn: str, **extra: object) -> CoordinatorConfig:
         data_dir=data_dir,
         metrics_listen="",
         database=dsn,
+        # two coordinators serving at once, to see what they share: with the election one
+        # would be a standby refusing every call (test_failover.py covers that)
+        election=False,
         **extra,
     )  # type: ignore[arg-type]
 

@@ -1,0 +1,88 @@
+"""The standby's gate: every RPC but the health service is refused, naming the active one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+# The trailing metadata key a standby's refusals carry: the active coordinator's HOST:PORT.
+ACTIVE_KEY = "polyarch-active"
+# Open in every mode: a supervisor or load balancer must see a standby alive (it reports
+# the polyarch services NOT_SERVING there; see health_statuses).
+_ALWAYS_OPEN = "/grpc.health.v1.Health/"
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # generic only in the stubs
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class ActiveGate(_Interceptor):
+    """Lets RPCs through only while `active`. Installed before the authentication
+    interceptor, so a standby refuses without checking tokens: it serves nothing, and a
+    client learns where to go before it needs its credentials there.
+
+    `holder` is the active coordinator's address as the database records it ("" while no
+    term exists: the refusal then carries no polyarch-active)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.holder = ""
+        self.why_closed = "this coordinator is a standby"
+
+    def open(self) -> None:
+        self.active = True
+
+    def close(self, why: str) -> None:
+        """Refuses new RPCs from now on (a demotion: the process is about to exit)."""
+        self.active, self.holder, self.why_closed = False, "", why
+
+    def refusal(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """The details and trailing metadata of a refusal now."""
+        if not self.holder:
+            return f"{self.why_closed}; no coordinator is active yet, retry shortly", ()
+        return (
+            f"{self.why_closed}; the active one is {self.holder}",
+            ((ACTIVE_KEY, self.holder),),
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or self.active or handler_call_details.method.startswith(_ALWAYS_OPEN):
+            return handler
+        refused: grpc.RpcMethodHandler[Any, Any] = _refusing(handler, self)
+        return refused
+
+
+def _refusing(handler: Any, gate: ActiveGate) -> Any:
+    """A handler of the same kind as `handler` that aborts with UNAVAILABLE before reading
+    anything (`handler` is a grpc.RpcMethodHandler; the stubs type its behaviours as sync,
+    grpc.aio's are async, hence Any)."""
+
+    async def refuse(context: Any) -> None:
+        details, trailing = gate.refusal()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, details, trailing_metadata=trailing)
+
+    async def unary(_request: Any, context: Any) -> Any:
+        await refuse(context)
+
+    async def stream(_request: Any, context: Any) -> AsyncIterator[Any]:
+        await refuse(context)
+        yield  # never reached: makes this an async generator, as streaming handlers are
+
+    de, se = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, de, se)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, de, se)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, de, se)
+    return grpc.stream_stream_rpc_method_handler(stream, de, se)
