@@ -1,0 +1,250 @@
+"""Two real coordinators on one PostgreSQL database: one active, one standby, and takeover."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import statistics
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from polyarch.agent.enrolment import enrol
+from polyarch.client.api import BuildClient
+from polyarch.client.context import pack_context
+from polyarch.client.credentials import Credentials
+from polyarch.proto.trust import ClientTrust, aio_channel
+from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc, build_pb2, build_pb2_grpc, trust_pb2
+from tests.support.farm import POLYARCH
+from tests.support.poll import poll_until, wait_until
+from tests.support.services import free_port, stop_process
+
+TAKEOVER_LIMIT = 15.0  # the issue's bound, SIGKILL to the first accepted call
+ROUNDS = 5
+EXIT_DEMOTED = 4
+
+
+@dataclass
+class Process:
+    """One `polyarch coordinator` process and its addresses."""
+
+    name: str
+    address: str
+    metrics_url: str
+    data_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample from its --metrics-listen endpoint (a quick local scrape)."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        assert found, f"{self.name}: no {name} in its metrics"
+        return float(found.group(1))
+
+
+@contextlib.contextmanager
+def coordinator(work: Path, name: str, dsn: str) -> Iterator[Process]:
+    """A coordinator on free 127.0.0.1 ports, TLS as deployed; stopped by its PID after."""
+    port, agent_port, metrics_port = free_port(), free_port(), free_port()
+    data_dir, log_path = work / name, work / f"{name}.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [POLYARCH, "coordinator", "--listen", f"127.0.0.1:{port}", "--data-dir",
+             str(data_dir), "--agent-listen", f"127.0.0.1:{agent_port}", "--metrics-listen",
+             f"127.0.0.1:{metrics_port}", "--database", dsn, "--agent-timeout", "5"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    started = Process(name, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
+                      data_dir, log_path, proc)  # fmt: skip
+    try:
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited {proc.returncode}: {started.log()[-3000:]}")
+            return "polyarch coordinator listening" in started.log()
+
+        wait_until(ready, timeout=30, message=f"coordinator {name} listening")
+        yield started
+    finally:
+        stop_process(proc)
+
+
+async def list_builds(address: str, trust: ClientTrust) -> list[str] | grpc.aio.AioRpcError:
+    """A raw ListBuilds: the build ids, or the refusal (code, details, trailing metadata)."""
+    async with aio_channel(address, trust) as channel:
+        try:
+            reply = await build_pb2_grpc.BuildServiceStub(channel).ListBuilds(
+                build_pb2.ListBuildsRequest(), timeout=5
+            )
+        except grpc.aio.AioRpcError as error:
+            return error
+    return [build.id for build in reply.builds]
+
+
+def trailing(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    return {key: str(value) for key, value in error.trailing_metadata() or ()}
+
+
+async def assert_standby(standby: Process, active: Process, trust: ClientTrust) -> None:
+    """The standby refuses with UNAVAILABLE, naming the active's address (once it read the
+    term: it follows it every second); its gauge says 0, the active's 1."""
+
+    async def redirects() -> grpc.aio.AioRpcError | None:
+        answer = await list_builds(standby.address, trust)
+        assert isinstance(answer, grpc.aio.AioRpcError), f"{standby.name} served: {answer}"
+        assert answer.code() == grpc.StatusCode.UNAVAILABLE, answer
+        return answer if trailing(answer).get("polyarch-active") == active.address else None
+
+    refusal = await poll_until(redirects, timeout=10, message=f"{standby.name} names the active")
+    assert "standby" in (refusal.details() or "") and active.address in (refusal.details() or "")
+    assert standby.metric("polyarch_coordinator_active") == 0
+    assert active.metric("polyarch_coordinator_active") == 1
+    assert await health(standby, trust) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await health(active, trust) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def health(process: Process, trust: ClientTrust) -> int:
+    """The BuildService's status in the standard health service (open on a standby too)."""
+    async with aio_channel(process.address, trust) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="polyarch.v1.BuildService"), timeout=5
+        )
+    return int(reply.status)
+
+
+async def submit(address: str, admin: str, context: Path) -> str:
+    """A build for linux/amd64 (a connected agent must offer it); its id."""
+    packed = pack_context(context)
+    try:
+        async with BuildClient(address, credentials=Credentials(token=admin)) as client:
+            await client.upload_context(packed)
+            submitted = await client.submit(
+                context_digest=packed.digest, dockerfile=packed.dockerfile,
+                platforms=["linux/amd64"], tags=["127.0.0.1:1/failover/test:kept"],
+            )  # fmt: skip
+    finally:
+        packed.discard()
+    return str(submitted.build.id)
+
+
+@contextlib.asynccontextmanager
+async def fake_agent(address: str, admin: str, name: str) -> AsyncIterator[None]:
+    """An enrolled agent's stream offering linux/amd64 that never builds (no builder here:
+    it only lets a submit be accepted and its build recorded)."""
+    async with BuildClient(address, credentials=Credentials(token=admin)) as client:
+        agent_token = (await client.create_token(trust_pb2.TOKEN_ROLE_AGENT)).token_text
+    trust = await asyncio.to_thread(Credentials(token=agent_token).resolve, address)
+    identity = await enrol(address, trust, name, False)
+    outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
+    await outbox.put(agent_pb2.AgentMessage(hello=agent_pb2.AgentHello(
+        name=name, builder="probe", native_platforms=["linux/amd64"], slots=1)))  # fmt: skip
+
+    async def requests() -> AsyncIterator[agent_pb2.AgentMessage]:
+        while (message := await outbox.get()) is not None:
+            yield message
+
+    async with aio_channel(identity.agent_address, identity.trust()) as channel:
+        call = agent_pb2_grpc.AgentServiceStub(channel).Connect(requests())
+        try:
+            await asyncio.wait_for(call.read(), 10)  # the Welcome: connected
+            yield
+        finally:
+            call.cancel()
+
+
+async def test_the_standby_takes_over_from_a_killed_active_within_15_seconds(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY Dockerfile /\n")
+    with contextlib.ExitStack() as processes:
+        first = processes.enter_context(coordinator(tmp_path, "c0", postgres_dsn))
+        # the first one alone: it wins at start and writes the first admin token
+        wait_until(lambda: (first.data_dir / "admin.token").exists(), timeout=10,
+                   message="the first admin token")  # fmt: skip
+        admin = (first.data_dir / "admin.token").read_text().strip()
+        ca = await asyncio.to_thread(Credentials(token=admin).resolve, first.address)
+        trust = ClientTrust(root_pem=ca.root_pem, token=admin)
+        assert isinstance(await list_builds(first.address, trust), list)
+        active, standby = first, processes.enter_context(coordinator(tmp_path, "c1", postgres_dsn))
+        await assert_standby(standby, active, trust)
+        unauthenticated = await list_builds(standby.address, ClientTrust(root_pem=ca.root_pem))
+        assert isinstance(unauthenticated, grpc.aio.AioRpcError)  # no token: redirected too
+        assert unauthenticated.code() == grpc.StatusCode.UNAVAILABLE
+        async with fake_agent(active.address, admin, "probe-0"):
+            kept = await submit(active.address, admin, context)
+
+        takeovers: list[float] = []
+        for round_ in range(ROUNDS):
+            active.proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            active.proc.wait(10)
+
+            async def accepted(candidate: Process = standby) -> list[str] | None:
+                answer = await list_builds(candidate.address, trust)
+                return answer if isinstance(answer, list) else None
+
+            listed = await poll_until(
+                accepted, timeout=TAKEOVER_LIMIT + 5, interval=0.05,
+                message=f"round {round_}: the standby accepts calls",
+            )  # fmt: skip
+            takeovers.append(time.monotonic() - killed)
+            assert kept in listed, f"round {round_}: {kept} lost in the takeover"
+            assert takeovers[-1] < TAKEOVER_LIMIT, takeovers
+            # the killed one comes back (as a supervisor restarts it): a standby now
+            active, standby = (
+                standby,
+                processes.enter_context(coordinator(tmp_path, f"c{round_ + 2}", postgres_dsn)),
+            )
+            await assert_standby(standby, active, trust)
+
+        print(
+            f"\ntakeover SIGKILL -> first accepted call, {ROUNDS} rounds: median "
+            f"{statistics.median(takeovers):.2f} s, max {max(takeovers):.2f} s "
+            f"({', '.join(f'{t:.2f}' for t in takeovers)})"
+        )
+        # the last active accepts submits too, and a term per takeover was recorded
+        async with fake_agent(active.address, admin, "probe-1"):
+            assert await submit(active.address, admin, context)
+        async with await psycopg.AsyncConnection.connect(postgres_dsn) as db:
+            row = await (await db.execute("SELECT epoch, holder FROM coordinator_term")).fetchone()
+        assert row == (ROUNDS + 1, active.address)
+        assert f"active for term {ROUNDS + 1}" in active.log()
+        assert active.metric("polyarch_coordinator_failovers_total") == 1
+
+
+async def test_an_active_whose_commit_is_fenced_exits_to_be_restarted(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    """A term moved on behind the active's back (as after a partition): its next commit is
+    fenced, it stops serving and exits with 4 for its supervisor to restart it."""
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM scratch\n")
+    with coordinator(tmp_path, "c0", postgres_dsn) as active:
+        wait_until(lambda: (active.data_dir / "admin.token").exists(), timeout=10,
+                   message="the first admin token")  # fmt: skip
+        admin = (active.data_dir / "admin.token").read_text().strip()
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as db:
+            await db.execute("UPDATE coordinator_term SET epoch = epoch + 1")
+        with contextlib.suppress(Exception):  # its writes fail: that is the point
+            async with fake_agent(active.address, admin, "probe-0"):
+                await submit(active.address, admin, context)
+        await asyncio.to_thread(active.proc.wait, 20)
+        assert active.proc.returncode == EXIT_DEMOTED, active.log()[-2000:]
+        assert "a commit was fenced" in active.log()
