@@ -242,6 +242,14 @@ class Coordinator:
         self._health = await add_health_and_reflection(server)
         self.port, self.agent_port = self._add_ports(server, agent_listen)
         self._server = server
+        # the ports are bound (what the term records): a lone coordinator, or one without
+        # --database, is active before the first RPC arrives, as before the election existed
+        self.candidacy = Candidacy(
+            self._election(dsn, agent_listen), self.gate, self._promote, self._announce
+        )
+        if isinstance(self._store, PostgresStore):
+            self._store.on_fenced = lambda: self._demote("a commit was fenced")
+        await self.candidacy.start()
         await server.start()
         if cfg.metrics_listen:
             host, _, port = cfg.metrics_listen.rpartition(":")
@@ -249,12 +257,6 @@ class Coordinator:
                 int(port), addr=host or "127.0.0.1", registry=self.metrics.registry
             )
             self.metrics_port = self._metrics_server.server_port
-        self.candidacy = Candidacy(
-            self._election(dsn, agent_listen), self.gate, self._promote, self._announce
-        )
-        if isinstance(self._store, PostgresStore):
-            self._store.on_fenced = lambda: self._demote("a commit was fenced")
-        await self.candidacy.start()
         log.info(
             "coordinator listening on port %d, agents on %d (%s; data in %s)", self.port,
             self.agent_port, "PLAINTEXT" if cfg.insecure else "TLS", cfg.data_dir,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import signal
 import statistics
@@ -97,6 +98,12 @@ async def list_builds(address: str, trust: ClientTrust) -> list[str] | grpc.aio.
 
 def trailing(error: grpc.aio.AioRpcError) -> dict[str, str]:
     return {key: str(value) for key, value in error.trailing_metadata() or ()}
+
+
+async def accepted(process: Process, trust: ClientTrust) -> list[str] | None:
+    """The build ids once `process` serves ListBuilds; None while it refuses."""
+    answer = await list_builds(process.address, trust)
+    return answer if isinstance(answer, list) else None
 
 
 async def assert_standby(standby: Process, active: Process, trust: ClientTrust) -> None:
@@ -195,12 +202,9 @@ async def test_the_standby_takes_over_from_a_killed_active_within_15_seconds(
             killed = time.monotonic()
             active.proc.wait(10)
 
-            async def accepted(candidate: Process = standby) -> list[str] | None:
-                answer = await list_builds(candidate.address, trust)
-                return answer if isinstance(answer, list) else None
-
             listed = await poll_until(
-                accepted, timeout=TAKEOVER_LIMIT + 5, interval=0.05,
+                functools.partial(accepted, standby, trust),
+                timeout=TAKEOVER_LIMIT + 5, interval=0.05,
                 message=f"round {round_}: the standby accepts calls",
             )  # fmt: skip
             takeovers.append(time.monotonic() - killed)
