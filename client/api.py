@@ -61,7 +61,21 @@ class PolyarchError(Exception):
 
 
 class CoordinatorUnreachable(PolyarchError):
-    """No polyarch coordinator answers at the configured address."""
+    """No polyarch coordinator answers at the configured address; `active` is the address a
+    standby named as the active one's (its `polyarch-active` trailing metadata), if any."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, active: str = "") -> None:
+        super().__init__(message, code)
+        self.active = active
+
+
+ACTIVE_METADATA = "polyarch-active"  # a standby's refusal names the active coordinator
+MAX_REDIRECTS = 5  # in a row without an answer: then pause as for an outage
+
+
+def coordinator_addresses(address: str) -> list[str]:
+    """`a:7600,b:7600` -> the addresses to try, in order (one: just it)."""
+    return [part.strip() for part in address.split(",") if part.strip()] or [address]
 
 
 def _reason(details: str) -> str:
@@ -94,7 +108,10 @@ class BuildClient:
         rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
         credentials: Credentials | None = None,
     ) -> None:
-        self.address = address
+        # several coordinators (one active, standbys): connect() tries them in order, and a
+        # standby's refusal sends this client to the active one it names
+        self.addresses = coordinator_addresses(address)
+        self.address = self.addresses[0]
         self.connect_timeout = connect_timeout
         self.rpc_timeout = rpc_timeout
         self.credentials = credentials or Credentials()
@@ -125,9 +142,38 @@ class BuildClient:
         )
 
     async def connect(self) -> None:
-        """Opens the channel and waits (bounded) until the coordinator answers."""
+        """Opens the channel and waits (bounded) until a coordinator answers: the current
+        address first, then the others given, in order."""
         if self._channel is not None:
             return
+        start = self.addresses.index(self.address) if self.address in self.addresses else 0
+        order = [self.address] + [
+            a for a in self.addresses[start + 1 :] + self.addresses[:start] if a != self.address
+        ]
+        for n, address in enumerate(order):
+            self.address = address
+            try:
+                await self._connect_current()
+                return
+            except CoordinatorUnreachable:
+                if n == len(order) - 1:
+                    raise
+
+    def follow_active(self, error: PolyarchError) -> bool:
+        """Points this client at the active coordinator a standby named; True if it moved
+        (the caller reconnects). Also moves on to the next address given, if several."""
+        active = error.active if isinstance(error, CoordinatorUnreachable) else ""
+        if active and active != self.address:
+            if active not in self.addresses:
+                self.addresses.append(active)
+            self.address = active
+            return True
+        if len(self.addresses) > 1 and self.address in self.addresses:
+            at = self.addresses.index(self.address)
+            self.address = self.addresses[(at + 1) % len(self.addresses)]
+        return False
+
+    async def _connect_current(self) -> None:
         try:
             trust = await asyncio.wait_for(self._resolve_trust(), self.connect_timeout)
         except TimeoutError:
@@ -186,6 +232,13 @@ class BuildClient:
         code = exc.code()
         details = exc.details() or code.name
         if code == grpc.StatusCode.UNAVAILABLE:
+            trailing: Any = exc.trailing_metadata() or ()
+            active = next((str(v) for k, v in trailing if k == ACTIVE_METADATA), "")
+            if active:
+                return CoordinatorUnreachable(
+                    f"the coordinator at {self.address} is a standby; the active one is "
+                    f"{active}", code, active=str(active),
+                )  # fmt: skip
             return self._unreachable(_reason(details))
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return CoordinatorUnreachable(
@@ -198,10 +251,32 @@ class BuildClient:
         return PolyarchError(details, code)
 
     async def _call(self, call: Callable[..., Awaitable[_T]], request: Any) -> _T:
-        try:
-            return await call(request, timeout=self.rpc_timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from None
+        """A unary call; a standby's refusal is followed to the active one (a few times)."""
+        for _ in range(MAX_REDIRECTS):
+            try:
+                return await call(request, timeout=self.rpc_timeout)
+            except grpc.aio.AioRpcError as exc:
+                error = self._error(exc)
+                if not (isinstance(error, CoordinatorUnreachable) and error.active):
+                    raise error from None
+                where = self._find(call)
+                if where is None or not self.follow_active(error):
+                    raise error from None
+                await self.close()
+                await self.connect()
+                call = getattr(self._stubs()[where[0]], where[1])
+        raise error
+
+    def _stubs(self) -> tuple[Any, Any, Any]:
+        return self._build, self._fleet, self._trust
+
+    def _find(self, call: object) -> tuple[int, str] | None:
+        """Which stub's which method `call` is, to call it again on a new channel."""
+        for n, stub in enumerate(self._stubs()):
+            for name, method in vars(stub or object()).items():
+                if method is call:
+                    return n, name
+        return None
 
     # -- build API -------------------------------------------------------------------------
 
@@ -533,18 +608,26 @@ class _Outage:
         self.doing = doing
         self.since: float | None = None
         self.failures = 0
+        self.redirects = 0
 
     def over(self) -> None:
-        self.since, self.failures = None, 0
+        self.since, self.failures, self.redirects = None, 0, 0
 
     async def wait(self, error: PolyarchError) -> None:
-        """Re-raises `error` once the coordinator has been gone longer than the window."""
+        """Re-raises `error` once the coordinator has been gone longer than the window. A
+        standby's refusal naming the active one is followed at once (a few times in a row);
+        otherwise the next address given is tried after a pause."""
         now = asyncio.get_running_loop().time()
         self.since = now if self.since is None else self.since
         if now - self.since > self.window:
             raise error
+        moved = self.client.follow_active(error)
+        await self.client.close()
+        if moved and self.redirects < MAX_REDIRECTS:
+            self.redirects += 1
+            return
+        self.redirects = 0
         if self.on_lost is not None and self.failures == 0:
             self.on_lost(f"lost the coordinator ({error}); {self.doing}")
-        await self.client.close()
         await asyncio.sleep(backoff_delay(self.failures, RECONNECT_DELAY / 8, RECONNECT_DELAY))
         self.failures += 1

@@ -252,3 +252,46 @@ async def test_an_active_whose_commit_is_fenced_exits_to_be_restarted(
         await asyncio.to_thread(active.proc.wait, 20)
         assert active.proc.returncode == EXIT_DEMOTED, active.log()[-2000:]
         assert "a commit was fenced" in active.log()
+
+
+async def test_clients_follow_a_standby_to_the_active_and_across_a_takeover(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    with contextlib.ExitStack() as processes:
+        first = processes.enter_context(coordinator(tmp_path, "c0", postgres_dsn))
+        wait_until(lambda: (first.data_dir / "admin.token").exists(), timeout=10,
+                   message="the first admin token")  # fmt: skip
+        admin = (first.data_dir / "admin.token").read_text().strip()
+        ca = await asyncio.to_thread(Credentials(token=admin).resolve, first.address)
+        trust = ClientTrust(root_pem=ca.root_pem, token=admin)
+        second = processes.enter_context(coordinator(tmp_path, "c1", postgres_dsn))
+        await assert_standby(second, first, trust)
+
+        # the CLI pointed at the standby, or at a dead address then the standby: it follows
+        dead = f"127.0.0.1:{free_port()}"
+        env = {"PATH": "/usr/bin:/bin", "POLYARCH_TOKEN": admin, **pythonpath()}
+        for given in (second.address, f"{dead},{second.address}"):
+            done = await asyncio.to_thread(
+                subprocess.run, [POLYARCH, "builds", "--json", "--coordinator", given],
+                env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 0, (given, done.stderr)
+
+        # a client given both follows the takeover: the killed active's peer takes over
+        lost: list[str] = []
+        async with BuildClient(
+            f"{first.address},{second.address}", credentials=Credentials(token=admin)
+        ) as client:
+            assert client.address == first.address
+            first.proc.send_signal(signal.SIGKILL)
+            first.proc.wait(10)
+            builds = await client.retrying(client.list_builds, on_lost=lost.append)
+            assert builds == [] and client.address == second.address
+        assert len(lost) <= 1  # said at most once while the standby took over
+
+
+def pythonpath() -> dict[str, str]:
+    """A worktree's code for the CLI, as the coordinators run it (when PYTHONPATH is set)."""
+    import os
+
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
