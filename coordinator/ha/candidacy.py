@@ -16,8 +16,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import psycopg
-
 from polyarch.coordinator.ha.election import Election, Term
 from polyarch.coordinator.ha.gate import ActiveGate
 
@@ -106,11 +104,19 @@ class Candidacy:
 
     async def _stand_by(self) -> None:
         assert self.election is not None
-        follower = asyncio.create_task(self._follow_holder(), name="ha-follow")
-        try:
-            term = await self.election.campaign()
-        finally:
-            follower.cancel()
+        announced = None
+        # each lost attempt reads the current term on the same session: the gate's answer
+        # (the active's address) stays current without a connection of its own
+        while (term := await self.election.attempt()) is None:
+            seen = self.election.seen
+            self.gate.holder = seen.holder if seen is not None else ""
+            if self.gate.holder != announced:
+                announced = self.gate.holder
+                log.info(
+                    "high availability: standby; the active coordinator is %s",
+                    announced or "not elected yet",
+                )
+            await asyncio.sleep(self.election.retry)
         self.gate.holder = ""
         try:
             await self._become_active(term)
@@ -123,21 +129,3 @@ class Candidacy:
     async def _hold(self) -> None:
         assert self.election is not None
         self.demote(await self.election.hold())
-
-    async def _follow_holder(self) -> None:
-        """Keeps the gate's answer (the active's address) current while standing by."""
-        assert self.election is not None
-        announced = None
-        while True:
-            try:
-                term = await self.election.active()
-                self.gate.holder = term.holder if term is not None else ""
-                if self.gate.holder != announced:
-                    announced = self.gate.holder
-                    log.info(
-                        "high availability: standby; the active coordinator is %s",
-                        announced or "not elected yet",
-                    )
-            except psycopg.Error as error:
-                log.warning("high availability: cannot read the current term: %s", error)
-            await asyncio.sleep(self.election.retry)

@@ -72,6 +72,9 @@ class Election:
         self._conn: AsyncConnection[Any] | None = None
         self._answered = 0.0  # monotonic time the lock's session last answered
         self.term: Term | None = None
+        # The term another coordinator holds, as the last lost attempt read it (for a
+        # standby's redirects): read on the campaign's own session, not a new connection.
+        self.seen: Term | None = None
 
     async def campaign(self) -> Term:
         """Waits until this coordinator holds the lock, then starts a new term and returns
@@ -95,6 +98,7 @@ class Election:
                 self._answered = time.monotonic()
                 log.info("election: active for term %d (%s)", self.term.epoch, self.me)
                 return self.term
+            self.seen = await _read_term(self._conn)
         except psycopg.Error as error:
             log.warning("election: %s did not answer (%s); retrying", self._where, error)
             await self._drop()
@@ -137,15 +141,12 @@ class Election:
         return reason
 
     async def active(self) -> Term | None:
-        """The current term as the database records it (for a standby's redirects)."""
+        """The current term as the database records it (on this candidacy's session, or a
+        connection of its own when there is none)."""
+        if self._conn is not None and not self._conn.closed:
+            return await _read_term(self._conn)
         async with await AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            cursor = await conn.execute(
-                "SELECT epoch, holder, since, agent_holder FROM coordinator_term WHERE id = 1"
-            )
-            row = await cursor.fetchone()
-        if row is None or not row[1]:
-            return None
-        return Term(int(row[0]), str(row[1]), float(row[2]), str(row[3]))
+            return await _read_term(conn)
 
     async def resign(self) -> None:
         """Lets the lock go at once (closing the session frees it); idempotent."""
@@ -183,3 +184,13 @@ class Election:
                     await conn.close()
             except (TimeoutError, psycopg.Error):
                 pass  # a hung socket: the server frees the session after SERVER_SILENCE
+
+
+async def _read_term(conn: AsyncConnection[Any]) -> Term | None:
+    cursor = await conn.execute(
+        "SELECT epoch, holder, since, agent_holder FROM coordinator_term WHERE id = 1"
+    )
+    row = await cursor.fetchone()
+    if row is None or not row[1]:
+        return None
+    return Term(int(row[0]), str(row[1]), float(row[2]), str(row[3]))
