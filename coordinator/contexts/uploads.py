@@ -92,3 +92,16 @@ async def timed(
                 f"upload_idle_seconds={idle_seconds:g}"
             ) from None
         yield item
+
+
+@contextlib.asynccontextmanager
+async def bounded_upload(
+    slots: UploadSlots, limits: Limits, caller: str, messages: AsyncIterator[T]
+) -> AsyncIterator[AsyncGenerator[T, None]]:
+    """One upload stream under every bound: a slot of `caller`'s, claimed before the first
+    message is awaited (a caller over its cap is refused at once), and the idle and deadline
+    limits on the wait for each message, the first included."""
+    with slots.claim(caller):
+        timed_messages = timed(messages, limits.upload_idle_seconds, limits.upload_deadline_seconds)
+        async with contextlib.aclosing(timed_messages) as bounded:
+            yield bounded

@@ -11,7 +11,7 @@ import grpc
 from polyarch.coordinator.contexts.blob_uploads import BlobReceiver
 from polyarch.coordinator.contexts.blobs import BlobPiece
 from polyarch.coordinator.contexts.store import ManifestReceipt, check_digest
-from polyarch.coordinator.contexts.uploads import timed
+from polyarch.coordinator.contexts.uploads import bounded_upload
 from polyarch.coordinator.core.manager import BuildManager
 from polyarch.coordinator.core.model import InvalidRequest, PolyarchError
 from polyarch.coordinator.exports.exporter import BuildExporter
@@ -50,35 +50,29 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
         contexts = self.manager.contexts
         limits = contexts.limits
         metrics = self.manager.metrics
-        # The slot is claimed before the first chunk is awaited, so a caller over its cap is
-        # refused at once; the idle limit covers the wait for that first chunk too.
         caller = current_principal().token_id
-        with contexts.uploads.claim(caller):
-            timed_messages = timed(
-                request_iterator, limits.upload_idle_seconds, limits.upload_deadline_seconds
-            )
-            async with contextlib.aclosing(timed_messages) as messages:
-                first = await anext(messages, None)
-                if first is None or not first.digest or first.size < 0:
-                    raise InvalidRequest(
-                        "the first upload chunk must carry the context digest and size"
-                    )
+        async with bounded_upload(contexts.uploads, limits, caller, request_iterator) as messages:
+            first = await anext(messages, None)
+            if first is None or not first.digest or first.size < 0:
+                raise InvalidRequest(
+                    "the first upload chunk must carry the context digest and size"
+                )
 
-                async def chunks() -> AsyncGenerator[bytes, None]:
-                    metrics.context_bytes_received.inc(len(first.data))
-                    yield first.data
-                    async for chunk in messages:
-                        metrics.context_bytes_received.inc(len(chunk.data))
-                        yield chunk.data
+            async def chunks() -> AsyncGenerator[bytes, None]:
+                metrics.context_bytes_received.inc(len(first.data))
+                yield first.data
+                async for chunk in messages:
+                    metrics.context_bytes_received.inc(len(chunk.data))
+                    yield chunk.data
 
-                async with contextlib.aclosing(chunks()) as data:
-                    if first.kind == common_pb2.CONTEXT_KIND_MANIFEST:
-                        receipt = await contexts.write_manifest(first.digest, first.size, data)
-                    elif first.kind == common_pb2.CONTEXT_KIND_TAR:
-                        stored = await contexts.write(first.digest, first.size, data)
-                        receipt = ManifestReceipt(already_present=not stored)
-                    else:
-                        raise InvalidRequest(f"unknown context kind {first.kind}")
+            async with contextlib.aclosing(chunks()) as data:
+                if first.kind == common_pb2.CONTEXT_KIND_MANIFEST:
+                    receipt = await contexts.write_manifest(first.digest, first.size, data)
+                elif first.kind == common_pb2.CONTEXT_KIND_TAR:
+                    stored = await contexts.write(first.digest, first.size, data)
+                    receipt = ManifestReceipt(already_present=not stored)
+                else:
+                    raise InvalidRequest(f"unknown context kind {first.kind}")
         if receipt.listed_blobs:
             deduplicated = receipt.listed_blobs - receipt.missing_blobs
             metrics.context_blobs.labels(outcome="deduplicated").inc(deduplicated)
@@ -110,33 +104,29 @@ class BuildServicer(build_pb2_grpc.BuildServiceServicer):
         contexts = self.manager.contexts
         limits = contexts.limits
         metrics = self.manager.metrics
-        with contexts.uploads.claim(current_principal().token_id):
-            timed_messages = timed(
-                request_iterator, limits.upload_idle_seconds, limits.upload_deadline_seconds
-            )
-            async with contextlib.aclosing(timed_messages) as messages:
-                first = await anext(messages, None)
-                if first is None or not first.context_digest:
-                    raise InvalidRequest(
-                        "the first message must name the context (context_digest) the blobs "
-                        "belong to"
-                    )
-                digest = first.context_digest
-                listing = await contexts.upload_target(digest)
+        caller = current_principal().token_id
+        async with bounded_upload(contexts.uploads, limits, caller, request_iterator) as messages:
+            first = await anext(messages, None)
+            if first is None or not first.context_digest:
+                raise InvalidRequest(
+                    "the first message must name the context (context_digest) the blobs belong to"
+                )
+            digest = first.context_digest
+            listing = await contexts.upload_target(digest)
 
-                async def pieces() -> AsyncGenerator[BlobPiece, None]:
-                    message: build_pb2.UploadBlobsChunk | None = first
-                    while message is not None:
-                        if message.context_digest not in ("", digest):
-                            raise InvalidRequest("all the blobs of one stream go to one context")
-                        if message.HasField("blob"):
-                            blob = message.blob
-                            metrics.context_bytes_received.inc(len(blob.data))
-                            yield BlobPiece(blob.digest, blob.size, blob.offset, blob.data)
-                        message = await anext(messages, None)
+            async def pieces() -> AsyncGenerator[BlobPiece, None]:
+                message: build_pb2.UploadBlobsChunk | None = first
+                while message is not None:
+                    if message.context_digest not in ("", digest):
+                        raise InvalidRequest("all the blobs of one stream go to one context")
+                    if message.HasField("blob"):
+                        blob = message.blob
+                        metrics.context_bytes_received.inc(len(blob.data))
+                        yield BlobPiece(blob.digest, blob.size, blob.offset, blob.data)
+                    message = await anext(messages, None)
 
-                async with contextlib.aclosing(pieces()) as stream:
-                    report = await BlobReceiver(contexts, digest, listing.blobs).receive(stream)
+            async with contextlib.aclosing(pieces()) as stream:
+                report = await BlobReceiver(contexts, digest, listing.blobs).receive(stream)
         metrics.context_blobs.labels(outcome="uploaded").inc(report.stored_blobs)
         metrics.context_blobs.labels(outcome="discarded").inc(report.discarded_blobs)
         return build_pb2.UploadBlobsResponse(
