@@ -35,6 +35,9 @@ class CoordinatorConfig:
     database: str = ""
     # A file (mode 0600) holding the connection string, password and all, instead.
     database_file: Path | None = None
+    # Uploaded build contexts; None = DATA_DIR/contexts. Coordinators on one database must
+    # share it (one filesystem: a shared volume, NFS), so the one that takes over has them.
+    context_dir: Path | None = None
     # The agent channel (mTLS); "" = the listen host, listen port + 1 (port 0 stays 0).
     agent_listen: str = ""
     # Plaintext, no tokens: refused unless every listen address is loopback.
@@ -75,7 +78,7 @@ class CoordinatorConfig:
 
 
 _PATHS = {"data_dir", "tls_cert", "tls_key", "tls_client_ca", "docker_config", "sign_key",
-          "database_file"}  # fmt: skip
+          "database_file", "context_dir"}  # fmt: skip
 _LISTS = {"advertise", "insecure_registries", "immutable_tags"}
 _FLOATS = {"agent_timeout", "registry_timeout", "context_gc_interval", "scan_timeout"}
 _BOOLS = {"insecure", "allow_build_scan_command"}
@@ -196,6 +199,9 @@ def add_coordinator_flags(parser: argparse.ArgumentParser) -> None:
     add("--database-file", type=Path, metavar="FILE",
         help="a file (mode 0600) holding the PostgreSQL connection string, password "
         "and all")  # fmt: skip
+    add("--context-dir", type=Path, metavar="DIR",
+        help="uploaded build contexts (default DATA_DIR/contexts); coordinators sharing a "
+        "--database must share it too, each keeping its own --data-dir")  # fmt: skip
     add("--metrics-listen", type=_address_or_off, metavar="ADDR",
         help=f"Prometheus endpoint (default {d.metrics_listen}; 'off' disables)")  # fmt: skip
     add("--docker-config", type=Path, metavar="PATH", help="the farm's registry credentials")

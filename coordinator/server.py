@@ -185,7 +185,8 @@ class Coordinator:
             timeout=cfg.registry_timeout,
             on_request_error=lambda kind: self.metrics.registry_errors.labels(kind=kind).inc(),
         )
-        self._contexts = contexts = ContextStore(cfg.data_dir / "contexts", cfg.limits)
+        context_dir = cfg.context_dir or cfg.data_dir / "contexts"
+        self._contexts = contexts = ContextStore(context_dir, cfg.limits)
         gate = SupplyChainGate(
             GatePolicy(
                 scan_command=cfg.scan_command, scan_timeout=cfg.scan_timeout,

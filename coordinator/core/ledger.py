@@ -10,6 +10,7 @@ from typing import Any
 
 from polyarch.coordinator.core.events import BuildChanged, BuildEvent, EventHub, JobChanged
 from polyarch.coordinator.core.model import BuildRecord, BuildState, JobRecord, JobState, NotFound
+from polyarch.coordinator.core.presence import AgentPresence
 from polyarch.coordinator.core.states import check_build, check_job
 from polyarch.coordinator.core.store import StateStore
 from polyarch.coordinator.metrics import CoordinatorMetrics
@@ -91,6 +92,10 @@ class BuildLedger:
     def save_job(self, job: JobRecord, reason: str) -> None:
         """Persists a job's details without a state change (e.g. verified size and type)."""
         self._write(self.store.save_job(job, reason, self.clock()))
+
+    def record_presence(self, presence: AgentPresence) -> None:
+        """Persists an agent's arrival or departure (presence.py)."""
+        self._write(self.store.save_presence(presence))
 
     def move_build(self, build: BuildRecord, state: BuildState) -> None:
         """Changes a build's state (IllegalTransition if the machine does not allow it)."""

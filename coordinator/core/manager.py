@@ -25,6 +25,7 @@ from polyarch.coordinator.core.model import (
     Unschedulable,
     request_hash,
 )
+from polyarch.coordinator.core.presence import ExpectedAgents
 from polyarch.coordinator.core.roster import Roster
 from polyarch.coordinator.core.states import (
     JobOutcome,
@@ -118,12 +119,17 @@ class BuildManager:
         orphans); builds whose jobs were all pushed are assembled again."""
         unfinished = await self.store.unfinished_builds()
         jobs_of = await self.store.jobs_of_many([b.id for b in unfinished])
-        deadline = self.clock() + reattach_grace
+        now = self.clock()
+        deadline = now + reattach_grace
+        if reattach_grace > 0:
+            expected = await self.store.agents_present(since=now - reattach_grace)
+            self.roster.expected = ExpectedAgents(expected, deadline)
         for build in unfinished:
             jobs = jobs_of.get(build.id, [])
             self.ledger.track(build, jobs)
-            if build.spec.secret_ids:
-                self._fail_for_lost_secrets(build, jobs)
+            lost = self._lost_on_restart(build, jobs)
+            if lost:
+                self._fail_unrecoverable(build, jobs, lost)
                 continue
             for job in jobs:
                 if job.state in (JobState.ASSIGNED, JobState.RUNNING):
@@ -134,12 +140,23 @@ class BuildManager:
         self.dispatcher.start()
         self.dispatcher.wake()
 
-    def _fail_for_lost_secrets(self, build: BuildRecord, jobs: list[JobRecord]) -> None:
-        """Secrets live in memory only: after a restart the build cannot go on."""
-        reason = (
-            "the coordinator restarted, and this build's secrets "
-            f"({', '.join(build.spec.secret_ids)}) were held in memory only: resubmit it"
-        )
+    def _lost_on_restart(self, build: BuildRecord, jobs: list[JobRecord]) -> str:
+        """Why a recovered build cannot go on ("" if it can)."""
+        if build.spec.secret_ids:  # secrets live in memory only
+            return (
+                "the coordinator restarted, and this build's secrets "
+                f"({', '.join(build.spec.secret_ids)}) were held in memory only: resubmit it"
+            )
+        digest = build.spec.context_digest
+        if any(not j.state.terminal for j in jobs) and self.contexts.kind_of(digest) is None:
+            return (
+                f"this coordinator has no copy of the build's context {digest} (not in its "
+                f"context dir {self.contexts.root}): coordinators sharing a database must "
+                "share --context-dir; resubmit it (the CLI uploads the context again)"
+            )
+        return ""
+
+    def _fail_unrecoverable(self, build: BuildRecord, jobs: list[JobRecord], reason: str) -> None:
         for job in jobs:
             if not job.state.terminal:
                 job.error, job.failed_step = reason, "restart"
@@ -428,9 +445,12 @@ class BuildManager:
     def _validate(self, spec: BuildSpec) -> list[Platform]:
         """Checks a submission; fills in the registry and repository its tags share."""
         platforms = validate_spec(spec, self.contexts, self.limits, self.scratch_repository)
+        now, expected = self.clock(), self.roster.expected
         unschedulable = [
-            p for p in platforms if not self.scheduler.eligible_modes(p, spec.emulation)
-        ]
+            p for p in platforms
+            if not self.scheduler.eligible_modes(p, spec.emulation)
+            and not expected.covers(p, spec.emulation, now)
+        ]  # fmt: skip
         if unschedulable:
             raise Unschedulable(
                 describe_unschedulable(unschedulable, spec.emulation, self.sessions)

@@ -138,6 +138,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE coordinator_term ADD COLUMN agent_holder text NOT NULL DEFAULT '';
     """,
+    # 5: each agent's last arrival or departure (coordinator/core/presence.py), so the
+    # coordinator that takes over accepts submits for its platforms before it reconnects.
+    """
+    CREATE TABLE agent_presence (
+        name text PRIMARY KEY,
+        native text NOT NULL,
+        emulated text NOT NULL,
+        present integer NOT NULL,
+        at double precision NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -14,6 +14,7 @@ from psycopg import AsyncClientCursor, AsyncConnection, errors, pq
 
 from polyarch.coordinator.core.model import BuildRecord, JobRecord
 from polyarch.coordinator.core.postgres_schema import migrate
+from polyarch.coordinator.core.presence import AgentPresence
 from polyarch.coordinator.core.store import (
     DuplicateIdempotencyKey,
     Fenced,
@@ -31,13 +32,17 @@ from polyarch.coordinator.core.store_rows import (
     JOB_COLUMNS,
     JOB_ID,
     JOB_STATE,
+    PRESENT_AGENTS,
     TERMINAL_STATES,
+    UPSERT_PRESENCE,
     Row,
     build_from_row,
     build_row,
     job_from_row,
     job_row,
     outcome_row,
+    presence_from_row,
+    presence_row,
     upsert_assignments,
 )
 from polyarch.coordinator.database_address import redacted_dsn
@@ -203,6 +208,16 @@ class PostgresStore(_LoopAffinity):
             f"({', '.join(['%s'] * len(TERMINAL_STATES))}) ORDER BY created_at, seq"
         )
         return await self._read(lambda cur: _all_builds(cur, sql, TERMINAL_STATES))
+
+    def save_presence(self, presence: AgentPresence) -> asyncio.Future[None]:
+        return self._write([(UPSERT_PRESENCE, presence_row(presence))])
+
+    async def agents_present(self, since: float) -> list[AgentPresence]:
+        async def query(cur: Cursor) -> list[AgentPresence]:
+            await cur.execute(PRESENT_AGENTS, (since,))
+            return [presence_from_row(row) for row in await cur.fetchall()]
+
+        return await self._read(query)
 
     async def transitions(self, job_id: str) -> list[tuple[int, str, str]]:
         sql = "SELECT attempt, state, reason FROM job_transitions WHERE job_id = %s ORDER BY seq"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from polyarch.coordinator.core.model import (
     Mode,
     NotFound,
 )
+from polyarch.coordinator.core.presence import AgentPresence, ExpectedAgents
 from polyarch.coordinator.core.scheduler import AgentView, QueuedJob, Scheduler
 from polyarch.coordinator.core.timeouts import ON_AGENT
 from polyarch.coordinator.metrics import CoordinatorMetrics
@@ -52,6 +54,9 @@ class Roster:
         self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         # recovered jobs that were on an agent -> when to stop waiting for it to reconnect
         self.orphans: dict[str, float] = {}
+        # agents connected to the coordinator before this one (a restart, a takeover): their
+        # platforms are schedulable until the re-attach window ends
+        self.expected = ExpectedAgents()
 
     def attach(self, hello: Hello, peer: str) -> AgentSession:
         """Registers a connected agent. A name holds one live stream: a second is refused
@@ -89,6 +94,8 @@ class Roster:
         )
         session.send(Welcome(polyarch_version(), self.heartbeat_interval))
         self._adopt(session, hello.running)
+        self.expected.arrived(hello.name)
+        self._record_presence(session, present=True)
         self.publish_fleet()
         log.info("agent %s connected from %s (native %s, emulated %s)", hello.name, peer,
                  sorted(map(str, native)), sorted(map(str, emulated)))  # fmt: skip
@@ -102,6 +109,7 @@ class Roster:
             return []
         del self.sessions[session.name]
         lost = self.scheduler.remove_agent(session.name)
+        self._record_presence(session, present=False)
         log.info("agent %s disconnected", session.name)
         self.publish_fleet()
         return lost
@@ -175,9 +183,19 @@ class Roster:
                 return True
         return False
 
+    def _record_presence(self, session: AgentSession, present: bool) -> None:
+        native, emulated = (tuple(sorted(map(str, p))) for p in (session.native, session.emulated))
+        self.ledger.record_presence(
+            AgentPresence(session.name, native, emulated, present, self.clock())
+        )
+
     def expired_orphans(self) -> list[tuple[BuildRecord, JobRecord]]:
-        """Recovered jobs whose agent did not return in time (forgotten as they are returned)."""
+        """Recovered jobs whose agent did not return in time (forgotten as they are returned);
+        expected agents that did not return are recorded as gone."""
         now, expired = self.clock(), []
+        for gone in self.expected.expire(now):
+            log.info("agent %s did not return after the restart or takeover", gone.name)
+            self.ledger.record_presence(dataclasses.replace(gone, present=False, at=now))
         for job_id, deadline in list(self.orphans.items()):
             found = self.ledger.find_job(job_id)
             if found is None or found[1].state not in ON_AGENT:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from polyarch.coordinator.core.model import BuildRecord, JobRecord
+from polyarch.coordinator.core.presence import AgentPresence
 from polyarch.coordinator.core.store import (
     DuplicateIdempotencyKey,
     SchemaTooNew,
@@ -32,13 +33,17 @@ from polyarch.coordinator.core.store_rows import (
     JOB_COLUMNS,
     JOB_ID,
     JOB_STATE,
+    PRESENT_AGENTS,
     TERMINAL_STATES,
+    UPSERT_PRESENCE,
     Row,
     build_from_row,
     build_row,
     job_from_row,
     job_row,
     outcome_row,
+    presence_from_row,
+    presence_row,
     upsert_assignments,
 )
 
@@ -94,6 +99,14 @@ CREATE TABLE IF NOT EXISTS job_transitions (
     attempt INTEGER NOT NULL,
     state TEXT NOT NULL,
     reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+-- each agent's last arrival or departure (coordinator/core/presence.py)
+CREATE TABLE IF NOT EXISTS agent_presence (
+    name TEXT PRIMARY KEY,
+    native TEXT NOT NULL,
+    emulated TEXT NOT NULL,
+    present INTEGER NOT NULL,
     at REAL NOT NULL
 );
 """
@@ -281,6 +294,16 @@ class SQLiteStore(_LoopAffinity):
         sql = "SELECT attempt, state, reason FROM job_transitions WHERE job_id = ? ORDER BY rowid"
         return await self._read(
             lambda db: [(int(a), str(s), str(r)) for a, s, r in db.execute(sql, (job_id,))]
+        )
+
+    def save_presence(self, presence: AgentPresence) -> asyncio.Future[None]:
+        row = presence_row(presence)
+        return self._write(lambda db: db.execute(UPSERT_PRESENCE.replace("%s", "?"), row))
+
+    async def agents_present(self, since: float) -> list[AgentPresence]:
+        sql = PRESENT_AGENTS.replace("%s", "?")
+        return await self._read(
+            lambda db: [presence_from_row(r) for r in db.execute(sql, (since,))]
         )
 
     # ---- lifecycle ----------------------------------------------------------

@@ -12,6 +12,7 @@ from polyarch.coordinator.core.model import (
     BuildRecord,
     JobRecord,
 )
+from polyarch.coordinator.core.presence import AgentPresence
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class StateStore(Protocol):
     - list_builds_page orders by (created_at, id), newest first, and returns up to `limit`
       builds strictly after the cursor `before` (a (created_at, id) pair; None: the newest),
       so pages never repeat or skip a build, even among builds created at the same time.
+    - save_presence records an agent's arrival or departure (the latest per name wins);
+      agents_present lists those last seen arriving, and those that left at or after
+      `since`, by name.
     - flush resolves once every write queued before it is durable (or has failed).
     - close flushes, stops the writer and closes; it is idempotent. Later calls raise
       StoreClosed (writes: from their future).
@@ -105,6 +109,8 @@ class StateStore(Protocol):
     ) -> list[BuildRecord]: ...
     async def unfinished_builds(self) -> list[BuildRecord]: ...
     async def transitions(self, job_id: str) -> list[tuple[int, str, str]]: ...
+    def save_presence(self, presence: AgentPresence) -> asyncio.Future[None]: ...
+    async def agents_present(self, since: float) -> list[AgentPresence]: ...
     async def flush(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -151,6 +157,7 @@ class MemoryStore(_LoopAffinity):
         self._builds: dict[str, BuildRecord] = {}
         self._jobs: dict[str, JobRecord] = {}
         self._transitions: dict[str, list[tuple[int, str, str]]] = {}
+        self._presence: dict[str, AgentPresence] = {}
         self._closed = False
 
     def create_build(self, build: BuildRecord, jobs: list[JobRecord]) -> asyncio.Future[None]:
@@ -217,6 +224,13 @@ class MemoryStore(_LoopAffinity):
     async def transitions(self, job_id: str) -> list[tuple[int, str, str]]:
         self._check_open()
         return list(self._transitions.get(job_id, []))
+
+    def save_presence(self, presence: AgentPresence) -> asyncio.Future[None]:
+        return self._write(lambda: self._presence.__setitem__(presence.name, presence))
+
+    async def agents_present(self, since: float) -> list[AgentPresence]:
+        self._check_open()
+        return [p for _, p in sorted(self._presence.items()) if p.present or p.at >= since]
 
     async def flush(self) -> None:
         self._check_open()

@@ -15,6 +15,7 @@ from polyarch.coordinator.core.model import (
     Mode,
     spec_json,
 )
+from polyarch.coordinator.core.presence import AgentPresence
 
 Row = tuple[Any, ...]
 
@@ -92,3 +93,26 @@ def job_from_row(row: Row) -> JobRecord:
         started_at=row[13], finished_at=row[14], requeue_reasons=json.loads(row[15]),
         config_digest=row[16], attestation_digest=row[17], attestation_size=row[18],
     )  # fmt: skip
+
+
+# Agents' arrivals and departures (presence.py); %s placeholders (SQLite swaps in ?).
+UPSERT_PRESENCE = (
+    "INSERT INTO agent_presence (name, native, emulated, present, at) "
+    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET native = excluded.native, "
+    "emulated = excluded.emulated, present = excluded.present, at = excluded.at"
+)
+PRESENT_AGENTS = (
+    "SELECT name, native, emulated, present, at FROM agent_presence "
+    "WHERE present = 1 OR at >= %s ORDER BY name"
+)
+
+
+def presence_row(presence: AgentPresence) -> Row:
+    return (presence.name, json.dumps(presence.native), json.dumps(presence.emulated),
+            int(presence.present), presence.at)  # fmt: skip
+
+
+def presence_from_row(row: Row) -> AgentPresence:
+    name, native, emulated, present, at = row
+    return AgentPresence(str(name), tuple(json.loads(native)), tuple(json.loads(emulated)),
+                         bool(present), float(at))  # fmt: skip

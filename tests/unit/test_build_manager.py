@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -245,6 +247,72 @@ async def test_after_a_restart_a_returning_agent_keeps_its_job(
     again, existing = await after.submit(spec(["linux/amd64"]), "k")
     assert existing and again.id == final.id and again.state is BuildState.SUCCEEDED
     await after.close()
+
+
+async def test_after_a_restart_submits_wait_for_agents_that_were_connected(
+    manager: BuildManager, publisher: RecordingPublisher, tmp_path: Path
+) -> None:
+    """A takeover or restart: the platforms of agents connected a moment ago are accepted
+    before they reconnect, and only until the re-attach window ends."""
+    clock = Clock()
+    connect(manager, "arm", ["linux/arm64"], ("linux/arm/v7",))
+    left = connect(manager, "left-long-ago", ["linux/s390x"])
+    manager.detach_agent(left, "disconnected")
+    clock.now += 60  # it left well before the restart: not expected
+    after = await restarted(manager, publisher, clock, tmp_path)
+    with pytest.raises(Unschedulable, match="linux/s390x"):
+        await after.submit(spec(["linux/s390x"]), "")
+    with pytest.raises(Unschedulable, match="linux/arm/v7"):
+        await after.submit(spec(["linux/arm/v7"], EmulationPolicy.NEVER), "")
+    waiting, _ = await after.submit(spec(["linux/arm64", "linux/arm/v7"]), "")
+    back = connect(after, "arm", ["linux/arm64"], ("linux/arm/v7",))
+    placed = await assignments(after, back)
+    assert sorted(a.platform for a in placed) == ["linux/arm/v7", "linux/arm64"]
+    assert {a.build_id for a in placed} == {waiting.id}
+    await after.close()
+
+
+async def test_after_a_takeover_without_the_context_the_build_fails_naming_it(
+    manager: BuildManager, publisher: RecordingPublisher, tmp_path: Path
+) -> None:
+    """A coordinator that takes over with its own context dir (not shared) lacks the
+    contexts uploaded to the old one: those builds fail saying so; the others go on."""
+    other = b"another context"
+    digest = "sha256:" + hashlib.sha256(other).hexdigest()
+    manager.contexts.path_for(digest).write_bytes(other)
+    connect(manager, "a", ["linux/amd64"], slots=1)
+    lost, _ = await manager.submit(
+        dataclasses.replace(spec(["linux/amd64"]), context_digest=digest), ""
+    )
+    kept, _ = await manager.submit(spec(["linux/amd64"]), "")
+    await manager.close()
+    clock = Clock()
+    after = await started_manager(tmp_path / "standby", publisher, clock, store=manager.store)
+    failed, jobs = await after.get(lost.id)
+    assert failed.state is BuildState.FAILED
+    assert f"no copy of the build's context {digest}" in failed.error
+    assert "share --context-dir" in jobs[0].error
+    assert await state_of(after, kept.id) is BuildState.QUEUED
+    await after.close()
+
+
+async def test_an_expected_agent_that_never_returns_is_forgotten_after_the_window(
+    manager: BuildManager, publisher: RecordingPublisher, tmp_path: Path
+) -> None:
+    clock = Clock()
+    connect(manager, "arm", ["linux/arm64"])
+    after = await restarted(manager, publisher, clock, tmp_path)
+    await after.submit(spec(["linux/arm64"]), "")  # accepted: "arm" is expected
+    clock.now += 11  # past the 10 s re-attach window
+    after.expire_orphans()
+    with pytest.raises(Unschedulable, match="no connected agent can build linux/arm64"):
+        await after.submit(spec(["linux/arm64"]), "")
+    await after.store.flush()
+    clock.now += 11  # recorded as gone then, so not expected a lease later
+    again = await restarted(after, publisher, clock, tmp_path)
+    with pytest.raises(Unschedulable, match="linux/arm64"):
+        await again.submit(spec(["linux/arm64"]), "")
+    await again.close()
 
 
 async def test_after_a_restart_a_job_whose_agent_never_returns_is_requeued(

@@ -24,6 +24,7 @@ from polyarch.coordinator.core.model import (
     Mode,
 )
 from polyarch.coordinator.core.postgres_store import PostgresStore
+from polyarch.coordinator.core.presence import AgentPresence
 from polyarch.coordinator.core.sqlite_store import SQLiteStore
 from polyarch.coordinator.core.store import (
     DuplicateIdempotencyKey,
@@ -498,3 +499,16 @@ async def test_a_failed_commit_fails_its_whole_batch_and_the_store_carries_on(
         assert [b.id for b in await store.list_builds_page(10)] == ["b9"]
     finally:
         await store.close()
+
+
+async def test_agents_present_lists_arrivals_and_recent_departures(store: StateStore) -> None:
+    arm = AgentPresence("arm", ("linux/arm64",), ("linux/arm/v7",), True, 100.0)
+    store.save_presence(arm)
+    store.save_presence(AgentPresence("amd", ("linux/amd64",), (), True, 100.0))
+    store.save_presence(AgentPresence("amd", ("linux/amd64",), (), False, 150.0))  # left
+    store.save_presence(AgentPresence("old", ("linux/s390x",), (), False, 90.0))
+    assert await store.agents_present(since=120.0) == [
+        AgentPresence("amd", ("linux/amd64",), (), False, 150.0),
+        arm,  # present since long before `since`: still expected
+    ]
+    assert [p.name for p in await store.agents_present(since=200.0)] == ["arm"]
