@@ -128,6 +128,7 @@ class CoordinatorProcess:
     metrics_listen: str
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    extra_args: list[str] = field(default_factory=list)  # e.g. --database, --context-dir
 
     @property
     def admin_token_file(self) -> Path:
@@ -139,7 +140,7 @@ class CoordinatorProcess:
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / f"coordinator-{self.starts}.log"
+        return self.log_dir / f"{self.data_dir.name}-{self.starts}.log"
 
     def start(self, timeout: float = READY_TIMEOUT) -> None:
         """Starts the process and waits until its gRPC port accepts connections."""
@@ -149,7 +150,7 @@ class CoordinatorProcess:
             self.proc = subprocess.Popen(
                 [POLYARCH, "coordinator", "--listen", self.listen, "--data-dir",
                  str(self.data_dir), "--metrics-listen", self.metrics_listen,
-                 "--agent-listen", self.agent_listen],
+                 "--agent-listen", self.agent_listen, *self.extra_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         host, _, port = self.listen.rpartition(":")
@@ -179,9 +180,10 @@ class CoordinatorProcess:
 
     def logs(self) -> str:
         return "\n".join(
-            f"--- coordinator run {n} ---\n" + (self.log_dir / f"coordinator-{n}.log").read_text()
+            f"--- {self.data_dir.name} run {n} ---\n"
+            + (self.log_dir / f"{self.data_dir.name}-{n}.log").read_text()
             for n in range(1, self.starts + 1)
-            if (self.log_dir / f"coordinator-{n}.log").exists()
+            if (self.log_dir / f"{self.data_dir.name}-{n}.log").exists()
         )
 
 

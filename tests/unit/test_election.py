@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from polyarch.coordinator.core.postgres_store import PostgresStore
 from polyarch.coordinator.core.store import Fenced
 from polyarch.coordinator.ha.election import MAX_LEASE, Election
+from tests.support.pg_partition import FreezableProxy, via_port
 from tests.unit.test_store_contract import make_build
 
 
@@ -74,65 +74,6 @@ async def test_a_fenced_store_writes_nothing_after_a_takeover(postgres_dsn: str)
     for store in (old_store, new_store):
         await store.close()
     await new.resign()
-
-
-class FreezableProxy:
-    """TCP between the election's session and the server that can go silent (a partition:
-    nothing passes either way, the sockets stay open) and later drop the server's side (the
-    server noticing the silent peer, which its keepalives do after SERVER_SILENCE)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.frozen = asyncio.Event()
-        self.closed = asyncio.Event()
-        self.upstreams: list[asyncio.StreamWriter] = []
-        self.clients: list[asyncio.StreamWriter] = []
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    def cut_server_side(self) -> None:
-        for writer in self.upstreams:
-            writer.transport.abort()
-
-    async def close(self) -> None:
-        self.closed.set()
-        for writer in [*self.upstreams, *self.clients]:
-            writer.transport.abort()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.clients.append(writer)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self.upstreams.append(up_writer)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(1 << 16):
-                if self.frozen.is_set():
-                    await self.closed.wait()  # silence: hold the bytes, send nothing
-                    return
-                dst.write(data)
-                await dst.drain()
-
-        with contextlib.suppress(ConnectionError):
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-
-def via_port(dsn: str, port: int, work: Path) -> str:
-    """`dsn` through another port; its password file gets a line for that port too."""
-    parts = urlsplit(dsn)
-    query = dict(parse_qsl(parts.query))
-    host, _port, rest = Path(query["passfile"]).read_text().splitlines()[0].split(":", 2)
-    passfile = work / "proxied.pgpass"
-    passfile.write_text(f"{host}:{port}:{rest}\n")
-    passfile.chmod(0o600)
-    query["passfile"] = str(passfile)
-    netloc = parts.netloc.rsplit(":", 1)[0] + f":{port}"
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query)))
 
 
 async def test_a_silent_database_ends_the_term_within_the_lease_before_a_standby_wins(
