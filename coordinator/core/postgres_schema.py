@@ -149,6 +149,17 @@ MIGRATIONS: tuple[str, ...] = (
         at double precision NOT NULL
     );
     """,
+    # 6: the active's renewals, on the server's clock. A standby that sees none for longer
+    # than an active could live without one ends the holder's session: a frozen or hung
+    # process keeps its socket (and so the lock) alive, a dead one does not.
+    """
+    CREATE TABLE coordinator_renewal (
+        id integer PRIMARY KEY CHECK (id = 1),
+        epoch bigint NOT NULL DEFAULT 0,
+        renewed_at timestamptz NOT NULL DEFAULT now()
+    );
+    INSERT INTO coordinator_renewal (id) VALUES (1);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -11,6 +11,12 @@ The active also steps down by itself: `hold()` returns once the lock's session h
 answered for `lease` seconds. The server gives up on a silent session only after
 `SERVER_SILENCE` seconds, longer than any lease allowed here, so a partitioned active stops
 dispatching before a standby can win.
+
+A frozen or hung active (SIGSTOP, a stalled VM) is the one case the server never notices:
+its kernel still answers keepalives. Its renewals stop, though, so a standby that sees none
+for `HUNG_AFTER` seconds (more than any live active goes without one: it renews every lease/4
+and steps down after `lease`) ends the holder's session itself and wins the lock. Should the
+hung one wake, its first commit is fenced and its hold() fails.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ log = logging.getLogger(__name__)
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 2, 2, 3
 SERVER_SILENCE = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT  # 8 s
 MAX_LEASE = SERVER_SILENCE - 2.0  # what a lease may be: the active is gone 2 s earlier
+HUNG_AFTER = SERVER_SILENCE + MAX_LEASE  # no renewal for this long: the active is hung
+# The leader lock as pg_locks shows a bigint advisory key: its high and low 32 bits.
+_LOCK_ROW = (LEADER_LOCK >> 32, LEADER_LOCK & 0xFFFF_FFFF)
 _SESSION = (
     f"-c tcp_keepalives_idle={KEEPALIVE_IDLE} -c tcp_keepalives_interval={KEEPALIVE_INTERVAL}"
     f" -c tcp_keepalives_count={KEEPALIVE_COUNT} -c tcp_user_timeout={SERVER_SILENCE * 1000}"
@@ -67,6 +76,7 @@ class Election:
                 "have stepped down before"
             )
         self.dsn, self.me, self.lease, self.retry = dsn, me, lease, retry
+        self.hung_after = HUNG_AFTER
         self.agents = agents
         self._where = f"the PostgreSQL database {redacted_dsn(dsn)}"
         self._conn: AsyncConnection[Any] | None = None
@@ -99,6 +109,7 @@ class Election:
                 log.info("election: active for term %d (%s)", self.term.epoch, self.me)
                 return self.term
             self.seen = await _read_term(self._conn)
+            await self._end_hung_term(self._conn)
         except psycopg.Error as error:
             log.warning("election: %s did not answer (%s); retrying", self._where, error)
             await self._drop()
@@ -121,7 +132,7 @@ class Election:
                 reason = f"{self._where} did not answer for {self.lease:g} s"
                 break
             if check is None:
-                check = asyncio.create_task(conn.execute("SELECT 1"))
+                check = asyncio.create_task(conn.execute(_RENEW, (self.term.epoch,)))
             done, _ = await asyncio.wait({check}, timeout=min(self.lease / 4, left))
             if not done:
                 continue  # still waiting: the deadline decides
@@ -174,7 +185,30 @@ class Election:
         )
         row = await cursor.fetchone()
         assert row is not None  # the migration inserts the one row
+        await conn.execute(_RENEW, (row[0],))
         return Term(int(row[0]), str(row[1]), float(row[2]), str(row[3]))
+
+    async def _end_hung_term(self, conn: AsyncConnection[Any]) -> None:
+        """Ends the lock holder's session when the active has not renewed its term for
+        `hung_after` seconds (server time): it is frozen or hung, not gone."""
+        cursor = await conn.execute(
+            "SELECT epoch, extract(epoch FROM now() - renewed_at) FROM coordinator_renewal"
+        )
+        row = await cursor.fetchone()
+        if row is None or float(row[1]) < self.hung_after:
+            return
+        ended = await conn.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_locks "
+            "WHERE locktype = 'advisory' AND granted AND classid::bigint = %s "
+            "AND objid::bigint = %s AND objsubid = 1",
+            _LOCK_ROW,
+        )
+        count = await ended.fetchone()
+        log.warning(
+            "election: the active coordinator (term %d) has not renewed its term for %.0f s: "
+            "hung or frozen; ended %d session(s) holding the leadership",
+            row[0], float(row[1]), count[0] if count else 0,
+        )  # fmt: skip
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -184,6 +218,10 @@ class Election:
                     await conn.close()
             except (TimeoutError, psycopg.Error):
                 pass  # a hung socket: the server frees the session after SERVER_SILENCE
+
+
+# A renewal is also the check that the lock's session answers.
+_RENEW = "UPDATE coordinator_renewal SET epoch = %s, renewed_at = now() WHERE id = 1"
 
 
 async def _read_term(conn: AsyncConnection[Any]) -> Term | None:

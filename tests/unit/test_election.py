@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -111,3 +112,29 @@ async def test_a_silent_database_ends_the_term_within_the_lease_before_a_standby
 def test_a_lease_the_server_could_outlast_is_refused() -> None:
     with pytest.raises(ValueError, match="lease must be within"):
         Election("postgresql://x@127.0.0.1/db", "a:7600", lease=MAX_LEASE + 1)
+
+
+async def test_a_hung_active_is_ended_by_the_standby_and_a_live_one_is_not(
+    postgres_dsn: str,
+) -> None:
+    """A frozen active keeps its session (its kernel answers keepalives) but stops renewing:
+    the standby ends that session and wins. One that renews is never touched."""
+    live = Election(postgres_dsn, "a:7600", lease=2.0, retry=0.2)
+    standby = Election(postgres_dsn, "b:7600", retry=0.2)
+    standby.hung_after = 1.5
+    await asyncio.wait_for(live.campaign(), 10)
+    holding = asyncio.create_task(live.hold())  # renews every lease/4
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(standby.campaign(), 4.0)
+    assert not holding.done()
+    await live.resign()
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(holding, 5)
+
+    hung = Election(postgres_dsn, "c:7600", lease=2.0, retry=0.2)
+    term = await asyncio.wait_for(hung.campaign(), 10)  # and then no hold(): no renewals
+    taken = await asyncio.wait_for(standby.campaign(), 10)
+    assert taken.epoch == term.epoch + 1 and taken.holder == "b:7600"
+    reason = await asyncio.wait_for(hung.hold(), 10)  # it wakes up: its session is gone
+    assert "failed" in reason or "did not answer" in reason
+    await standby.resign()
