@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -35,7 +36,7 @@ from polyarch.coordinator.core.states import (
     gave_up,
     judge,
 )
-from polyarch.coordinator.core.store import DuplicateIdempotencyKey, StateStore
+from polyarch.coordinator.core.store import DuplicateIdempotencyKey, StateStore, StoreError
 from polyarch.coordinator.core.timeouts import AttemptClock, timeout_reason
 from polyarch.coordinator.core.validation import (
     describe_unschedulable,
@@ -171,7 +172,10 @@ class BuildManager:
         await self.dispatcher.stop()
         await self.completion.close()
         self.roster.close()
-        await self.ledger.durable()
+        # the last write failing (fenced after a takeover, the database gone) was logged
+        # by the store; stopping goes on either way
+        with contextlib.suppress(StoreError):
+            await self.ledger.durable()
 
     # ---- client API -----------------------------------------------------------------------
     async def submit(
