@@ -8,7 +8,9 @@ FROM ${BASE}
 # The wheelhouse is bind-mounted, never copied, and pip runs from its own wheel: no wheel, no
 # pip and no python3-venv in the image. The user's fixed uid (10001) is the one the
 # Kubernetes StatefulSet runs as; /var/lib/polyarch is its own, so a new named volume or PVC
-# mounted there starts owned by it and the coordinator can make its 0700 data dir below.
+# mounted there starts owned by it and the coordinator can make its 0700 data dir below. So
+# is /var/lib/polyarch-contexts, where deploy/compose/compose.ha.yaml mounts the contexts
+# volume its two coordinators share.
 RUN --mount=type=bind,source=wheels,target=/wheels \
     set -- /wheels/pip-*.whl \
     && python3 -m venv --without-pip /opt/polyarch \
@@ -18,7 +20,7 @@ RUN --mount=type=bind,source=wheels,target=/wheels \
     && groupadd --system --gid 10001 polyarch \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/polyarch --no-create-home \
         --shell /usr/sbin/nologin polyarch \
-    && install -d -o 10001 -g 10001 -m 0755 /var/lib/polyarch
+    && install -d -o 10001 -g 10001 -m 0755 /var/lib/polyarch /var/lib/polyarch-contexts
 # The same probe file compose and Kubernetes mount at this path.
 COPY probes/coordinator_health.py /etc/polyarch-probes/coordinator_health.py
 ENV PATH=/opt/polyarch/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
