@@ -10,7 +10,6 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from polyarch.agent.config import AgentConfig
 from polyarch.agent.context_unpack import check_tar_safety
 from polyarch.agent.job_credentials import write_job_credentials
 from polyarch.agent.metrics import AgentMetrics
+from polyarch.agent.outbox import Outbox, Stream
 from polyarch.agent.workspace import Workspace
 from polyarch.proto.platforms import parse_platform
 from polyarch.proto.references import registry_of
@@ -69,7 +69,8 @@ class Agent:
         self._started: dict[tuple[str, int], float] = {}
         self.jobs: dict[str, tuple[int, asyncio.Task[None]]] = {}
         # Survives reconnects: results produced while disconnected are sent on the next stream.
-        self.outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+        self.outbox = Outbox()
+        self._stream = Stream()
         self.connected = asyncio.Event()
         self._stopping = asyncio.Event()
         self._handing_back = False
@@ -151,7 +152,8 @@ class Agent:
                 emulated_platforms=[str(p) for p in cfg.emulated or ()],
                 slots=cfg.slots, labels=cfg.labels, running=self._running(),
             )  # fmt: skip
-            call = stub.Connect(self._requests(hello))
+            self._stream = stream = Stream()
+            call = stub.Connect(self.outbox.requests(agent_pb2.AgentMessage(hello=hello), stream))
             heartbeat = asyncio.create_task(self._heartbeat())
             try:
                 async for message in call:
@@ -159,11 +161,7 @@ class Agent:
             finally:
                 heartbeat.cancel()
                 call.cancel()
-
-    async def _requests(self, hello: agent_pb2.AgentHello) -> AsyncIterator[agent_pb2.AgentMessage]:
-        yield agent_pb2.AgentMessage(hello=hello)
-        while True:
-            yield await self.outbox.get()
+                self.outbox.ended(stream)
 
     async def _heartbeat(self) -> None:
         # not before the Welcome: its interval may be far shorter than the fallback
@@ -182,6 +180,7 @@ class Agent:
             self.heartbeat_interval = heartbeat_interval_from(
                 message.welcome, self.config.heartbeat_interval
             )
+            self._stream.welcomed.set()
             self.connected.set()
             self.metrics.connected.set(1)
             log.info("connected to coordinator %s as %s", self.config.coordinator, self.config.name)
