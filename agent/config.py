@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from polyarch.agent.coordinators import split_addresses
 from polyarch.client.api import COORDINATOR_ENV, DEFAULT_COORDINATOR
 from polyarch.proto.agent_protocol import DEFAULT_HEARTBEAT_INTERVAL, MAX_AGENT_SLOTS
 from polyarch.proto.config_files import ConfigError, read_toml_table
@@ -25,6 +26,7 @@ class AgentConfig:
     """Every setting of `polyarch agent`, with its default. A `--config FILE` (TOML, table
     [agent], keys as the field names) overrides these; flags override the file."""
 
+    # HOST:PORT, or several comma-separated (an active one and standbys: tried in order)
     coordinator: str = DEFAULT_COORDINATOR  # $POLYARCH_COORDINATOR comes before the file
     name: str = ""  # required
     builder: str = ""  # required: docker or buildah
@@ -51,10 +53,12 @@ class AgentConfig:
     # A client certificate from the operator's PKI instead of enrolment (both together).
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    agent_channel: str = ""  # the coordinator's agent port; "" = its port + 1
+    # the coordinators' agent ports (one, or one per coordinator); "" = enrolment tells,
+    # or with tls_cert each coordinator's port + 1
+    agent_channel: str = ""
     # Resolved at start, never read from a file or flag: how the agent channel is reached.
     trust: ClientTrust = field(default_factory=lambda: ClientTrust(insecure=True))
-    channel_address: str = ""  # "" = coordinator
+    channel_address: str = ""  # HOST:PORT[,HOST:PORT...]; "" = coordinator
 
     def workspace_dir(self) -> Path:
         """Where jobs, contexts and builder storage live."""
@@ -86,6 +90,22 @@ def _address(key: str, value: Any) -> str:
 
 def _address_or_off(key: str, value: Any) -> str:
     return "" if _text(key, value) in ("", "off", "none") else _address(key, value)
+
+
+def _addresses(key: str, value: Any) -> str:
+    """HOST:PORT, several comma-separated, or (in the file) a list of them: kept as one
+    comma-separated string, each entry checked."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(item, str) for item in items):
+        raise _fail(key, "HOST:PORT, or several comma-separated", value)
+    try:
+        return ",".join(split_addresses(",".join(items), key))
+    except ValueError as exc:
+        raise ConfigError(f"agent setting {exc}") from None
+
+
+def _addresses_or_off(key: str, value: Any) -> str:
+    return "" if value in ("", "off", "none") else _addresses(key, value)
 
 
 def _agent_name(key: str, value: Any) -> str:
@@ -148,13 +168,13 @@ def _labels(key: str, value: Any) -> dict[str, str]:
 
 
 _COERCE: dict[str, Callable[[str, Any], Any]] = {
-    "coordinator": _address, "name": _agent_name, "builder": _builder,
+    "coordinator": _addresses, "name": _agent_name, "builder": _builder,
     "docker_binary": _text, "native": _platforms, "emulated": _platforms, "slots": _slots,
     "work_dir": _path, "state_dir": _path, "storage_dir": _path,
     "insecure_registries": _strings, "labels": _labels,
     "heartbeat_interval": _seconds, "shutdown_grace": _seconds, "job_timeout": _seconds,
     "metrics_listen": _address_or_off, "reconnect_max_delay": _seconds,
-    "tls_cert": _path, "tls_key": _path, "agent_channel": _address_or_off,
+    "tls_cert": _path, "tls_key": _path, "agent_channel": _addresses_or_off,
 }  # fmt: skip
 
 
@@ -190,6 +210,12 @@ def agent_config_from(args: argparse.Namespace) -> AgentConfig:
         raise ConfigError(f"{', '.join(both)} given as both native and emulated")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("agent settings tls_cert and tls_key go together")
+    channels, coordinators = config.agent_channel.split(","), config.coordinator.split(",")
+    if config.agent_channel and len(channels) not in (1, len(coordinators)):
+        raise ConfigError(
+            f"agent setting agent_channel lists {len(channels)} addresses for "
+            f"{len(coordinators)} coordinators: give one, or one per coordinator in order"
+        )
     return config
 
 
@@ -199,8 +225,9 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
     d = AgentConfig()
     add = parser.add_argument
     add("--config", type=Path, metavar="FILE", help="a TOML file with an [agent] table")
-    add("--coordinator", metavar="HOST:PORT",
-        help=f"the coordinator (default ${COORDINATOR_ENV} or {d.coordinator})")  # fmt: skip
+    add("--coordinator", metavar="HOST:PORT[,HOST:PORT]",
+        help=f"the coordinator, or several tried in order (an active one and standbys; "
+        f"default ${COORDINATOR_ENV} or {d.coordinator})")  # fmt: skip
     add("--name", help="required; letters, digits, '.', '_', '-' (at most 63)")
     add("--builder", choices=BUILDERS, help="required")
     add("--native", action="append", metavar="PLATFORMS", help="default: detected")
@@ -225,5 +252,6 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
     add("--metrics-listen", metavar="ADDR", help="Prometheus endpoint (default: none)")
     add("--tls-cert", metavar="PEM", help="a client cert from the operator's PKI (no enrolment)")
     add("--tls-key", metavar="PEM", help="its key")
-    add("--agent-channel", metavar="HOST:PORT",
-        help="the coordinator's agent port (default: its port + 1)")  # fmt: skip
+    add("--agent-channel", metavar="HOST:PORT[,HOST:PORT]",
+        help="the coordinator's agent port, or one per --coordinator (default: as enrolment "
+        "reported; with --tls-cert each coordinator's port + 1)")  # fmt: skip

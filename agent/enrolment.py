@@ -16,6 +16,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from polyarch.agent.config import AgentConfig
+from polyarch.agent.coordinators import (
+    MAX_REDIRECTS,
+    agent_addresses,
+    split_addresses,
+    standby_named,
+)
 from polyarch.client.credentials import Credentials
 from polyarch.proto.trust import ClientTrust, aio_channel, split_address, write_private
 from polyarch.proto.v1 import trust_pb2, trust_pb2_grpc
@@ -24,7 +30,13 @@ log = logging.getLogger(__name__)
 
 
 class EnrolmentError(Exception):
-    """Enrolment was refused or cannot happen; the message says why and what to do."""
+    """Enrolment was refused or cannot happen; the message says why and what to do.
+    `unanswered`: that coordinator did not serve the request (another one may); `active`:
+    the active coordinator a standby's refusal named."""
+
+    def __init__(self, message: str, unanswered: bool = False, active: str = "") -> None:
+        super().__init__(message)
+        self.unanswered, self.active = unanswered, active
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,11 @@ class Identity:
     cert_pem: bytes
     ca_pem: bytes
     agent_address: str  # HOST:PORT of the coordinator's mTLS agent port
+
+    @property
+    def agent_port(self) -> int:
+        """The agent port enrolment reported: every coordinator of the farm uses it."""
+        return split_address(self.agent_address)[1]
 
     def trust(self, server_name: str | None = None) -> ClientTrust:
         return ClientTrust(
@@ -51,12 +68,13 @@ class IdentityStore:
         self.dir = state_dir
 
     def load(self, name: str, coordinator: str) -> Identity | None:
-        """The stored identity for this name and coordinator, or None to enrol."""
+        """The stored identity for this name and coordinator(s) (the same addresses, in any
+        order, as at enrolment), or None to enrol."""
         meta_path = self.dir / "enrolment.json"
         if not meta_path.exists():
             return None
         meta = json.loads(meta_path.read_text())
-        if meta.get("name") != name or meta.get("coordinator") != coordinator:
+        if meta.get("name") != name or not same_addresses(meta.get("coordinator"), coordinator):
             return None
         return Identity(
             name, (self.dir / "key.pem").read_bytes(), (self.dir / "cert.pem").read_bytes(),
@@ -72,6 +90,16 @@ class IdentityStore:
         meta = {"name": identity.name, "coordinator": coordinator,
                 "agent_address": identity.agent_address}  # fmt: skip
         write_private(self.dir / "enrolment.json", json.dumps(meta, indent=2).encode())
+
+
+def same_addresses(stored: object, given: str) -> bool:
+    """True when the stored coordinator key names the same set of addresses as `given`."""
+    try:
+        return isinstance(stored, str) and set(split_addresses(stored)) == set(
+            split_addresses(given)
+        )
+    except ValueError:  # an unreadable key: enrol again
+        return False
 
 
 def new_csr(name: str) -> tuple[bytes, bytes]:
@@ -105,13 +133,41 @@ async def enrol(
             if code == grpc.StatusCode.ALREADY_EXISTS:
                 raise EnrolmentError(f"{exc.details()}") from None
             raise EnrolmentError(
-                f"enrolment of agent {name} at {coordinator} failed: {code.name}: {exc.details()}"
+                f"enrolment of agent {name} at {coordinator} failed: {code.name}: {exc.details()}",
+                unanswered=code == grpc.StatusCode.UNAVAILABLE,
+                active=standby_named(exc),
             ) from None
     host, _ = split_address(coordinator)
     host = f"[{host}]" if ":" in host else host
     return Identity(
         name, key_pem, response.certificate_pem, response.ca_pem, f"{host}:{response.agent_port}"
     )
+
+
+async def enrol_first(
+    coordinators: list[str], credentials: Credentials, name: str, replace: bool
+) -> Identity:
+    """Enrols at the first coordinator that serves the request, in order; a standby's
+    refusal sends it to the active coordinator it names (a few times in a row at most)."""
+    pending, redirects, failures = list(coordinators), 0, []
+    while pending:
+        address = pending.pop(0)
+        try:
+            # with a token's CA pin this dials `address`: the CA comes from its TLS chain
+            trust = await asyncio.to_thread(credentials.resolve, address)
+            return await enrol(address, trust, name, replace)
+        except OSError as exc:
+            failures.append(f"cannot reach {address} ({exc.strerror or exc})")
+        except EnrolmentError as exc:
+            if not exc.unanswered:
+                raise
+            if exc.active and redirects < MAX_REDIRECTS:
+                redirects += 1
+                log.info("%s is a standby: enrolling at the active one, %s", address, exc.active)
+                pending.insert(0, exc.active)
+            else:
+                failures.append(str(exc))
+    raise EnrolmentError(f"agent {name} could not enrol: {'; '.join(failures)}")
 
 
 class IdentityRefusedAtStart(Exception):
@@ -121,12 +177,14 @@ class IdentityRefusedAtStart(Exception):
 async def channel_trust(
     config: AgentConfig, credentials: Credentials, replace: bool
 ) -> tuple[ClientTrust, str]:
-    """(trust, address) of the agent channel: plaintext to a --insecure coordinator, or mTLS
-    under the identity in the state dir, enrolling first (with a token) when there is none."""
+    """(trust, addresses) of the agent channel, the addresses comma-separated in the order
+    of the coordinators: plaintext to a --insecure coordinator, or mTLS under the identity in
+    the state dir, enrolling first (with a token) when there is none."""
     if credentials.insecure:
         return ClientTrust(insecure=True), config.coordinator
     if config.tls_cert is not None:
         return operator_identity(config, credentials.ca_pem, credentials.server_name)
+    coordinators = split_addresses(config.coordinator)
     store = IdentityStore(config.state_dir or config.workspace_dir() / "state")
     identity = None if replace else store.load(config.name, config.coordinator)
     if identity is None:
@@ -135,11 +193,16 @@ async def channel_trust(
                 f"agent {config.name} is not enrolled with {config.coordinator} (state in "
                 f"{store.dir}): pass an agent token (--token, --token-file or $POLYARCH_TOKEN)"
             )
-        trust = await asyncio.to_thread(credentials.resolve, config.coordinator)
-        identity = await enrol(config.coordinator, trust, config.name, replace)
+        identity = await enrol_first(coordinators, credentials, config.name, replace)
         store.save(identity, config.coordinator)
         log.info("enrolled as %s; identity saved in %s", config.name, store.dir)
-    return identity.trust(credentials.server_name), identity.agent_address
+    # one identity for all of them: the coordinators share the CA (through the database)
+    addresses = agent_addresses(coordinators, _explicit(config), identity.agent_port)
+    return identity.trust(credentials.server_name), ",".join(addresses)
+
+
+def _explicit(config: AgentConfig) -> list[str]:
+    return split_addresses(config.agent_channel, "agent_channel") if config.agent_channel else []
 
 
 def operator_identity(
@@ -155,10 +218,9 @@ def operator_identity(
     )
     if not names or names[0].value != config.name:
         raise IdentityRefusedAtStart(f"{config.tls_cert} is not a certificate for {config.name}")
-    host, _, port = config.coordinator.rpartition(":")
-    address = config.agent_channel or f"{host}:{int(port) + 1}"
+    addresses = agent_addresses(split_addresses(config.coordinator), _explicit(config))
     trust = ClientTrust(
         root_pem=ca_pem, client_key_pem=config.tls_key.read_bytes(),
         client_cert_pem=cert_pem, server_name=server_name,
     )  # fmt: skip
-    return trust, address
+    return trust, ",".join(addresses)

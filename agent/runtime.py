@@ -10,7 +10,6 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,14 @@ from prometheus_client import start_http_server
 from polyarch.agent.builders.base import Builder, BuildFailed, BuildRequest
 from polyarch.agent.config import AgentConfig
 from polyarch.agent.context_unpack import check_tar_safety
+from polyarch.agent.coordinators import Rotation, split_addresses, standby_named
 from polyarch.agent.job_credentials import write_job_credentials
 from polyarch.agent.metrics import AgentMetrics
+from polyarch.agent.outbox import Outbox, Stream
 from polyarch.agent.workspace import Workspace
 from polyarch.proto.platforms import parse_platform
 from polyarch.proto.references import registry_of
-from polyarch.proto.registries import backoff_delay, polyarch_version, registry_is_plain_http
+from polyarch.proto.registries import polyarch_version, registry_is_plain_http
 from polyarch.proto.trust import aio_channel
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc
 
@@ -69,20 +70,24 @@ class Agent:
         self._started: dict[tuple[str, int], float] = {}
         self.jobs: dict[str, tuple[int, asyncio.Task[None]]] = {}
         # Survives reconnects: results produced while disconnected are sent on the next stream.
-        self.outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+        self.outbox = Outbox()
+        self._stream = Stream()
         self.connected = asyncio.Event()
         self._stopping = asyncio.Event()
         self._handing_back = False
         self._shutdown_started = False
         self._channel: grpc.aio.Channel | None = None
+        # the agent channels of the coordinators given (an active one, standbys), in order
+        addresses = split_addresses(config.channel_address or config.coordinator)
+        self.rotation = Rotation(addresses, max_delay=config.reconnect_max_delay)
 
     async def run(self) -> None:
-        """Runs until shutdown(): connect, serve the stream, back off and reconnect."""
-        attempt = 0
+        """Runs until shutdown(): connect, serve the stream, reconnect: at once to the
+        active coordinator a standby names, else to the next one given after a pause."""
         while not self._stopping.is_set():
+            active = ""  # a standby's refusal: the active coordinator it names
             try:
-                await self._serve_once()
-                attempt = 0
+                await self._serve_once(self.rotation.current)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (
                     grpc.StatusCode.UNAUTHENTICATED,
@@ -91,9 +96,10 @@ class Agent:
                     grpc.StatusCode.INVALID_ARGUMENT,
                 ):
                     raise IdentityRefused(_describe(exc)) from None
-                log.warning("coordinator stream ended: %s", _describe(exc))
+                active = standby_named(exc)
+                self._ended(exc, active)
             except OSError as exc:
-                log.warning("coordinator stream ended: %s", _describe(exc))
+                self._ended(exc, "")
             except asyncio.CancelledError:
                 # closing the channel on shutdown cancels the call; anything else is real
                 if not self._stopping.is_set():
@@ -102,10 +108,16 @@ class Agent:
             self.metrics.connected.set(0)
             if self._stopping.is_set():
                 break
-            delay = backoff_delay(attempt, 0.25, cap=self.config.reconnect_max_delay)
-            attempt += 1
+            delay = self.rotation.after_failure(active)  # 0: a standby named the active one
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+
+    def _ended(self, exc: BaseException, active: str) -> None:
+        where = self.rotation.current
+        if active:
+            log.info("coordinator %s is a standby; the active one is %s", where, active)
+        else:
+            log.warning("coordinator stream to %s ended: %s", where, _describe(exc))
 
     async def shutdown(self, grace: float = 0.0) -> None:
         """Drains: tells the coordinator, lets running builds finish for up to `grace`
@@ -136,12 +148,11 @@ class Agent:
     def _running(self) -> list[agent_pb2.RunningJob]:
         return [agent_pb2.RunningJob(job_id=j, attempt=a) for j, (a, _) in self.jobs.items()]
 
-    async def _serve_once(self) -> None:
+    async def _serve_once(self, address: str) -> None:
         cfg = self.config
         if self._streams:
             self.metrics.reconnects.inc()
         self._streams += 1
-        address = cfg.channel_address or cfg.coordinator
         self._channel = aio_channel(address, cfg.trust, _CHANNEL_OPTIONS)
         async with self._channel as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
@@ -151,7 +162,8 @@ class Agent:
                 emulated_platforms=[str(p) for p in cfg.emulated or ()],
                 slots=cfg.slots, labels=cfg.labels, running=self._running(),
             )  # fmt: skip
-            call = stub.Connect(self._requests(hello))
+            self._stream = stream = Stream()
+            call = stub.Connect(self.outbox.requests(agent_pb2.AgentMessage(hello=hello), stream))
             heartbeat = asyncio.create_task(self._heartbeat())
             try:
                 async for message in call:
@@ -159,11 +171,7 @@ class Agent:
             finally:
                 heartbeat.cancel()
                 call.cancel()
-
-    async def _requests(self, hello: agent_pb2.AgentHello) -> AsyncIterator[agent_pb2.AgentMessage]:
-        yield agent_pb2.AgentMessage(hello=hello)
-        while True:
-            yield await self.outbox.get()
+                self.outbox.ended(stream)
 
     async def _heartbeat(self) -> None:
         # not before the Welcome: its interval may be far shorter than the fallback
@@ -182,9 +190,14 @@ class Agent:
             self.heartbeat_interval = heartbeat_interval_from(
                 message.welcome, self.config.heartbeat_interval
             )
+            self.rotation.connected()
+            self._stream.welcomed.set()
             self.connected.set()
             self.metrics.connected.set(1)
-            log.info("connected to coordinator %s as %s", self.config.coordinator, self.config.name)
+            log.info(
+                "connected to coordinator %s as %s (%d job(s) running)",
+                self.rotation.current, self.config.name, len(self.jobs),
+            )  # fmt: skip
         elif kind == "assign":
             job = message.assign
             current = self.jobs.get(job.job_id)

@@ -110,6 +110,7 @@ class Candidacy:
         while (term := await self.election.attempt()) is None:
             seen = self.election.seen
             self.gate.holder = seen.holder if seen is not None else ""
+            self.gate.agent_holder = seen.agent_holder if seen is not None else ""
             if self.gate.holder != announced:
                 announced = self.gate.holder
                 log.info(
@@ -117,7 +118,7 @@ class Candidacy:
                     announced or "not elected yet",
                 )
             await asyncio.sleep(self.election.retry)
-        self.gate.holder = ""
+        self.gate.holder = self.gate.agent_holder = ""
         try:
             await self._become_active(term)
         except Exception as error:  # the database, the state: a restart starts clean

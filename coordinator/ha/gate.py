@@ -7,8 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-# The trailing metadata key a standby's refusals carry: the active coordinator's HOST:PORT.
+from polyarch.proto.v1 import agent_pb2
+
+# The trailing metadata key a standby's refusals carry: the active coordinator's HOST:PORT
+# to send that call to (its agent port for the agents' service, its API port otherwise).
 ACTIVE_KEY = "polyarch-active"
+_AGENT_SERVICE = f"/{agent_pb2.DESCRIPTOR.services_by_name['AgentService'].full_name}/"
 # Open in every mode: a supervisor or load balancer must see a standby alive (it reports
 # the polyarch services NOT_SERVING there; see health_statuses).
 _ALWAYS_OPEN = "/grpc.health.v1.Health/"
@@ -24,12 +28,13 @@ class ActiveGate(_Interceptor):
     interceptor, so a standby refuses without checking tokens: it serves nothing, and a
     client learns where to go before it needs its credentials there.
 
-    `holder` is the active coordinator's address as the database records it ("" while no
-    term exists: the refusal then carries no polyarch-active)."""
+    `holder` and `agent_holder` are the active coordinator's client and agent addresses as
+    the database records them ("" while no term exists: the refusal then carries no
+    polyarch-active)."""
 
     def __init__(self) -> None:
         self.active = False
-        self.holder = ""
+        self.holder = self.agent_holder = ""
         self.why_closed = "this coordinator is a standby"
 
     def open(self) -> None:
@@ -37,16 +42,15 @@ class ActiveGate(_Interceptor):
 
     def close(self, why: str) -> None:
         """Refuses new RPCs from now on (a demotion: the process is about to exit)."""
-        self.active, self.holder, self.why_closed = False, "", why
+        self.active, self.holder, self.agent_holder, self.why_closed = False, "", "", why
 
-    def refusal(self) -> tuple[str, tuple[tuple[str, str], ...]]:
-        """The details and trailing metadata of a refusal now."""
-        if not self.holder:
+    def refusal(self, method: str = "") -> tuple[str, tuple[tuple[str, str], ...]]:
+        """The details and trailing metadata of a refusal of `method` now: the key names
+        where that call goes (an agent's stream: the active's agent port)."""
+        target = self.agent_holder if method.startswith(_AGENT_SERVICE) else self.holder
+        if not target:
             return f"{self.why_closed}; no coordinator is active yet, retry shortly", ()
-        return (
-            f"{self.why_closed}; the active one is {self.holder}",
-            ((ACTIVE_KEY, self.holder),),
-        )
+        return f"{self.why_closed}; the active one is {target}", ((ACTIVE_KEY, target),)
 
     async def intercept_service(
         self,
@@ -58,17 +62,18 @@ class ActiveGate(_Interceptor):
         handler = await continuation(handler_call_details)
         if handler is None or self.active or handler_call_details.method.startswith(_ALWAYS_OPEN):
             return handler
-        refused: grpc.RpcMethodHandler[Any, Any] = _refusing(handler, self)
+        method = handler_call_details.method
+        refused: grpc.RpcMethodHandler[Any, Any] = _refusing(handler, self, method)
         return refused
 
 
-def _refusing(handler: Any, gate: ActiveGate) -> Any:
+def _refusing(handler: Any, gate: ActiveGate, method: str) -> Any:
     """A handler of the same kind as `handler` that aborts with UNAVAILABLE before reading
     anything (`handler` is a grpc.RpcMethodHandler; the stubs type its behaviours as sync,
     grpc.aio's are async, hence Any)."""
 
     async def refuse(context: Any) -> None:
-        details, trailing = gate.refusal()
+        details, trailing = gate.refusal(method)
         await context.abort(grpc.StatusCode.UNAVAILABLE, details, trailing_metadata=trailing)
 
     async def unary(_request: Any, context: Any) -> Any:
