@@ -426,13 +426,21 @@ async def serve(config: CoordinatorConfig) -> int:
             EXIT_DEMOTED, reason,
         )  # fmt: skip
         try:  # a database gone silent must not hold the exit: the supervisor is waiting
-            await asyncio.wait_for(coordinator.stop(grace=0), 10.0)
+            await asyncio.wait_for(coordinator.stop(grace=0), DEMOTED_STOP_SECONDS)
         except TimeoutError:
-            log.error("the stop did not finish within 10 s; exiting anyway")
+            # what is left waits on that database (psycopg's cancellations included), and
+            # every write of this term is fenced anyway: nothing is lost by leaving now
+            log.error("the stop did not finish within %g s; exiting now", DEMOTED_STOP_SECONDS)
+            logging.shutdown()
+            os._exit(EXIT_DEMOTED)
         return EXIT_DEMOTED
     log.info("signal received: stopping gracefully")
     await coordinator.stop(grace=10.0)
     return EXIT_OK
+
+
+# How long a demoted coordinator's stop may take before it exits regardless.
+DEMOTED_STOP_SECONDS = 5.0
 
 
 def run_coordinator(args: argparse.Namespace) -> int:

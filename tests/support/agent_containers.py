@@ -325,6 +325,7 @@ class Fleet:
             "--builder", "docker", "--docker-binary", DOCKER,
             "--native", AGENT_NATIVE, "--emulated", AGENT_EMULATED,
             "--slots", str(slots), "--work-dir", "/work", "--state-dir", "/state",
+            *self.agent_args(),
         ])  # fmt: skip
         agent = AgentContainer(name, container, self.network.name)
         self.agents[name] = agent  # registered first, so teardown removes it even if start fails
@@ -332,6 +333,10 @@ class Fleet:
         if wait:
             self.wait_agents_ready(name)
         return agent
+
+    def agent_args(self) -> list[str]:
+        """More `polyarch agent` flags (a fleet of several coordinators adds some)."""
+        return []
 
     def running_job(self, build_id: str, platform: str) -> dict[str, Any] | None:
         """The build's job for platform when it is `running` on some agent, else None."""

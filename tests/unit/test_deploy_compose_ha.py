@@ -222,15 +222,15 @@ def test_agents_are_given_both_coordinators(
     monkeypatch.delenv("POLYARCH_COORDINATOR", raising=False)
     args = agent_args(name)
     listed = args.coordinator.split(",")
-    expected = []
+    expected, channels = [], []
     for coordinator in COORDINATORS:
         config = coordinator_config(coordinator, tmp_path)
         expected.append(f"{config.advertise[0]}:{port_of(config.listen)}")
+        channels.append(f"{config.advertise[0]}:{port_of(config.agent_listen)}")
     assert listed == expected
-    # each address, alone, loads through the real loader with the rest of the settings
-    for address in listed:
-        args.coordinator = address
-        assert agent_config_from(args).coordinator == address
+    assert args.agent_channel.split(",") == channels  # each one's own agent port
+    loaded = agent_config_from(args)  # the real loader, with the rest of the settings
+    assert (loaded.coordinator, loaded.agent_channel) == (",".join(expected), ",".join(channels))
     depends = services()[name]["depends_on"]
     assert set(depends) == set(COORDINATORS)
     assert all(d["required"] is False for d in depends.values())  # either one will do
