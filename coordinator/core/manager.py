@@ -148,8 +148,10 @@ class BuildManager:
                 "the coordinator restarted, and this build's secrets "
                 f"({', '.join(build.spec.secret_ids)}) were held in memory only: resubmit it"
             )
+        # a job on an agent has the context there already; a queued one needs it from here
         digest = build.spec.context_digest
-        if any(not j.state.terminal for j in jobs) and self.contexts.kind_of(digest) is None:
+        queued = any(j.state is JobState.QUEUED for j in jobs)
+        if queued and self.contexts.kind_of(digest) is None:
             return (
                 f"this coordinator has no copy of the build's context {digest} (not in its "
                 f"context dir {self.contexts.root}): coordinators sharing a database must "

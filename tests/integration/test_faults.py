@@ -58,10 +58,13 @@ def slow_context(tmp_path: Path) -> Path:
 class BackgroundBuild:
     """`polyarch build` running in the background while the test injects a fault."""
 
-    def __init__(self, fleet: Fleet, context: Path, tag: str, base_image: str) -> None:
+    def __init__(
+        self, fleet: Fleet, context: Path, tag: str, base_image: str, platforms: list[str] = TWO
+    ) -> None:
         self.fleet, self.tag = fleet, tag
         self.proc = fleet.popen_cli(
-            "build", "--platform", ",".join(TWO), "-t", tag, "--build-arg", f"BASE={base_image}",
+            "build", "--platform", ",".join(platforms), "-t", tag,
+            "--build-arg", f"BASE={base_image}",
             "--build-arg", f"NONCE={secrets.token_hex(8)}", str(context),
         )  # fmt: skip
 

@@ -7,7 +7,6 @@ read from the database's job transitions; neither through polyarch's own client.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,15 +28,9 @@ SERVER_SILENCE = 8.0  # coordinator/ha/election.py: when PostgreSQL drops a sile
 LEASE = 4.0  # the election's default lease: a cut-off active stops within it
 
 
-class ThreeBuild(BackgroundBuild):
+def three_build(fleet: HAFleet, context: Path, tag: str, base_image: str) -> BackgroundBuild:
     """`polyarch build` of three platforms in the background, given both coordinators."""
-
-    def __init__(self, fleet: HAFleet, context: Path, tag: str, base_image: str) -> None:
-        self.fleet, self.tag = fleet, tag
-        self.proc = fleet.popen_cli(
-            "build", "--platform", ",".join(THREE), "-t", tag, "--build-arg", f"BASE={base_image}",
-            "--build-arg", f"NONCE={secrets.token_hex(8)}", str(context),
-        )  # fmt: skip
+    return BackgroundBuild(fleet, context, tag, base_image, THREE)
 
 
 @pytest.fixture
@@ -90,7 +83,7 @@ def test_sigkill_of_the_active_mid_build_completes_it_exactly_once(
     with running_ha_fleet(tmp_path / "fleet", postgres_dsn, ["agent-a", "agent-b"]) as fleet:
         try:
             tag = f"{registry.address}/{unique_repo}:takeover"
-            run = ThreeBuild(fleet, slow_three, tag, base_image)
+            run = three_build(fleet, slow_three, tag, base_image)
             runs.append(run)
             build_id = run.build_id()
             wait_for(lambda: all_running(fleet, build_id), timeout=90,
@@ -101,7 +94,7 @@ def test_sigkill_of_the_active_mid_build_completes_it_exactly_once(
             old.sigkill()
             killed = time.monotonic()
             # a submit during the takeover: the CLI retries it by itself (one key)
-            during = ThreeBuild(fleet, slow_three, f"{tag}-during", base_image)
+            during = three_build(fleet, slow_three, f"{tag}-during", base_image)
             runs.append(during)
             new = fleet.active(timeout=TAKEOVER_LIMIT + 5)
             took = time.monotonic() - killed
@@ -134,7 +127,7 @@ def test_an_active_cut_off_from_the_database_stops_before_the_standby_starts(
     ):
         try:
             tag = f"{registry.address}/{unique_repo}:partition"
-            run = ThreeBuild(fleet, slow_three, tag, base_image)
+            run = three_build(fleet, slow_three, tag, base_image)
             runs.append(run)
             build_id = run.build_id()
             wait_for(lambda: all_running(fleet, build_id), timeout=90,

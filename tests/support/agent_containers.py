@@ -334,6 +334,19 @@ class Fleet:
             self.wait_agents_ready(name)
         return agent
 
+    def start_agents(self, names: Sequence[str], slots: int = 2) -> None:
+        """Starts the agents together, then waits until all are ready."""
+        for name in names:
+            self.add_agent(name, slots=slots, wait=False)
+        if names:
+            self.wait_agents_ready(*names)
+
+    def remove_agents(self) -> None:
+        """`docker rm -f` by id: only the containers this fleet started."""
+        for agent in self.agents.values():
+            if agent.container._container is not None:
+                _docker("rm", "-f", agent.id, check=False)
+
     def agent_args(self) -> list[str]:
         """More `polyarch agent` flags (a fleet of several coordinators adds some)."""
         return []
@@ -388,18 +401,8 @@ def running_fleet(
         cleanup.callback(coordinator.stop)
         coordinator.start()
         fleet = Fleet(network, gateway, coordinator, work_dir)
-
-        def remove_agents() -> None:
-            for agent in fleet.agents.values():
-                # `docker rm -f` by id: only the containers this fleet started.
-                if agent.container._container is not None:
-                    _docker("rm", "-f", agent.id, check=False)
-
-        cleanup.callback(remove_agents)
-        for name in agent_names:
-            fleet.add_agent(name, slots=slots, wait=False)
-        if agent_names:
-            fleet.wait_agents_ready(*agent_names)
+        cleanup.callback(fleet.remove_agents)
+        fleet.start_agents(agent_names, slots)
         yield fleet
 
 

@@ -134,19 +134,8 @@ def running_ha_fleet(
         second = coordinator("coordinator-b", dsn)
         second.start()
         fleet = HAFleet(network, gateway, first, work_dir, standby=second, dsn=dsn)
-
-        def remove_agents() -> None:
-            from .agent_containers import _docker
-
-            for agent in fleet.agents.values():
-                if agent.container._container is not None:
-                    _docker("rm", "-f", agent.id, check=False)
-
-        cleanup.callback(remove_agents)
-        for name in agent_names:
-            fleet.add_agent(name, wait=False)
-        if agent_names:
-            fleet.wait_agents_ready(*agent_names)
+        cleanup.callback(fleet.remove_agents)
+        fleet.start_agents(agent_names)
         yield fleet
 
 

@@ -276,15 +276,16 @@ async def test_after_a_takeover_without_the_context_the_build_fails_naming_it(
     manager: BuildManager, publisher: RecordingPublisher, tmp_path: Path
 ) -> None:
     """A coordinator that takes over with its own context dir (not shared) lacks the
-    contexts uploaded to the old one: those builds fail saying so; the others go on."""
+    contexts uploaded to the old one: a build still queued fails saying so; one whose jobs
+    are on agents (which have the context) goes on."""
     other = b"another context"
     digest = "sha256:" + hashlib.sha256(other).hexdigest()
     manager.contexts.path_for(digest).write_bytes(other)
     connect(manager, "a", ["linux/amd64"], slots=1)
-    lost, _ = await manager.submit(
-        dataclasses.replace(spec(["linux/amd64"]), context_digest=digest), ""
-    )
-    kept, _ = await manager.submit(spec(["linux/amd64"]), "")
+    on_other = dataclasses.replace(spec(["linux/amd64"]), context_digest=digest)
+    kept, _ = await manager.submit(on_other, "")  # runs on "a"
+    await manager.settle()
+    lost, _ = await manager.submit(on_other, "")  # queued behind it
     await manager.close()
     clock = Clock()
     after = await started_manager(tmp_path / "standby", publisher, clock, store=manager.store)
@@ -292,7 +293,7 @@ async def test_after_a_takeover_without_the_context_the_build_fails_naming_it(
     assert failed.state is BuildState.FAILED
     assert f"no copy of the build's context {digest}" in failed.error
     assert "share --context-dir" in jobs[0].error
-    assert await state_of(after, kept.id) is BuildState.QUEUED
+    assert await state_of(after, kept.id) is BuildState.RUNNING  # waits for "a" to return
     await after.close()
 
 
