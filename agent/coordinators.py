@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-import grpc
-
+from polyarch.proto.active_coordinator import MAX_REDIRECTS
 from polyarch.proto.registries import backoff_delay
-
-# A standby's refusals name the active coordinator in this trailing metadata key (for the
-# AgentService: the active's agent port; for every other service: its API port).
-ACTIVE_METADATA = "polyarch-active"
-# Standbys followed in a row without a stream: then the ordinary pause (two standbys naming
-# each other, or a term naming a coordinator that just died, must not spin).
-MAX_REDIRECTS = 5
 
 
 def split_addresses(text: str, what: str = "coordinator") -> list[str]:
@@ -57,21 +47,6 @@ def agent_addresses(
         if address not in addresses:
             addresses.append(address)
     return addresses
-
-
-def active_named(trailing: Iterable[Any] | None) -> str:
-    """The active coordinator a standby's refusal names (its trailing metadata), or ""."""
-    for key, value in trailing or ():
-        if key == ACTIVE_METADATA:
-            return value.decode() if isinstance(value, bytes) else str(value)
-    return ""
-
-
-def standby_named(error: grpc.aio.AioRpcError) -> str:
-    """For a call a standby refused (UNAVAILABLE): the active coordinator it names, or ""."""
-    if error.code() != grpc.StatusCode.UNAVAILABLE:
-        return ""
-    return active_named(error.trailing_metadata())
 
 
 @dataclass

@@ -16,13 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from polyarch.agent.config import AgentConfig
-from polyarch.agent.coordinators import (
-    MAX_REDIRECTS,
-    agent_addresses,
-    split_addresses,
-    standby_named,
-)
+from polyarch.agent.coordinators import agent_addresses, split_addresses
 from polyarch.client.credentials import Credentials
+from polyarch.proto.active_coordinator import MAX_REDIRECTS, standby_named
 from polyarch.proto.trust import ClientTrust, aio_channel, split_address, write_private
 from polyarch.proto.v1 import trust_pb2, trust_pb2_grpc
 

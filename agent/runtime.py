@@ -19,11 +19,12 @@ from prometheus_client import start_http_server
 from polyarch.agent.builders.base import Builder, BuildFailed, BuildRequest
 from polyarch.agent.config import AgentConfig
 from polyarch.agent.context_unpack import check_tar_safety
-from polyarch.agent.coordinators import Rotation, split_addresses, standby_named
+from polyarch.agent.coordinators import Rotation, split_addresses
 from polyarch.agent.job_credentials import write_job_credentials
 from polyarch.agent.metrics import AgentMetrics
 from polyarch.agent.outbox import Outbox, Stream
 from polyarch.agent.workspace import Workspace
+from polyarch.proto.active_coordinator import standby_named
 from polyarch.proto.platforms import parse_platform
 from polyarch.proto.references import registry_of
 from polyarch.proto.registries import polyarch_version, registry_is_plain_http

@@ -11,6 +11,7 @@ import grpc
 
 from polyarch.client.context import PackedContext
 from polyarch.client.credentials import Credentials
+from polyarch.proto.active_coordinator import MAX_REDIRECTS, active_named
 from polyarch.proto.registries import backoff_delay
 from polyarch.proto.trust import ClientTrust, PinMismatch, TokenFormatError, aio_channel
 from polyarch.proto.v1 import (
@@ -67,10 +68,6 @@ class CoordinatorUnreachable(PolyarchError):
     def __init__(self, message: str, code: grpc.StatusCode | None = None, active: str = "") -> None:
         super().__init__(message, code)
         self.active = active
-
-
-ACTIVE_METADATA = "polyarch-active"  # a standby's refusal names the active coordinator
-MAX_REDIRECTS = 5  # in a row without an answer: then pause as for an outage
 
 
 def coordinator_addresses(address: str) -> list[str]:
@@ -232,8 +229,7 @@ class BuildClient:
         code = exc.code()
         details = exc.details() or code.name
         if code == grpc.StatusCode.UNAVAILABLE:
-            trailing: Any = exc.trailing_metadata() or ()
-            active = next((str(v) for k, v in trailing if k == ACTIVE_METADATA), "")
+            active = active_named(exc.trailing_metadata())
             if active:
                 return CoordinatorUnreachable(
                     f"the coordinator at {self.address} is a standby; the active one is "

@@ -7,11 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from polyarch.proto.active_coordinator import ACTIVE_METADATA
 from polyarch.proto.v1 import agent_pb2
 
-# The trailing metadata key a standby's refusals carry: the active coordinator's HOST:PORT
-# to send that call to (its agent port for the agents' service, its API port otherwise).
-ACTIVE_KEY = "polyarch-active"
 _AGENT_SERVICE = f"/{agent_pb2.DESCRIPTOR.services_by_name['AgentService'].full_name}/"
 # Open in every mode: a supervisor or load balancer must see a standby alive (it reports
 # the polyarch services NOT_SERVING there; see health_statuses).
@@ -50,7 +48,7 @@ class ActiveGate(_Interceptor):
         target = self.agent_holder if method.startswith(_AGENT_SERVICE) else self.holder
         if not target:
             return f"{self.why_closed}; no coordinator is active yet, retry shortly", ()
-        return f"{self.why_closed}; the active one is {target}", ((ACTIVE_KEY, target),)
+        return f"{self.why_closed}; the active one is {target}", ((ACTIVE_METADATA, target),)
 
     async def intercept_service(
         self,

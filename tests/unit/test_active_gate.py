@@ -10,7 +10,8 @@ import pytest
 
 from polyarch.coordinator.ha.candidacy import Candidacy
 from polyarch.coordinator.ha.election import Term
-from polyarch.coordinator.ha.gate import ACTIVE_KEY, ActiveGate
+from polyarch.coordinator.ha.gate import ActiveGate
+from polyarch.proto.active_coordinator import ACTIVE_METADATA
 from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 from tests.support.poll import poll_until
 
@@ -26,10 +27,10 @@ def standby_gate() -> ActiveGate:
 def test_an_agent_call_is_sent_to_the_active_agent_port_every_other_call_to_its_api() -> None:
     gate = standby_gate()
     details, trailing = gate.refusal("/polyarch.v1.AgentService/Connect")
-    assert trailing == ((ACTIVE_KEY, AGENTS),) and AGENTS in details
+    assert trailing == ((ACTIVE_METADATA, AGENTS),) and AGENTS in details
     for method in ("/polyarch.v1.BuildService/Submit", "/polyarch.v1.TrustService/Enroll"):
         details, trailing = gate.refusal(method)
-        assert trailing == ((ACTIVE_KEY, CLIENTS),) and CLIENTS in details
+        assert trailing == ((ACTIVE_METADATA, CLIENTS),) and CLIENTS in details
 
 
 def test_no_term_yet_or_a_closed_gate_names_nobody() -> None:
@@ -70,7 +71,7 @@ async def test_an_agent_stream_and_a_client_call_are_refused_with_their_own_targ
             )
     for refused, target in ((stream.value, AGENTS), (unary.value, CLIENTS)):
         assert refused.code() == grpc.StatusCode.UNAVAILABLE
-        assert dict(refused.trailing_metadata() or ()).get(ACTIVE_KEY) == target
+        assert dict(refused.trailing_metadata() or ()).get(ACTIVE_METADATA) == target
 
 
 class StandingElection:

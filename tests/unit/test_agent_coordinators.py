@@ -9,14 +9,9 @@ from typing import Any
 import pytest
 
 from polyarch.agent import enrolment
-from polyarch.agent.coordinators import (
-    MAX_REDIRECTS,
-    Rotation,
-    active_named,
-    agent_addresses,
-    split_addresses,
-)
+from polyarch.agent.coordinators import Rotation, agent_addresses, split_addresses
 from polyarch.agent.enrolment import EnrolmentError, Identity, IdentityStore, enrol_first
+from polyarch.proto.active_coordinator import MAX_REDIRECTS, active_named
 from polyarch.proto.config_files import ConfigError
 from polyarch.proto.trust import ClientTrust
 from tests.unit.test_agent_config import REQUIRED, config_for, write
