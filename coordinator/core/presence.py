@@ -34,9 +34,6 @@ class ExpectedAgents:
         self.deadline = deadline
         self._agents = {agent.name: agent for agent in agents}
 
-    def __len__(self) -> int:
-        return len(self._agents)
-
     def arrived(self, name: str) -> None:
         """The agent is back (or a new stream by that name): it speaks for itself now."""
         self._agents.pop(name, None)

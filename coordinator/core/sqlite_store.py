@@ -134,6 +134,9 @@ _UPSERT_JOB = (
     f"ON CONFLICT(id) DO UPDATE SET {upsert_assignments(JOB_COLUMNS)}"
 )
 
+_UPSERT_PRESENCE = UPSERT_PRESENCE.replace("%s", "?")
+_PRESENT_AGENTS = PRESENT_AGENTS.replace("%s", "?")
+
 
 def _migrate(db: sqlite3.Connection, path: Path | str) -> None:
     """Creates or completes the schema; refuses a file a newer polyarch wrote."""
@@ -298,12 +301,11 @@ class SQLiteStore(_LoopAffinity):
 
     def save_presence(self, presence: AgentPresence) -> asyncio.Future[None]:
         row = presence_row(presence)
-        return self._write(lambda db: db.execute(UPSERT_PRESENCE.replace("%s", "?"), row))
+        return self._write(lambda db: db.execute(_UPSERT_PRESENCE, row))
 
     async def agents_present(self, since: float) -> list[AgentPresence]:
-        sql = PRESENT_AGENTS.replace("%s", "?")
         return await self._read(
-            lambda db: [presence_from_row(r) for r in db.execute(sql, (since,))]
+            lambda db: [presence_from_row(r) for r in db.execute(_PRESENT_AGENTS, (since,))]
         )
 
     # ---- lifecycle ----------------------------------------------------------

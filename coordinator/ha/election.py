@@ -108,8 +108,9 @@ class Election:
                 self._answered = time.monotonic()
                 log.info("election: active for term %d (%s)", self.term.epoch, self.me)
                 return self.term
-            self.seen = await _read_term(self._conn)
-            await self._end_hung_term(self._conn)
+            self.seen, silent = await _read_term(self._conn)
+            if silent >= self.hung_after:
+                await self._end_hung_term(self._conn, silent)
         except psycopg.Error as error:
             log.warning("election: %s did not answer (%s); retrying", self._where, error)
             await self._drop()
@@ -155,9 +156,9 @@ class Election:
         """The current term as the database records it (on this candidacy's session, or a
         connection of its own when there is none)."""
         if self._conn is not None and not self._conn.closed:
-            return await _read_term(self._conn)
+            return (await _read_term(self._conn))[0]
         async with await AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            return await _read_term(conn)
+            return (await _read_term(conn))[0]
 
     async def resign(self) -> None:
         """Lets the lock go at once (closing the session frees it); idempotent."""
@@ -188,15 +189,9 @@ class Election:
         await conn.execute(_RENEW, (row[0],))
         return Term(int(row[0]), str(row[1]), float(row[2]), str(row[3]))
 
-    async def _end_hung_term(self, conn: AsyncConnection[Any]) -> None:
-        """Ends the lock holder's session when the active has not renewed its term for
-        `hung_after` seconds (server time): it is frozen or hung, not gone."""
-        cursor = await conn.execute(
-            "SELECT epoch, extract(epoch FROM now() - renewed_at) FROM coordinator_renewal"
-        )
-        row = await cursor.fetchone()
-        if row is None or float(row[1]) < self.hung_after:
-            return
+    async def _end_hung_term(self, conn: AsyncConnection[Any], silent: float) -> None:
+        """Ends the lock holder's session: the active has not renewed its term for `silent`
+        seconds (server time), more than `hung_after`: it is frozen or hung, not gone."""
         ended = await conn.execute(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_locks "
             "WHERE locktype = 'advisory' AND granted AND classid::bigint = %s "
@@ -205,9 +200,9 @@ class Election:
         )
         count = await ended.fetchone()
         log.warning(
-            "election: the active coordinator (term %d) has not renewed its term for %.0f s: "
+            "election: the active coordinator (%s) has not renewed its term for %.0f s: "
             "hung or frozen; ended %d session(s) holding the leadership",
-            row[0], float(row[1]), count[0] if count else 0,
+            self.seen.holder if self.seen else "unknown", silent, count[0] if count else 0,
         )  # fmt: skip
 
     async def _drop(self) -> None:
@@ -224,11 +219,15 @@ class Election:
 _RENEW = "UPDATE coordinator_renewal SET epoch = %s, renewed_at = now() WHERE id = 1"
 
 
-async def _read_term(conn: AsyncConnection[Any]) -> Term | None:
+async def _read_term(conn: AsyncConnection[Any]) -> tuple[Term | None, float]:
+    """The current term (None before the first) and the seconds since its holder last
+    renewed it, by the server's clock; one round trip."""
     cursor = await conn.execute(
-        "SELECT epoch, holder, since, agent_holder FROM coordinator_term WHERE id = 1"
+        "SELECT t.epoch, t.holder, t.since, t.agent_holder, "
+        "extract(epoch FROM now() - r.renewed_at) "
+        "FROM coordinator_term t CROSS JOIN coordinator_renewal r WHERE t.id = 1"
     )
     row = await cursor.fetchone()
     if row is None or not row[1]:
-        return None
-    return Term(int(row[0]), str(row[1]), float(row[2]), str(row[3]))
+        return None, 0.0
+    return Term(int(row[0]), str(row[1]), float(row[2]), str(row[3])), float(row[4])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -36,8 +37,6 @@ _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 def is_active(coordinator: CoordinatorProcess) -> bool:
     """Its own metrics say it is the active coordinator (a quick local scrape)."""
-    import urllib.request
-
     if coordinator.proc is None or coordinator.proc.poll() is not None:
         return False
     try:
