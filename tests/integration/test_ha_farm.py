@@ -16,7 +16,14 @@ import pytest
 
 from tests.integration.test_faults import SLOW_DOCKERFILE, BackgroundBuild, jobs_by_platform
 from tests.support.agent_containers import wait_for
-from tests.support.ha_fleet import HAFleet, is_active, job_ids_of, logged_at, running_ha_fleet
+from tests.support.ha_fleet import (
+    HAFleet,
+    is_active,
+    job_ids_of,
+    logged_at,
+    metric,
+    running_ha_fleet,
+)
 from tests.support.pg_partition import partitionable
 from tests.support.services import Registry
 from tests.support.verify import docker_run_uname, image_entries, index_platforms, skopeo_raw
@@ -80,7 +87,8 @@ def test_sigkill_of_the_active_mid_build_completes_it_exactly_once(
     tmp_path: Path, postgres_dsn: str, registry: Registry, base_image: str, unique_repo: str,
     slow_three: Path, docker_binary: str, runs: list[BackgroundBuild],
 ) -> None:  # fmt: skip
-    with running_ha_fleet(tmp_path / "fleet", postgres_dsn, ["agent-a", "agent-b"]) as fleet:
+    agents = ["agent-a", "agent-b", "agent-c"]  # one slot each: the first build fills them
+    with running_ha_fleet(tmp_path / "fleet", postgres_dsn, agents, slots=1) as fleet:
         try:
             tag = f"{registry.address}/{unique_repo}:takeover"
             run = three_build(fleet, slow_three, tag, base_image)
@@ -88,6 +96,16 @@ def test_sigkill_of_the_active_mid_build_completes_it_exactly_once(
             build_id = run.build_id()
             wait_for(lambda: all_running(fleet, build_id), timeout=90,
                      message="all three jobs running")  # fmt: skip
+            # a build queued behind it, its context uploaded to the old active only: the new
+            # one must hand it to agents from the shared --context-dir
+            (queued_context := tmp_path / "queued").mkdir()
+            (queued_context / "Dockerfile").write_text(SLOW_DOCKERFILE + "COPY marker /\n")
+            (queued_context / "marker").write_text("queued across the takeover\n")
+            queued = three_build(fleet, queued_context, f"{tag}-queued", base_image)
+            runs.append(queued)
+            queued_id = queued.build_id()
+            states = [j["state"] for j in fleet.build_json(queued_id)["jobs"]]
+            assert states == ["queued"] * 3, states
             old = fleet.active()
             assert old is fleet.coordinator
 
@@ -100,7 +118,7 @@ def test_sigkill_of_the_active_mid_build_completes_it_exactly_once(
             took = time.monotonic() - killed
             assert new is fleet.standby and took <= TAKEOVER_LIMIT, took
             print(f"takeover after SIGKILL mid-build: {took:.2f} s")
-            fleet.wait_agents_ready("agent-a", "agent-b", timeout=30)
+            fleet.wait_agents_ready(*agents, timeout=30)
 
             verify_exactly_once(fleet, tag, run, docker_binary)
             attempts = {
@@ -108,6 +126,11 @@ def test_sigkill_of_the_active_mid_build_completes_it_exactly_once(
             }
             assert attempts == dict.fromkeys(THREE, 1), attempts  # re-attached, not re-run
             verify_exactly_once(fleet, f"{tag}-during", during, docker_binary)
+            verify_exactly_once(fleet, f"{tag}-queued", queued, docker_binary)
+            # the queued build's context reached agents from the new active, which never
+            # received it: the shared context dir
+            assert (metric(new, "polyarch_context_bytes_served_total") or 0) > 0
+            assert metric(new, "polyarch_context_bytes_received_total") == 0
             assert "active for term 2" in new.log_path.read_text()
         except BaseException:
             print(fleet.diagnostics())

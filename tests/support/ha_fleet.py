@@ -31,21 +31,27 @@ from .agent_containers import (
 from .poll import wait_until
 
 AGENT_TIMEOUT = "10"  # the lease; also how long a new active waits for agents to re-attach
-_ACTIVE_METRIC = re.compile(r"^polyarch_coordinator_active (\S+)$", re.MULTILINE)
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
-def is_active(coordinator: CoordinatorProcess) -> bool:
-    """Its own metrics say it is the active coordinator (a quick local scrape)."""
+def metric(coordinator: CoordinatorProcess, name: str) -> float | None:
+    """One unlabelled sample from the coordinator's own metrics (a quick local scrape);
+    None when it is not running or does not answer."""
     if coordinator.proc is None or coordinator.proc.poll() is not None:
-        return False
+        return None
     try:
         url = f"http://{coordinator.metrics_listen}/metrics"
         with urllib.request.urlopen(url, timeout=2) as response:
-            found = _ACTIVE_METRIC.search(response.read().decode())
+            text = response.read().decode()
     except OSError:
-        return False
-    return found is not None and float(found.group(1)) == 1.0
+        return None
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+def is_active(coordinator: CoordinatorProcess) -> bool:
+    """Its own metrics say it is the active coordinator."""
+    return metric(coordinator, "polyarch_coordinator_active") == 1.0
 
 
 def logged_at(coordinator: CoordinatorProcess, needle: str) -> datetime:
@@ -103,7 +109,11 @@ class HAFleet(Fleet):
 
 @contextmanager
 def running_ha_fleet(
-    work_dir: Path, dsn: str, agent_names: Sequence[str] = (), active_dsn: str = ""
+    work_dir: Path,
+    dsn: str,
+    agent_names: Sequence[str] = (),
+    active_dsn: str = "",
+    slots: int = 2,
 ) -> Iterator[HAFleet]:
     """Two coordinators (the first active, on `active_dsn` if given: e.g. through a
     partitionable proxy) and agent containers; all torn down after, by id and PID."""
@@ -134,7 +144,7 @@ def running_ha_fleet(
         second.start()
         fleet = HAFleet(network, gateway, first, work_dir, standby=second, dsn=dsn)
         cleanup.callback(fleet.remove_agents)
-        fleet.start_agents(agent_names)
+        fleet.start_agents(agent_names, slots)
         yield fleet
 
 
