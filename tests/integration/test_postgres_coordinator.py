@@ -16,6 +16,7 @@ import psycopg
 from polyarch.agent.builders.base import BuildRequest, PushedImage
 from tests.support.farm import running_farm
 from tests.support.services import Registry
+from tests.support.stand_in_builders import IdleBuilder
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -35,19 +36,10 @@ def _one_file_layer(platform: str) -> tuple[bytes, bytes]:
     return gzip.compress(tar_bytes.getvalue(), mtime=0), tar_bytes.getvalue()
 
 
-class PushingBuilder:
+class PushingBuilder(IdleBuilder):
     """Builds nothing: pushes a one-file image for the platform, as a real builder would."""
 
     name = "pushing"
-
-    async def idle(self) -> None:
-        pass
-
-    def may_link_context(self, dockerfile: bytes | None) -> bool:
-        return False
-
-    async def check(self) -> None:
-        pass
 
     async def build_and_push(
         self, request: BuildRequest, on_line: Callable[[str], None]

@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
 
-from polyarch.agent.builders.base import BuildRequest, PushedImage
 from polyarch.agent.config import AgentConfig
 from polyarch.agent.enrolment import Identity, enrol
 from polyarch.agent.runtime import Agent
@@ -28,6 +27,7 @@ from polyarch.proto.v1 import fleet_pb2, trust_pb2
 from tests.security.test_operator_pki import _key_pem, _pem, issue
 from tests.support.poll import poll_until
 from tests.support.postgres import PostgresServer
+from tests.support.stand_in_builders import IdleBuilder
 
 REVOCATION_DEADLINE = 1.5  # "within about a second"
 
@@ -160,26 +160,6 @@ async def test_a_token_made_on_one_works_on_the_other_until_revoked_on_the_first
 
 async def _accepted(coordinator: Coordinator, token: str) -> bool:
     return await refused(coordinator, token) is None
-
-
-class IdleBuilder:
-    """An agent's builder that is never asked to build here."""
-
-    name = "idle"
-
-    async def idle(self) -> None:
-        pass
-
-    def may_link_context(self, dockerfile: bytes | None) -> bool:
-        return False
-
-    async def check(self) -> None:
-        pass
-
-    async def build_and_push(
-        self, request: BuildRequest, on_line: Callable[[str], None]
-    ) -> PushedImage:
-        raise AssertionError("no build runs in these tests")
 
 
 @contextlib.asynccontextmanager
