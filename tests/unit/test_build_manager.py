@@ -249,6 +249,42 @@ async def test_after_a_restart_a_returning_agent_keeps_its_job(
     await after.close()
 
 
+class StuckPublisher(RecordingPublisher):
+    """A registry that never answers: the assembly is in flight when the coordinator dies."""
+
+    async def publish(
+        self, spec: BuildSpec, jobs: list[JobRecord], own: BuildCredentials | None = None
+    ) -> IndexResult:
+        await asyncio.Event().wait()
+        raise AssertionError("never answers")
+
+
+async def test_after_a_restart_or_takeover_a_build_whose_jobs_were_all_pushed_is_assembled(
+    publisher: RecordingPublisher, tmp_path: Path
+) -> None:
+    clock = Clock()
+    before = await started_manager(tmp_path, StuckPublisher(), clock)
+    agent = connect(before, "a", ["linux/amd64", "linux/arm64"])
+    build, _ = await before.submit(spec(["linux/amd64", "linux/arm64"]), "")
+    placed = await assignments(before, agent)
+    assert len(placed) == 2
+    for job in placed:
+        before.job_result("a", job.job_id, job.attempt, pushed(fake_digest(job.platform)))
+
+    async def assembling() -> bool:
+        await before.settle()
+        return await state_of(before, build.id) is BuildState.ASSEMBLING
+
+    await poll_until(assembling, timeout=5, message="assembling")
+    assert publisher.published == []
+    after = await restarted(before, publisher, clock, tmp_path)  # no agent needed back
+    await poll_until(lambda: bool(publisher.published), timeout=5, message="not assembled")
+    assert publisher.published[0][1].keys() == {"linux/amd64", "linux/arm64"}
+    await poll_until(lambda: after.ledger.live(build.id) is None, timeout=5, message="not ended")
+    assert await state_of(after, build.id) is BuildState.SUCCEEDED
+    await after.close()
+
+
 async def test_after_a_restart_submits_wait_for_agents_that_were_connected(
     manager: BuildManager, publisher: RecordingPublisher, tmp_path: Path
 ) -> None:
