@@ -36,7 +36,7 @@ class Host:
     slots: int = 2
     native: tuple[str, ...] = ()  # () = detected by the agent on the host
     emulated: tuple[str, ...] = ()
-    with_qemu: bool = False
+    with_qemu: bool | None = None  # None: as `deploy install --with-qemu` says
     docker_binary: str = "docker"
 
 
@@ -86,6 +86,9 @@ def _host(raw: dict[str, Any], defaults: dict[str, Any], base: Path, where: str)
         if number in values and (isinstance(values[number], bool) or
                                  not isinstance(values[number], int)):  # fmt: skip
             raise InventoryError(f"{where}: {number} must be an integer")
+    if not isinstance(values.get("with_qemu", False), bool):
+        given = "" if "with_qemu" in raw else " (from [defaults])"
+        raise InventoryError(f"{where}: with_qemu{given} must be true or false")
     platforms: dict[str, tuple[str, ...]] = {}
     for kind in ("native", "emulated"):
         if not values.get(kind):
@@ -103,7 +106,7 @@ def _host(raw: dict[str, Any], defaults: dict[str, Any], base: Path, where: str)
                      if values.get("known_hosts") else None),
         builder=values.get("builder", "buildah"), slots=values.get("slots", 2),
         native=platforms["native"], emulated=platforms["emulated"],
-        with_qemu=bool(values.get("with_qemu", False)),
+        with_qemu=values.get("with_qemu"),
         docker_binary=str(values.get("docker_binary", "docker")),
     )  # fmt: skip
 
