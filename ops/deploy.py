@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from polyarch.client.api import BuildClient
 from polyarch.ops import agent_host as on_host
 from polyarch.ops.coordinator_view import CoordinatorView
 from polyarch.ops.inventory import Host, Inventory
+from polyarch.ops.qemu import QemuReport, qemu_handlers, register_qemu, registers_qemu
 from polyarch.ops.ssh import HostError, RemoteHost
 from polyarch.ops.wheelhouse import Wheelhouse, WheelTarget, build_wheelhouse
 
@@ -31,6 +33,7 @@ class HostResult:
     error: str = ""
     service: str = ""
     connected: bool = False
+    qemu: QemuReport | None = None  # registered by install, or read by status
 
 
 @dataclass
@@ -43,6 +46,7 @@ class DeployOptions:
     drain_timeout: float = 600.0
     max_unavailable: int = 1
     dry_run: bool = False
+    with_qemu: bool = False  # register QEMU handlers where the inventory does not say
     project: Path | None = None  # the source tree whose wheel is installed (this one)
     wheel_dir: Path | None = None  # where wheelhouses are built (a temporary folder)
 
@@ -117,11 +121,16 @@ class Deployment:
         host, options = remote.host, self.options
         facts = await on_host.host_facts(remote)
         result.before, result.service = facts.version, facts.service
+        qemu = registers_qemu(host, options.with_qemu)
+        # before the agent starts: it detects its emulated platforms from binfmt_misc then
+        if qemu and not options.dry_run:
+            result.qemu = await register_qemu(remote)
         wheels = await self.wheels_for(facts)
         version = on_host.wheel_version(wheels)
         result.after = version
         if options.dry_run:
-            result.action = f"install (dry run: {len(wheels)} wheels, {facts.service})"
+            would = ", would register QEMU handlers" if qemu else ""
+            result.action = f"install (dry run: {len(wheels)} wheels, {facts.service}{would})"
             return
         await on_host.install_version(remote, version, wheels)
         await on_host.switch_current(remote, version)
@@ -183,6 +192,8 @@ class Deployment:
         facts = await on_host.host_facts(remote)
         result.before = result.after = facts.version
         result.service = facts.service
+        with contextlib.suppress(HostError):  # a row never fails for want of binfmt_misc
+            result.qemu = await qemu_handlers(remote)
         agent = await self.coordinator.connected(remote.host.name)
         result.connected = agent is not None
         if agent is not None and agent.version != facts.version:

@@ -15,6 +15,7 @@ from polyarch.client.api import COORDINATOR_ENV, BuildClient, PolyarchError
 from polyarch.client.credentials import credentials_from_args
 from polyarch.ops.deploy import DeployOptions, HostResult, run_deploy
 from polyarch.ops.inventory import InventoryError, load_inventory
+from polyarch.ops.qemu import summary_lines
 from polyarch.ops.wheelhouse import WheelhouseError
 
 ACTIONS = {
@@ -49,6 +50,10 @@ def add_deploy_command(commands: Any, credentials: argparse.ArgumentParser) -> N
         if action in ("install", "uninstall"):
             p.add_argument("--parallel", type=int, default=4, metavar="N")
             p.add_argument("--dry-run", action="store_true", help="check hosts, change nothing")
+        if action == "install":
+            p.add_argument("--with-qemu", action="store_true",
+                           help="register the QEMU binfmt handlers of the hosts' packages "
+                                "(hosts whose with_qemu the inventory sets follow it)")  # fmt: skip
         if action in ("install", "upgrade"):
             p.add_argument("--start-timeout", type=float, default=90.0, metavar="SECONDS",
                            help="how long an agent may take to connect")  # fmt: skip
@@ -78,6 +83,7 @@ def run_deploy_command(args: argparse.Namespace) -> int:
             drain_timeout=getattr(args, "drain_timeout", 600.0),
             max_unavailable=max(1, getattr(args, "max_unavailable", 1)),
             dry_run=getattr(args, "dry_run", False), project=getattr(args, "project", None),
+            with_qemu=getattr(args, "with_qemu", False),
             wheel_dir=Path(scratch),
         )  # fmt: skip
 
@@ -94,12 +100,16 @@ def run_deploy_command(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         rows = [
             {"host": r.host, "name": r.host, "service": r.service, "version": r.after,
-             "connected": r.connected, "error": r.error}
+             "connected": r.connected, "error": r.error,
+             "qemu": r.qemu.platforms if r.qemu else []}
             for r in results
         ]  # fmt: skip
         print(json.dumps(rows, indent=2))
     else:
         print(render_table(results))
+        for r in results:
+            if r.qemu is not None and r.qemu.source:  # registered by this install
+                print("\n".join(summary_lines(r.host, r.qemu)))
     failed = [r.host for r in results if r.error]
     if failed:
         print(f"polyarch: {len(failed)} of {len(results)} hosts failed: {', '.join(failed)}",
