@@ -29,6 +29,9 @@ PACKAGES=(
     systemd
     # tests start a throwaway PostgreSQL server (the PostgreSQL StateStore's contract tests).
     postgresql
+    # deploy's systemd host: a Debian VM under QEMU (systemd-host-image.sh makes its disk
+    # with mkfs.ext4 -d; qemu-img makes each run's overlay).
+    qemu-system-x86 qemu-utils e2fsprogs
 )
 FOREIGN_ARCHES=(arm64 armhf)
 QEMU_HANDLERS=(qemu-aarch64 qemu-arm)

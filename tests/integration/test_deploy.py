@@ -5,9 +5,7 @@ running build, one that does not start and rolls back), status, uninstall, bad h
 from __future__ import annotations
 
 import json
-import re
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.agent_containers import Fleet, running_fleet, wait_for
+from tests.support.polyarch_versions import source_with_version
 from tests.support.ssh_hosts import SshHost, running_ssh_hosts, ssh_keygen
 from tests.support.verify import docker_run_uname, index_platforms, skopeo_raw
 
@@ -80,30 +79,6 @@ def site(tmp_path: Path) -> Iterator[Site]:
         yield Site(fleet, hosts, inventory, known, work)
 
 
-def source_with_version(dest: Path, version: str, broken: bool = False) -> Path:
-    """A copy of this source tree whose wheel is `version`; `broken`: its agent exits at once."""
-    dest.mkdir(parents=True)
-    for top in ("pyproject.toml", "README.md", "agent", "client", "coordinator", "ops", "proto"):
-        source = REPO / top
-        if source.is_dir():
-            shutil.copytree(source, dest / top, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, dest / top)
-    pyproject = dest / "pyproject.toml"
-    pyproject.write_text(
-        pyproject.read_text().replace('version = "0.1.0"', f'version = "{version}"', 1)
-    )
-    if broken:
-        cli = dest / "client" / "cli.py"
-        text, count = re.subn(
-            r"(def cmd_agent\(args: argparse\.Namespace, session: \w+\) -> int:\n)",
-            "\\1    raise SystemExit('this agent is broken on purpose')\n", cli.read_text(),
-        )  # fmt: skip
-        assert count == 1, "cmd_agent moved: the broken version would start"
-        cli.write_text(text)
-    return dest
-
-
 def deployed_versions(site: Site) -> dict[str, str]:
     """What /opt/polyarch/current names on each host, seen from inside it."""
     return {h.name: h.exec("readlink /opt/polyarch/current").stdout.strip() for h in site.hosts}
@@ -140,9 +115,10 @@ def test_installed_agents_connect_and_build_the_three_platform_example(
     status = site.deploy("status", "--json")
     assert status.returncode == 0, status.stderr
     rows = {row["name"]: row for row in json.loads(status.stdout)}
-    for name in ("arm-1", "x86-1"):
+    for name in ("arm-1", "x86-1"):  # containers see no binfmt_misc: qemu is []
         assert rows[name] == {"host": name, "name": name, "service": "supervised",
-                              "version": "0.1.0", "connected": True, "error": ""}  # fmt: skip
+                              "version": "0.1.0", "connected": True, "error": "",
+                              "qemu": []}  # fmt: skip
     print(site.deploy("status").stdout)
 
     repo = f"{registry.address}/deploy-{tmp_path.name[-12:].lower()}"
@@ -250,6 +226,13 @@ def test_an_unreachable_host_and_a_wrong_host_key_fail_alone(site: Site, tmp_pat
     assert "yes" in rows["arm-1"].split()  # the good host is done and connected
     assert "2 of 3 hosts failed: x86-1, ghost" in done.stderr
     assert site.connected() == {"arm-1": "0.1.0"}
+
+    # --with-qemu where binfmt_misc cannot be mounted (an unprivileged container): that host
+    # fails with the reason before anything changes on it (the systemd test shows success)
+    qemu = site.deploy("install", "--with-qemu", "--hosts", "arm-1")
+    assert qemu.returncode == 1, qemu.stdout + qemu.stderr
+    assert "binfmt_misc is not mounted" in qemu.stdout and "mounting it failed" in qemu.stdout
+    assert site.connected() == {"arm-1": "0.1.0"}  # the running agent was left alone
 
     # a host not in known_hosts is refused unless asked, then recorded
     site.known_hosts.write_text("")
