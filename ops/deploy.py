@@ -59,6 +59,8 @@ class Deployment:
     coordinator: CoordinatorView
     options: DeployOptions
     _wheelhouses: dict[str, Wheelhouse] = field(default_factory=dict)
+    # upgrade: host name -> (its facts, the version installed beside) from the first pass
+    _prepared: dict[str, tuple[on_host.HostFacts, str]] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def wheels_for(self, facts: on_host.HostFacts) -> list[Path]:
@@ -142,10 +144,10 @@ class Deployment:
         result.connected = True
         await on_host.prune_versions(remote, [version, facts.version])
 
-    async def upgrade(self, remote: RemoteHost, result: HostResult) -> None:
-        """Drain, wait for running jobs, switch, restart, wait connected, undrain; a new
-        version that does not come up is rolled back and the error stops the rollout."""
-        host, options = remote.host, self.options
+    async def prepare_upgrade(self, remote: RemoteHost, result: HostResult) -> None:
+        """Upgrade's first pass, `--parallel` hosts at a time: the new version is installed
+        beside the running one (uploads and pip, no downtime), for the rolling pass."""
+        host = remote.host
         facts = await on_host.host_facts(remote)
         result.before, result.service = facts.version, facts.service
         if not facts.version:
@@ -153,10 +155,20 @@ class Deployment:
         wheels = await self.wheels_for(facts)
         version = on_host.wheel_version(wheels)
         result.after = version
+        if version != facts.version:
+            await on_host.install_version(remote, version, wheels)
+        self._prepared[host.name] = (facts, version)
+
+    async def upgrade(self, remote: RemoteHost, result: HostResult) -> None:
+        """The rolling pass: drain, wait for running jobs, switch, restart, wait connected,
+        undrain; a new version that does not come up is rolled back and the error stops the
+        rollout."""
+        host, options = remote.host, self.options
+        facts, version = self._prepared[host.name]
+        result.before, result.service, result.after = facts.version, facts.service, version
         if version == facts.version:  # already there: nothing to roll
             result.connected = await self.coordinator.connected(host.name) is not None
             return
-        await on_host.install_version(remote, version, wheels)  # before the drain: no downtime
         await self.coordinator.drain_and_wait(host.name, options.drain_timeout)
         try:
             await on_host.switch_current(remote, version)
@@ -214,7 +226,26 @@ async def run_deploy(
         "uninstall": deployment.uninstall, "status": deployment.status,
     }[action]  # fmt: skip
     if action == "upgrade":
-        return await deployment.on_each(
-            hosts, action, work, options.max_unavailable, stop_on_failure=True
-        )
+        return await _roll(deployment, hosts, options)
     return await deployment.on_each(hosts, action, work, options.parallel)
+
+
+async def _roll(
+    deployment: Deployment, hosts: list[Host], options: DeployOptions
+) -> list[HostResult]:
+    """Upgrade in two passes: install beside on `parallel` hosts at a time, then roll
+    `max_unavailable` at a time. A host where the new version does not install stops the
+    rollout before any agent is drained."""
+    prepared = await deployment.on_each(hosts, "upgrade", deployment.prepare_upgrade,
+                                        options.parallel)  # fmt: skip
+    if any(r.error for r in prepared):
+        for r in prepared:
+            if not r.error:
+                r.error = "not attempted: the new version did not install on every host"
+        return prepared
+    rolled = await deployment.on_each(
+        hosts, "upgrade", deployment.upgrade, options.max_unavailable, stop_on_failure=True
+    )
+    for row, first in zip(rolled, prepared, strict=True):
+        row.seconds += first.seconds
+    return rolled

@@ -47,8 +47,12 @@ def add_deploy_command(commands: Any, credentials: argparse.ArgumentParser) -> N
         if action != "status":
             p.add_argument("--hosts", metavar="GLOB", help="only the hosts whose name matches")
             p.add_argument("--drain-timeout", type=float, default=600.0, metavar="SECONDS")
+        if action != "status":
+            # upgrade: hosts installing the new version beside the old at once
+            # (--max-unavailable bounds the roll itself)
+            p.add_argument("--parallel", type=int, default=4, metavar="N",
+                           help="hosts worked on at once")  # fmt: skip
         if action in ("install", "uninstall"):
-            p.add_argument("--parallel", type=int, default=4, metavar="N")
             p.add_argument("--dry-run", action="store_true", help="check hosts, change nothing")
         if action == "install":
             p.add_argument("--with-qemu", action="store_true",
