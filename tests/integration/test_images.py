@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from polyarch.agent.builders.docker import DockerBuilder
 from polyarch.ops.wheelhouse import WheelTarget, build_wheelhouse
 from polyarch.proto.registries import polyarch_version
 from polyarch.proto.trust import Role
+from tests.support.compose_farm import running_compose_farm
 from tests.support.farm import Farm
-from tests.support.poll import PollTimeout, poll_until
+from tests.support.poll import PollTimeout, poll_until, wait_until
 from tests.support.verify import docker_run, index_platforms, skopeo_raw
 
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
@@ -88,15 +91,17 @@ async def test_the_farm_builds_an_image_of_its_own_cli_that_runs_on_amd64_and_ar
 
 @pytest.mark.emulated
 @pytest.mark.timeout(1500)  # cold: both Debian bases for arm64 under QEMU, then arm64 pip installs
-async def test_the_farm_builds_its_coordinator_and_agent_images_and_the_coordinator_is_healthy(
+async def test_the_farm_builds_its_coordinator_and_agent_images_which_run_alone_and_composed(
     farm: Farm, docker_binary: str, registry, python_base_image: str, agent_base_image: str,
     base_image: str, unique_repo: str, image_context: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
     await farm.add_agent("docker-1", DockerBuilder(docker_binary), native=["linux/amd64"],
                          emulated=["linux/arm64"], slots=2)  # fmt: skip
+    prefix = f"{registry.address}/{unique_repo}/"
     images = {
-        "coordinator": (f"{registry.address}/{unique_repo}/coordinator:v1", python_base_image),
-        "agent": (f"{registry.address}/{unique_repo}/agent:v1", agent_base_image),
+        # named as deploy/compose/compose.yaml names them, which runs them below
+        "coordinator": (f"{prefix}polyarch-coordinator:v1", python_base_image),
+        "agent": (f"{prefix}polyarch-agent:v1", agent_base_image),
     }
     # Both builds at once: four jobs on the agent's two slots, as an operator would run them.
     results = await asyncio.gather(*(
@@ -180,12 +185,62 @@ async def test_the_farm_builds_its_coordinator_and_agent_images_and_the_coordina
             log = await logs(docker_binary, made)
             pytest.fail(f"{result.stderr}\nthe agent container's log:\n{log}")
         assert list(index_platforms(skopeo_raw(built))) == ["linux/amd64"]
+
+        # The same images as deploy/compose's whole farm, run with Docker Compose
+        await asyncio.to_thread(compose_farm_builds, tmp_path / "compose", prefix, base_image)
     finally:
         # The containers (with their anonymous data volumes) and the pulls are the test's own:
         # leave dockerd as it was.
         for made in containers:
             await docker(docker_binary, "rm", "-f", "-v", made)
         await asyncio.to_thread(remove_images, docker_binary, [*pulled, coordinator, agent])
+
+
+def compose_farm_builds(work: Path, prefix: str, base_image: str) -> None:
+    """deploy/compose/compose.yaml started as its header says, on the farm's own images:
+    both agents ready, a build through it in its registry, and its Prometheus scraping every
+    polyarch service with the alert rules loaded and the build counted."""
+    with running_compose_farm(work, prefix, "v1") as compose:
+        copied = subprocess.run(
+            ["skopeo", "copy", "--all", "--src-tls-verify=false", "--dest-tls-verify=false",
+             f"docker://{base_image}", f"docker://{compose.registry}/polyarch/busybox:latest"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert copied.returncode == 0, copied.stderr
+        context = work / "context"
+        context.mkdir()
+        # inside the compose network the registry is registry:5000 (agents push there)
+        (context / "Dockerfile").write_text(
+            "FROM registry:5000/polyarch/busybox:latest\nRUN echo compose > /built\n"
+        )
+        metadata = work / "metadata.json"
+        built = compose.cli("build", "--platform", "linux/amd64", "-t", "registry:5000/smoke:1",
+                            "--metadata-file", str(metadata), str(context))  # fmt: skip
+        assert built.returncode == 0, built.stderr + compose.logs()
+        assert list(index_platforms(skopeo_raw(f"{compose.registry}/smoke:1"))) == ["linux/amd64"]
+        platforms = json.loads(metadata.read_text())["polyarch.platforms"]
+        assert platforms["linux/amd64"]["agent"] in ("agent-1", "agent-2")
+
+        def scraped() -> bool:
+            targets = compose.prometheus_get("/api/v1/targets")["activeTargets"]
+            return sorted((t["labels"]["job"], t["health"]) for t in targets) == [
+                ("polyarch-agent", "up"), ("polyarch-agent", "up"),
+                ("polyarch-coordinator", "up"),
+            ]  # fmt: skip
+
+        wait_until(scraped, timeout=90, interval=1.0, ignore=(httpx.HTTPError,),
+                   message="compose Prometheus scrapes the coordinator and agents")  # fmt: skip
+        groups = {g["name"] for g in compose.prometheus_get("/api/v1/rules")["groups"]}
+        assert {"polyarch.recording", "polyarch.alerts"} <= groups
+
+        def counted() -> float:
+            result = compose.prometheus_get(
+                "/api/v1/query", query='polyarch_builds_finished_total{result="succeeded"}'
+            )["result"]
+            return float(result[0]["value"][1]) if result else 0.0
+
+        wait_until(lambda: counted() >= 1, timeout=60, interval=1.0,
+                   message="the finished build in compose Prometheus")  # fmt: skip
 
 
 def check_platforms(docker_binary: str, coordinator: str, agent: str) -> list[str]:
