@@ -31,8 +31,10 @@ from tests.unit.test_deploy_compose import services as base_services
 COORDINATORS = ("coordinator-a", "coordinator-b")
 AGENTS = ("agent-1", "agent-2")
 # The only variables the file may interpolate: where images come from, never a secret.
-IMAGE_VARIABLES = {"POLYARCH_IMAGE_PREFIX", "POLYARCH_TAG", "POLYARCH_REGISTRY_IMAGE",
-                   "POLYARCH_POSTGRES_IMAGE", "POLYARCH_PROMETHEUS_IMAGE"}  # fmt: skip
+# image locations and published ports: nothing secret
+FILE_VARIABLES = {"POLYARCH_IMAGE_PREFIX", "POLYARCH_TAG", "POLYARCH_REGISTRY_IMAGE",
+                  "POLYARCH_POSTGRES_IMAGE", "POLYARCH_PROMETHEUS_IMAGE",
+                  "POLYARCH_REGISTRY_PORT", "POLYARCH_PROMETHEUS_PORT"}  # fmt: skip
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -171,10 +173,10 @@ def render(directory: Path, environment: dict[str, str]) -> str:
 
 
 def test_no_secret_reaches_the_rendered_file(tmp_path: Path) -> None:
-    # The file's variables: image locations only, each with a default.
+    # The file's variables: image locations and ports only, each with a default.
     text = (COMPOSE / "compose.ha.yaml").read_text()
     used = {m.group(1): m.group(2) for m in VARIABLE.finditer(text)}
-    assert set(used) <= IMAGE_VARIABLES, set(used) - IMAGE_VARIABLES
+    assert set(used) <= FILE_VARIABLES, set(used) - FILE_VARIABLES
     assert all(operator == ":-" for operator in used.values()), used
     # A farm laid out as the header says, its secrets holding a password that is also in
     # every variable an operator might export: rendered, it appears nowhere.
