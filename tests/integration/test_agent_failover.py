@@ -18,9 +18,9 @@ from polyarch.client.context import pack_context
 from polyarch.client.credentials import Credentials
 from polyarch.proto.trust import ClientTrust, aio_channel
 from polyarch.proto.v1 import build_pb2, common_pb2, fleet_pb2, fleet_pb2_grpc, trust_pb2
-from tests.integration.test_failover import Process, assert_standby, coordinator
 from tests.support.farm import POLYARCH
-from tests.support.poll import poll_until, wait_until
+from tests.support.ha_processes import Process, assert_standby, coordinator, first_admin
+from tests.support.poll import poll_until
 from tests.support.services import Registry, stop_process
 
 TAKEOVER_LIMIT = 15.0  # SIGKILL of the active to the agent connected to the new one
@@ -100,11 +100,7 @@ async def test_an_agent_follows_the_standby_to_the_active_and_keeps_its_job_acro
     )
     with contextlib.ExitStack() as processes:
         first = processes.enter_context(coordinator(tmp_path, "c0", postgres_dsn))
-        wait_until(lambda: (first.data_dir / "admin.token").exists(), timeout=10,
-                   message="the first admin token")  # fmt: skip
-        admin = (first.data_dir / "admin.token").read_text().strip()
-        ca = await asyncio.to_thread(Credentials(token=admin).resolve, first.address)
-        trust = ClientTrust(root_pem=ca.root_pem, token=admin)
+        _, trust = await first_admin(first)
         second = processes.enter_context(coordinator(tmp_path, "c1", postgres_dsn))
         await assert_standby(second, first, trust)
         async with BuildClient(first.address, credentials=creds(trust)) as client:

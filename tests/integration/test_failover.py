@@ -5,132 +5,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 import signal
 import statistics
 import subprocess
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import psycopg
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from polyarch.agent.enrolment import enrol
 from polyarch.client.api import BuildClient
 from polyarch.client.context import pack_context
 from polyarch.client.credentials import Credentials
 from polyarch.proto.trust import ClientTrust, aio_channel
-from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc, build_pb2, build_pb2_grpc, trust_pb2
+from polyarch.proto.v1 import agent_pb2, agent_pb2_grpc, trust_pb2
 from tests.support.farm import POLYARCH
-from tests.support.poll import poll_until, wait_until
-from tests.support.services import free_port, stop_process
+from tests.support.ha_processes import (
+    accepted,
+    assert_standby,
+    coordinator,
+    first_admin,
+    list_builds,
+)
+from tests.support.poll import poll_until
+from tests.support.services import free_port
 
 TAKEOVER_LIMIT = 15.0  # the issue's bound, SIGKILL to the first accepted call
 ROUNDS = 5
 EXIT_DEMOTED = 4
-
-
-@dataclass
-class Process:
-    """One `polyarch coordinator` process and its addresses."""
-
-    name: str
-    address: str
-    metrics_url: str
-    data_dir: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def metric(self, name: str) -> float:
-        """One unlabelled sample from its --metrics-listen endpoint (a quick local scrape)."""
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
-            text = response.read().decode()
-        found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-        assert found, f"{self.name}: no {name} in its metrics"
-        return float(found.group(1))
-
-
-@contextlib.contextmanager
-def coordinator(work: Path, name: str, dsn: str) -> Iterator[Process]:
-    """A coordinator on free 127.0.0.1 ports, TLS as deployed; stopped by its PID after."""
-    port, agent_port, metrics_port = free_port(), free_port(), free_port()
-    data_dir, log_path = work / name, work / f"{name}.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [POLYARCH, "coordinator", "--listen", f"127.0.0.1:{port}", "--data-dir",
-             str(data_dir), "--agent-listen", f"127.0.0.1:{agent_port}", "--metrics-listen",
-             f"127.0.0.1:{metrics_port}", "--database", dsn, "--agent-timeout", "5"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    started = Process(name, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
-                      data_dir, log_path, proc)  # fmt: skip
-    try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"{name} exited {proc.returncode}: {started.log()[-3000:]}")
-            return "polyarch coordinator listening" in started.log()
-
-        wait_until(ready, timeout=30, message=f"coordinator {name} listening")
-        yield started
-    finally:
-        stop_process(proc)
-
-
-async def list_builds(address: str, trust: ClientTrust) -> list[str] | grpc.aio.AioRpcError:
-    """A raw ListBuilds: the build ids, or the refusal (code, details, trailing metadata)."""
-    async with aio_channel(address, trust) as channel:
-        try:
-            reply = await build_pb2_grpc.BuildServiceStub(channel).ListBuilds(
-                build_pb2.ListBuildsRequest(), timeout=5
-            )
-        except grpc.aio.AioRpcError as error:
-            return error
-    return [build.id for build in reply.builds]
-
-
-def trailing(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    return {key: str(value) for key, value in error.trailing_metadata() or ()}
-
-
-async def accepted(process: Process, trust: ClientTrust) -> list[str] | None:
-    """The build ids once `process` serves ListBuilds; None while it refuses."""
-    answer = await list_builds(process.address, trust)
-    return answer if isinstance(answer, list) else None
-
-
-async def assert_standby(standby: Process, active: Process, trust: ClientTrust) -> None:
-    """The standby refuses with UNAVAILABLE, naming the active's address (once it read the
-    term: it follows it every second); its gauge says 0, the active's 1."""
-
-    async def redirects() -> grpc.aio.AioRpcError | None:
-        answer = await list_builds(standby.address, trust)
-        assert isinstance(answer, grpc.aio.AioRpcError), f"{standby.name} served: {answer}"
-        assert answer.code() == grpc.StatusCode.UNAVAILABLE, answer
-        return answer if trailing(answer).get("polyarch-active") == active.address else None
-
-    refusal = await poll_until(redirects, timeout=10, message=f"{standby.name} names the active")
-    assert "standby" in (refusal.details() or "") and active.address in (refusal.details() or "")
-    assert standby.metric("polyarch_coordinator_active") == 0
-    assert active.metric("polyarch_coordinator_active") == 1
-    assert await health(standby, trust) == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert await health(active, trust) == health_pb2.HealthCheckResponse.SERVING
-
-
-async def health(process: Process, trust: ClientTrust) -> int:
-    """The BuildService's status in the standard health service (open on a standby too)."""
-    async with aio_channel(process.address, trust) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="polyarch.v1.BuildService"), timeout=5
-        )
-    return int(reply.status)
 
 
 async def submit(address: str, admin: str, context: Path) -> str:
@@ -182,15 +86,11 @@ async def test_the_standby_takes_over_from_a_killed_active_within_15_seconds(
     with contextlib.ExitStack() as processes:
         first = processes.enter_context(coordinator(tmp_path, "c0", postgres_dsn))
         # the first one alone: it wins at start and writes the first admin token
-        wait_until(lambda: (first.data_dir / "admin.token").exists(), timeout=10,
-                   message="the first admin token")  # fmt: skip
-        admin = (first.data_dir / "admin.token").read_text().strip()
-        ca = await asyncio.to_thread(Credentials(token=admin).resolve, first.address)
-        trust = ClientTrust(root_pem=ca.root_pem, token=admin)
+        admin, trust = await first_admin(first)
         assert isinstance(await list_builds(first.address, trust), list)
         active, standby = first, processes.enter_context(coordinator(tmp_path, "c1", postgres_dsn))
         await assert_standby(standby, active, trust)
-        unauthenticated = await list_builds(standby.address, ClientTrust(root_pem=ca.root_pem))
+        unauthenticated = await list_builds(standby.address, ClientTrust(root_pem=trust.root_pem))
         assert isinstance(unauthenticated, grpc.aio.AioRpcError)  # no token: redirected too
         assert unauthenticated.code() == grpc.StatusCode.UNAVAILABLE
         async with fake_agent(active.address, admin, "probe-0"):
@@ -241,9 +141,7 @@ async def test_an_active_whose_commit_is_fenced_exits_to_be_restarted(
     context.mkdir()
     (context / "Dockerfile").write_text("FROM scratch\n")
     with coordinator(tmp_path, "c0", postgres_dsn) as active:
-        wait_until(lambda: (active.data_dir / "admin.token").exists(), timeout=10,
-                   message="the first admin token")  # fmt: skip
-        admin = (active.data_dir / "admin.token").read_text().strip()
+        admin, _ = await first_admin(active)
         async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as db:
             await db.execute("UPDATE coordinator_term SET epoch = epoch + 1")
         with contextlib.suppress(Exception):  # its writes fail: that is the point
@@ -259,11 +157,7 @@ async def test_clients_follow_a_standby_to_the_active_and_across_a_takeover(
 ) -> None:
     with contextlib.ExitStack() as processes:
         first = processes.enter_context(coordinator(tmp_path, "c0", postgres_dsn))
-        wait_until(lambda: (first.data_dir / "admin.token").exists(), timeout=10,
-                   message="the first admin token")  # fmt: skip
-        admin = (first.data_dir / "admin.token").read_text().strip()
-        ca = await asyncio.to_thread(Credentials(token=admin).resolve, first.address)
-        trust = ClientTrust(root_pem=ca.root_pem, token=admin)
+        admin, trust = await first_admin(first)
         second = processes.enter_context(coordinator(tmp_path, "c1", postgres_dsn))
         await assert_standby(second, first, trust)
 
