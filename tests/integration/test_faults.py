@@ -8,8 +8,6 @@ After every fault the published index is checked with skopeo and
 
 from __future__ import annotations
 
-import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -19,14 +17,16 @@ from typing import Any
 import pytest
 
 from tests.support.agent_containers import Fleet, running_fleet, wait_for
+from tests.support.background_build import (
+    SLOW_DOCKERFILE,
+    TWO,
+    BackgroundBuild,
+    jobs_by_platform,
+)
 from tests.support.services import Registry
 from tests.support.verify import docker_run_uname, image_entries, index_platforms, skopeo_raw
 
-TWO = ["linux/amd64", "linux/arm64"]
 UNAME = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}
-# A build is mid-way through this step when the fault hits; NONCE keeps it out of the cache.
-SLOW_DOCKERFILE = 'ARG BASE\nFROM ${BASE}\nARG NONCE\nRUN echo "$NONCE" > /nonce && sleep 8\n'
-BUILD_TIMEOUT = 180.0
 HEARTBEAT_INTERVAL = 3.0  # the agent's default
 
 
@@ -53,64 +53,6 @@ def slow_context(tmp_path: Path) -> Path:
     context.mkdir()
     (context / "Dockerfile").write_text(SLOW_DOCKERFILE)
     return context
-
-
-class BackgroundBuild:
-    """`polyarch build` running in the background while the test injects a fault."""
-
-    def __init__(
-        self, fleet: Fleet, context: Path, tag: str, base_image: str, platforms: list[str] = TWO
-    ) -> None:
-        self.fleet, self.tag = fleet, tag
-        self.proc = fleet.popen_cli(
-            "build", "--platform", ",".join(platforms), "-t", tag,
-            "--build-arg", f"BASE={base_image}",
-            "--build-arg", f"NONCE={secrets.token_hex(8)}", str(context),
-        )  # fmt: skip
-
-    def build_id(self) -> str:
-        def listed() -> str | None:
-            if self.proc.poll() is not None:
-                _, err = self.proc.communicate()
-                pytest.fail(f"polyarch build exited {self.proc.returncode} early:\n{err}")
-            for build in self.fleet.builds_json():
-                if self.tag in build["tags"]:
-                    return str(build["id"])
-            return None
-
-        found: str = wait_for(listed, timeout=30, message=f"a build for {self.tag} listed")
-        return found
-
-    def victim(self, build_id: str) -> tuple[str, set[str]]:
-        """The agent running the amd64 job, and every platform of the build on it now."""
-        agent = str(self.wait_running_on_some_agent(build_id, "linux/amd64")["agent"])
-        on_it = {
-            job["platform"]
-            for job in self.fleet.build_json(build_id)["jobs"]
-            if job["agent"] == agent and job["state"] in ("assigned", "running")
-        }
-        return agent, on_it
-
-    def wait_running_on_some_agent(self, build_id: str, platform: str) -> dict[str, Any]:
-        job: dict[str, Any] = wait_for(
-            lambda: self.fleet.running_job(build_id, platform), timeout=60,
-            message=f"{platform} job of {build_id} running on an agent",
-        )  # fmt: skip
-        return job
-
-    def result(self, timeout: float = BUILD_TIMEOUT) -> tuple[int, str, str]:
-        try:
-            out, err = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-            pytest.fail(f"polyarch build did not finish in {timeout:g}s:\n{err[-4000:]}")
-        return self.proc.returncode, out, err
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
 
 
 @pytest.fixture
@@ -143,10 +85,6 @@ def heartbeat_after_reconnect(fleet: Fleet, name: str) -> bool:
             beat = datetime.fromisoformat(agent["last_heartbeat"])
             return (beat - connected).total_seconds() >= HEARTBEAT_INTERVAL * 0.6
     return False
-
-
-def jobs_by_platform(build: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {job["platform"]: job for job in build["jobs"]}
 
 
 @pytest.mark.emulated

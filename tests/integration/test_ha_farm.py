@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_faults import SLOW_DOCKERFILE, BackgroundBuild, jobs_by_platform
 from tests.support.agent_containers import wait_for
+from tests.support.background_build import SLOW_DOCKERFILE, BackgroundBuild, jobs_by_platform
 from tests.support.ha_fleet import (
     HAFleet,
     is_active,

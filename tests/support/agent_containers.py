@@ -377,6 +377,30 @@ def _network_gateway(network: Network) -> str:
 
 
 @contextmanager
+def fleet_network() -> Iterator[tuple[Network, str]]:
+    """A docker network of the test's own (labelled, named at random) and its IPv4 gateway,
+    the host end where coordinators listen; removed by name afterwards."""
+    network = Network(docker_network_kw={"labels": {"polyarch-test": "fleet"}})
+    network.name = f"polyarch-test-{secrets.token_hex(4)}"
+    network.create()
+    try:
+        yield network, _network_gateway(network)
+    finally:
+        network.remove()
+
+
+def gateway_coordinator(
+    gateway: str, data_dir: Path, log_dir: Path, extra_args: Sequence[str] = ()
+) -> CoordinatorProcess:
+    """A coordinator (not started) on free ports of the gateway; metrics on 127.0.0.1."""
+    return CoordinatorProcess(
+        listen=f"{gateway}:{free_port(gateway)}", agent_listen=f"{gateway}:{free_port(gateway)}",
+        data_dir=data_dir, log_dir=log_dir,
+        metrics_listen=f"127.0.0.1:{free_port('127.0.0.1')}", extra_args=list(extra_args),
+    )  # fmt: skip
+
+
+@contextmanager
 def running_fleet(
     work_dir: Path, agent_names: Sequence[str] = (), slots: int = 2
 ) -> Iterator[Fleet]:
@@ -387,17 +411,9 @@ def running_fleet(
     """
     ensure_agent_image()
     work_dir.mkdir(parents=True, exist_ok=True)
-    network = Network(docker_network_kw={"labels": {"polyarch-test": "fleet"}})
-    network.name = f"polyarch-test-{secrets.token_hex(4)}"
     with ExitStack() as cleanup:
-        network.create()
-        cleanup.callback(network.remove)
-        gateway = _network_gateway(network)
-        coordinator = CoordinatorProcess(
-            listen=f"{gateway}:{free_port(gateway)}",
-            agent_listen=f"{gateway}:{free_port(gateway)}", data_dir=work_dir / "coordinator",
-            log_dir=work_dir, metrics_listen=f"127.0.0.1:{free_port('127.0.0.1')}",
-        )  # fmt: skip
+        network, gateway = cleanup.enter_context(fleet_network())
+        coordinator = gateway_coordinator(gateway, work_dir / "coordinator", work_dir)
         cleanup.callback(coordinator.stop)
         coordinator.start()
         fleet = Fleet(network, gateway, coordinator, work_dir)

@@ -9,7 +9,6 @@ the database (jobs and their transitions), not through polyarch.
 from __future__ import annotations
 
 import re
-import secrets
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -19,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from testcontainers.core.network import Network
 
 from .agent_containers import (
     CoordinatorProcess,
     Fleet,
-    _network_gateway,
     ensure_agent_image,
-    free_port,
+    fleet_network,
+    gateway_coordinator,
 )
 from .poll import wait_until
 
@@ -119,20 +117,14 @@ def running_ha_fleet(
     partitionable proxy) and agent containers; all torn down after, by id and PID."""
     ensure_agent_image()
     work_dir.mkdir(parents=True, exist_ok=True)
-    network = Network(docker_network_kw={"labels": {"polyarch-test": "fleet"}})
-    network.name = f"polyarch-test-{secrets.token_hex(4)}"
     with ExitStack() as cleanup:
-        network.create()
-        cleanup.callback(network.remove)
-        gateway = _network_gateway(network)
+        network, gateway = cleanup.enter_context(fleet_network())
 
         def coordinator(name: str, database: str) -> CoordinatorProcess:
-            process = CoordinatorProcess(
-                listen=f"{gateway}:{free_port(gateway)}",
-                agent_listen=f"{gateway}:{free_port(gateway)}", data_dir=work_dir / name,
-                log_dir=work_dir, metrics_listen=f"127.0.0.1:{free_port('127.0.0.1')}",
-                extra_args=["--database", database, "--context-dir", str(work_dir / "contexts"),
-                            "--agent-timeout", AGENT_TIMEOUT],
+            process = gateway_coordinator(
+                gateway, work_dir / name, work_dir,
+                ["--database", database, "--context-dir", str(work_dir / "contexts"),
+                 "--agent-timeout", AGENT_TIMEOUT],
             )  # fmt: skip
             cleanup.callback(process.stop)
             return process

@@ -30,8 +30,8 @@ from tests.unit.test_deploy_compose import services as base_services
 
 COORDINATORS = ("coordinator-a", "coordinator-b")
 AGENTS = ("agent-1", "agent-2")
-# The only variables the file may interpolate: where images come from, never a secret.
-# image locations and published ports: nothing secret
+# The only variables the file may interpolate: where images come from and which host ports
+# it publishes, never a secret.
 FILE_VARIABLES = {"POLYARCH_IMAGE_PREFIX", "POLYARCH_TAG", "POLYARCH_REGISTRY_IMAGE",
                   "POLYARCH_POSTGRES_IMAGE", "POLYARCH_PROMETHEUS_IMAGE",
                   "POLYARCH_REGISTRY_PORT", "POLYARCH_PROMETHEUS_PORT"}  # fmt: skip
